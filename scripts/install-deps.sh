@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Installs what burrow needs on a Debian 12 host, and nothing that is already there.
+# Idempotent: a second run only checks.
+set -euo pipefail
+
+need() { command -v "$1" >/dev/null 2>&1; }
+log() { printf 'install-deps: %s\n' "$*" >&2; }
+
+[ "$(id -u)" = 0 ] || { log "must run as root (apt-get, cargo install)"; exit 1; }
+
+export DEBIAN_FRONTEND=noninteractive
+export PATH="$HOME/.cargo/bin:$PATH"
+
+# QEMU >= 8.2 comes from bookworm-backports (vhost-user-fs migration, needed later by memory snapshots).
+backports=/etc/apt/sources.list.d/burrow-backports.list
+if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  log "adding bookworm-backports"
+  echo 'deb http://deb.debian.org/debian bookworm-backports main' > "$backports"
+  rm -f /var/lib/apt/lists/.burrow-updated
+fi
+
+pkgs=(busybox-static cpio socat debootstrap libseccomp-dev libcap-ng-dev pkg-config
+      iproute2 kmod zstd xz-utils python3 sqlite3)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+qemu_ok=0
+if need qemu-system-x86_64; then
+  v=$(qemu-system-x86_64 --version | awk 'NR==1{print $4}')
+  [ "$(printf '%s\n8.2\n' "$v" | sort -V | head -n1)" = 8.2 ] && qemu_ok=1
+fi
+
+if [ ${#missing[@]} -gt 0 ] || [ $qemu_ok = 0 ]; then
+  if [ ! -f /var/lib/apt/lists/.burrow-updated ]; then
+    log "apt-get update"
+    apt-get update -qq
+    touch /var/lib/apt/lists/.burrow-updated
+  fi
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  if [ $qemu_ok = 0 ]; then
+    log "installing qemu-system-x86 from bookworm-backports"
+    apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
+  fi
+fi
+
+# The vhost-user back ends come from crates.io.
+need vhost-device-vsock || { log "cargo install vhost-device-vsock"; cargo install -q --locked vhost-device-vsock; }
+need virtiofsd || { log "cargo install virtiofsd"; cargo install -q --locked virtiofsd; }
+need cargo-nextest || { log "cargo install cargo-nextest"; cargo install -q --locked cargo-nextest; }
+log "ok"
