@@ -21,6 +21,10 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
 
+/// The host vsock port the agent connects to once it serves [`AGENT_PORT`], sending
+/// one [`HelloReply`]: the host's readiness signal, so it never polls a booting guest.
+pub const READY_PORT: u32 = 1025;
+
 /// Largest chunk of file data carried by one request or reply. Leaves room for the
 /// base64 expansion (4/3) and the envelope inside [`MAX_FRAME`].
 pub const MAX_FILE_CHUNK: usize = 4 << 20;

@@ -1,0 +1,187 @@
+//! The plain-copy backend: each volume is a full copy of its image.
+//!
+//! Slow for large images and costly in disk, but it works on any file system and is
+//! the baseline the copy-on-write backends are measured against.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::{validate_id, Store, StoreError, Volume};
+
+/// Prefix of the directory a volume is built in before it is renamed into place.
+const PARTIAL: &str = ".partial-";
+/// Prefix a volume is renamed to before its removal, so a crash mid-delete leaves
+/// nothing that looks like a live volume.
+const DOOMED: &str = ".doomed-";
+
+pub struct CopyStore {
+    root: PathBuf,
+}
+
+impl CopyStore {
+    pub fn new(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let root = root.into();
+        std::fs::create_dir_all(&root).map_err(|e| StoreError::io("create", &root, e))?;
+        Ok(CopyStore { root })
+    }
+
+    fn path(&self, id: &str) -> PathBuf {
+        self.root.join(id)
+    }
+}
+
+impl Store for CopyStore {
+    fn kind(&self) -> &'static str {
+        "copy"
+    }
+
+    fn create(&self, id: &str, image: &Path) -> Result<Volume, StoreError> {
+        validate_id(id)?;
+        if !image.is_dir() {
+            return Err(StoreError::BadImage(image.to_path_buf()));
+        }
+        let dest = self.path(id);
+        if dest.exists() {
+            return Err(StoreError::Exists(id.to_string()));
+        }
+        let partial = self.root.join(format!("{PARTIAL}{id}"));
+        if partial.exists() {
+            remove_tree(&partial)?;
+        }
+        // `cp -a` keeps everything a root file system holds (ownership, modes,
+        // hard links, device nodes, xattrs, sparse files) and reflinks where the file
+        // system can; nothing of its output is parsed.
+        let out = Command::new("cp")
+            .arg("-a")
+            .arg("--reflink=auto")
+            .arg(image)
+            .arg(&partial)
+            .output()
+            .map_err(|e| StoreError::io("run cp for", &partial, e))?;
+        if !out.status.success() {
+            let _ = remove_tree(&partial);
+            let msg = String::from_utf8_lossy(&out.stderr);
+            let first = msg.lines().next().unwrap_or("cp failed").to_string();
+            return Err(StoreError::io("copy image into", &partial, std::io::Error::other(first)));
+        }
+        std::fs::rename(&partial, &dest).map_err(|e| StoreError::io("rename", &dest, e))?;
+        Ok(Volume { id: id.to_string(), path: dest })
+    }
+
+    fn delete(&self, id: &str) -> Result<(), StoreError> {
+        validate_id(id)?;
+        let path = self.path(id);
+        if !path.exists() {
+            return Ok(());
+        }
+        let doomed = self.root.join(format!("{DOOMED}{id}"));
+        std::fs::rename(&path, &doomed).map_err(|e| StoreError::io("rename", &path, e))?;
+        remove_tree(&doomed)
+    }
+
+    fn get(&self, id: &str) -> Option<Volume> {
+        validate_id(id).ok()?;
+        let path = self.path(id);
+        path.is_dir().then(|| Volume { id: id.to_string(), path })
+    }
+
+    fn list(&self) -> Result<Vec<Volume>, StoreError> {
+        let mut out = Vec::new();
+        let rd = std::fs::read_dir(&self.root).map_err(|e| StoreError::io("read", &self.root, e))?;
+        for entry in rd {
+            let entry = entry.map_err(|e| StoreError::io("read", &self.root, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || validate_id(&name).is_err() {
+                continue;
+            }
+            out.push(Volume { id: name, path: entry.path() });
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    fn reconcile(&self) -> Result<Vec<PathBuf>, StoreError> {
+        let mut removed = Vec::new();
+        let rd = std::fs::read_dir(&self.root).map_err(|e| StoreError::io("read", &self.root, e))?;
+        for entry in rd {
+            let entry = entry.map_err(|e| StoreError::io("read", &self.root, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(PARTIAL) || name.starts_with(DOOMED) {
+                remove_tree(&entry.path())?;
+                removed.push(entry.path());
+            }
+        }
+        Ok(removed)
+    }
+}
+
+fn remove_tree(path: &Path) -> Result<(), StoreError> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StoreError::io("remove", path, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+
+    use super::*;
+
+    fn image(dir: &Path) -> PathBuf {
+        let img = dir.join("image");
+        std::fs::create_dir_all(img.join("etc")).unwrap();
+        std::fs::write(img.join("etc/hostname"), "x\n").unwrap();
+        std::fs::set_permissions(img.join("etc/hostname"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::hard_link(img.join("etc/hostname"), img.join("etc/link")).unwrap();
+        symlink("hostname", img.join("etc/sym")).unwrap();
+        img
+    }
+
+    #[test]
+    fn create_copies_everything_and_isolates_volumes() {
+        let t = tempfile::tempdir().unwrap();
+        let img = image(t.path());
+        let store = CopyStore::new(t.path().join("vols")).unwrap();
+        let a = store.create("a", &img).unwrap();
+        let b = store.create("b", &img).unwrap();
+        let meta = std::fs::metadata(a.path.join("etc/hostname")).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert_eq!(meta.nlink(), 2, "hard links survive the copy");
+        assert_eq!(std::fs::read_link(a.path.join("etc/sym")).unwrap(), PathBuf::from("hostname"));
+        std::fs::write(a.path.join("etc/hostname"), "changed").unwrap();
+        assert_eq!(std::fs::read_to_string(b.path.join("etc/hostname")).unwrap(), "x\n");
+        assert_eq!(std::fs::read_to_string(img.join("etc/hostname")).unwrap(), "x\n");
+        assert_eq!(store.list().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn bad_input_changes_nothing() {
+        let t = tempfile::tempdir().unwrap();
+        let img = image(t.path());
+        let store = CopyStore::new(t.path().join("vols")).unwrap();
+        store.create("a", &img).unwrap();
+        assert!(matches!(store.create("a", &img), Err(StoreError::Exists(_))));
+        assert!(matches!(store.create("../x", &img), Err(StoreError::InvalidId(_))));
+        assert!(matches!(store.create("c", &t.path().join("nope")), Err(StoreError::BadImage(_))));
+        assert_eq!(store.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn delete_and_reconcile_leave_nothing() {
+        let t = tempfile::tempdir().unwrap();
+        let img = image(t.path());
+        let root = t.path().join("vols");
+        let store = CopyStore::new(&root).unwrap();
+        store.create("a", &img).unwrap();
+        store.delete("a").unwrap();
+        store.delete("a").unwrap();
+        assert!(store.get("a").is_none());
+        std::fs::create_dir_all(root.join(".partial-b/etc")).unwrap();
+        std::fs::create_dir_all(root.join(".doomed-c")).unwrap();
+        assert!(store.list().unwrap().is_empty(), "half-made volumes are not listed");
+        assert_eq!(store.reconcile().unwrap().len(), 2);
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+    }
+}

@@ -1,0 +1,144 @@
+//! The agent's state and the dispatch of one request to the code that serves it.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use burrow_proto::{AgentError, ErrorKind, Op, Reply};
+
+use crate::env::Environment;
+use crate::jobs::Jobs;
+use crate::process::{lock, signal_group, ProcessTable};
+use crate::{exec, files, init};
+
+/// Whether the agent is the guest's init.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// PID 1 in the guest: shutdown powers the VM off.
+    Init,
+    /// A process among others (host-side development, tests): shutdown exits.
+    Dev,
+}
+
+pub struct Agent {
+    mode: Mode,
+    started: Instant,
+    /// Base environment of every exec and job; `SetEnv` changes it.
+    env: Mutex<Environment>,
+    processes: Arc<ProcessTable>,
+    jobs: Jobs,
+}
+
+impl Agent {
+    pub fn new(mode: Mode, env: Environment, processes: Arc<ProcessTable>) -> Self {
+        Agent {
+            mode,
+            started: Instant::now(),
+            env: Mutex::new(env),
+            processes,
+            jobs: Jobs::default(),
+        }
+    }
+
+    /// Serves one request. `Shutdown` only answers here; the connection calls
+    /// [`Agent::shutdown`] once the answer is on its way.
+    pub async fn handle(&self, op: Op) -> Result<Reply, AgentError> {
+        match op {
+            Op::Ping => Ok(Reply::Pong {
+                uptime_ms: uptime_ms().unwrap_or_else(|| exec::millis(self.started.elapsed())),
+            }),
+            Op::Exec(req) => {
+                let env = lock(&self.env).clone();
+                exec::run(&self.processes, &env, req).await.map(Reply::Exec)
+            }
+            Op::JobStart(req) => {
+                let env = lock(&self.env).clone();
+                self.jobs
+                    .start(&self.processes, &env, req)
+                    .map(|job| Reply::JobStarted { job })
+            }
+            Op::JobPoll { job } => self.jobs.poll(job).map(Reply::Job),
+            Op::JobKill { job, signal } => self.jobs.kill(job, signal).map(|()| Reply::Done),
+            Op::SetEnv { set, unset } => lock(&self.env).apply(&set, &unset).map(|()| Reply::Done),
+            Op::FileRead(req) => blocking(move || files::read(&req))
+                .await
+                .map(Reply::FileData),
+            Op::FileWrite(req) => blocking(move || files::write(&req))
+                .await
+                .map(|bytes| Reply::Written { bytes }),
+            Op::FileEdit(req) => blocking(move || files::edit(&req))
+                .await
+                .map(|replacements| Reply::Edited { replacements }),
+            Op::FileList { path } => blocking(move || files::list(&path))
+                .await
+                .map(|entries| Reply::Entries { entries }),
+            Op::Shutdown => Ok(Reply::Done),
+        }
+    }
+
+    /// Powers the guest off (init) or ends the process (dev mode). In dev mode the
+    /// agent's children are stopped first, so nothing it started outlives it.
+    pub async fn shutdown(&self) {
+        match self.mode {
+            Mode::Init => {
+                // Blocking work (bounded waits, sync) off the async threads.
+                let _ = tokio::task::spawn_blocking(|| init::power_off()).await;
+            }
+            Mode::Dev => {
+                self.stop_children().await;
+                tracing::info!("shutdown: exiting");
+                std::process::exit(0);
+            }
+        }
+    }
+
+    /// SIGTERM to every process group the agent started, up to a second for them
+    /// to go, then SIGKILL.
+    pub async fn stop_children(&self) {
+        let groups = |agent: &Agent| {
+            let mut g = agent.jobs.running_groups();
+            g.extend(agent.processes.pids());
+            g.sort_unstable();
+            g.dedup();
+            g
+        };
+        for pgid in groups(self) {
+            signal_group(pgid, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while !self.processes.pids().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for pgid in groups(self) {
+            signal_group(pgid, libc::SIGKILL);
+        }
+    }
+}
+
+/// Milliseconds since boot, from /proc/uptime.
+fn uptime_ms() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/uptime").ok()?;
+    let secs: f64 = text.split_whitespace().next()?.parse().ok()?;
+    Some((secs * 1000.0) as u64)
+}
+
+/// Runs blocking file work on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
+) -> Result<T, AgentError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(AgentError::new(
+            ErrorKind::Io,
+            format!("internal error: {e}"),
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uptime_is_read() {
+        assert!(uptime_ms().is_some_and(|ms| ms > 0));
+    }
+}

@@ -1,0 +1,249 @@
+//! Listening and the per-connection protocol loop.
+//!
+//! A connection is a handshake, then requests answered one by one in order.
+//! Connections are served concurrently. Nothing read from the wire can panic the
+//! agent: every decoding failure becomes an error reply or the end of that
+//! connection.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use burrow_proto::{
+    read_frame, read_message, write_message, AgentError, ErrorKind, FrameError, Hello, HelloReply,
+    Op, Outcome, Request, Response, AGENT_PORT, MAX_FRAME, PROTOCOL_VERSION,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::UnixListener;
+use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
+
+use crate::agent::Agent;
+
+/// Where the agent listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// `vsock[:PORT]`: the guest's vsock, any CID.
+    Vsock(u32),
+    /// `unix:PATH`: a Unix socket, for development and tests on the host.
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "vsock" {
+            return Ok(ListenAddr::Vsock(AGENT_PORT));
+        }
+        if let Some(port) = s.strip_prefix("vsock:") {
+            return port
+                .parse()
+                .map(ListenAddr::Vsock)
+                .map_err(|_| format!("{port:?} is not a vsock port number"));
+        }
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a socket path".into());
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        Err(format!("{s:?}: expected vsock[:PORT] or unix:PATH"))
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Vsock(port) => write!(f, "vsock:{port}"),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+pub enum Listener {
+    Vsock(VsockListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    /// Binds `addr`. The vsock transport may still be settling right after its
+    /// module loaded, so a vsock bind is retried for a bounded time.
+    pub async fn bind(addr: &ListenAddr) -> std::io::Result<Listener> {
+        match addr {
+            ListenAddr::Vsock(port) => {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                loop {
+                    match VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, *port)) {
+                        Ok(l) => return Ok(Listener::Vsock(l)),
+                        Err(e) if Instant::now() >= deadline => return Err(e),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+            }
+            ListenAddr::Unix(path) => {
+                // A socket file left by an earlier run would make bind fail.
+                if std::fs::symlink_metadata(path)
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                {
+                    let _ = std::fs::remove_file(path);
+                }
+                Ok(Listener::Unix(UnixListener::bind(path)?))
+            }
+        }
+    }
+
+    /// Accepts connections forever, serving each on its own task.
+    pub async fn serve(self, agent: Arc<Agent>) -> std::io::Result<()> {
+        loop {
+            let accepted = match &self {
+                Listener::Vsock(l) => l.accept().await.map(|(s, peer)| {
+                    let agent = Arc::clone(&agent);
+                    tracing::debug!("connection from vsock cid {}", peer.cid());
+                    tokio::spawn(serve_connection(agent, s));
+                }),
+                Listener::Unix(l) => l.accept().await.map(|(s, _)| {
+                    tracing::debug!("connection on unix socket");
+                    tokio::spawn(serve_connection(Arc::clone(&agent), s));
+                }),
+            };
+            if let Err(e) = accepted {
+                // Out of descriptors or a transient error: log, pause, go on.
+                tracing::warn!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Serves one connection to its end.
+pub async fn serve_connection<S>(agent: Arc<Agent>, stream: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    if !handshake(&mut rd, &mut wr).await {
+        return;
+    }
+    loop {
+        let (id, outcome, shutdown) = match read_request(&mut rd).await {
+            Ok(req) => {
+                let shutdown = matches!(req.op, Op::Shutdown);
+                let outcome: Outcome = agent.handle(req.op).await.into();
+                (req.id, outcome, shutdown)
+            }
+            Err(Unreadable::Frame(FrameError::TooLarge { len, max })) => (
+                0,
+                Outcome::Err(AgentError::new(
+                    ErrorKind::TooLarge,
+                    format!("request of {len} bytes exceeds the {max}-byte frame limit"),
+                )),
+                false,
+            ),
+            Err(Unreadable::Frame(_)) => return, // closed or broken
+            Err(Unreadable::Malformed { id, error }) => (
+                id,
+                Outcome::Err(AgentError::new(
+                    ErrorKind::Malformed,
+                    format!("malformed request: {error}"),
+                )),
+                false,
+            ),
+        };
+        if !send_response(&mut wr, Response { id, outcome }).await {
+            return;
+        }
+        if shutdown {
+            agent.shutdown().await;
+            return;
+        }
+    }
+}
+
+/// Reads the host's `Hello` and answers it. Returns whether requests may follow.
+async fn handshake<R, W>(rd: &mut R, wr: &mut W) -> bool
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let reply = |error: Option<String>| HelloReply {
+        version: PROTOCOL_VERSION,
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        error,
+    };
+    let error = match read_message::<Hello, _>(rd).await {
+        Ok(hello) if hello.version == PROTOCOL_VERSION => {
+            tracing::debug!("hello from {:?}", hello.client);
+            return write_message(wr, &reply(None)).await.is_ok();
+        }
+        Ok(hello) => format!(
+            "protocol version {} is not supported; this agent speaks {PROTOCOL_VERSION}",
+            hello.version
+        ),
+        Err(e) if e.is_recoverable() => format!("bad hello: {e}"),
+        Err(_) => return false,
+    };
+    tracing::warn!("handshake refused: {error}");
+    let _ = write_message(wr, &reply(Some(error))).await;
+    false
+}
+
+enum Unreadable {
+    /// The frame layer failed: too large (stream still in step), closed or broken.
+    Frame(FrameError),
+    /// A frame arrived but is not a request. `id` is the request's id when the
+    /// JSON is an object with a numeric `id` (e.g. an op this agent does not
+    /// know), so the host can match the error to its request; 0 otherwise.
+    Malformed { id: u64, error: serde_json::Error },
+}
+
+async fn read_request<R: AsyncRead + Unpin>(rd: &mut R) -> Result<Request, Unreadable> {
+    let body = read_frame(rd, MAX_FRAME).await.map_err(Unreadable::Frame)?;
+    serde_json::from_slice(&body).map_err(|error| {
+        let id = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("id")?.as_u64())
+            .unwrap_or(0);
+        Unreadable::Malformed { id, error }
+    })
+}
+
+/// Writes a response; a reply too large for one frame becomes an error reply for
+/// the same id. Returns whether the connection is still usable.
+async fn send_response<W: AsyncWrite + Unpin>(wr: &mut W, resp: Response) -> bool {
+    let id = resp.id;
+    match write_message(wr, &resp).await {
+        Ok(()) => true,
+        Err(FrameError::TooLarge { len, max }) => {
+            let err = Response {
+                id,
+                outcome: Outcome::Err(AgentError::new(
+                    ErrorKind::TooLarge,
+                    format!("reply of {len} bytes exceeds the {max}-byte frame limit"),
+                )),
+            };
+            write_message(wr, &err).await.is_ok()
+        }
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!("vsock".parse(), Ok(ListenAddr::Vsock(AGENT_PORT)));
+        assert_eq!("vsock:5000".parse(), Ok(ListenAddr::Vsock(5000)));
+        assert_eq!(
+            "unix:/tmp/a.sock".parse(),
+            Ok(ListenAddr::Unix("/tmp/a.sock".into()))
+        );
+        assert!("vsock:x".parse::<ListenAddr>().is_err());
+        assert!("unix:".parse::<ListenAddr>().is_err());
+        assert!("tcp:1".parse::<ListenAddr>().is_err());
+        assert_eq!(ListenAddr::Vsock(1024).to_string(), "vsock:1024");
+    }
+}

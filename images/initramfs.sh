@@ -1,0 +1,135 @@
+#!/bin/bash
+# burrow: build the guest initramfs.
+#
+# Usage: initramfs.sh CACHE_DIR AGENT_BINARY OUTPUT_PATH
+#
+# Reads CACHE_DIR/kernel/{version,modules/} (built by kernel.sh) and writes OUTPUT_PATH, a
+# gzip'd newc cpio with:
+#   /bin/busybox (static) + applet links, /lib/modules/<kver>/ (modules + modules.dep),
+#   /burrow-agent (AGENT_BINARY), /init.
+# /init loads virtio_mmio, virtiofs and vmw_vsock_virtio_transport with modprobe (order from
+# modules.dep), mounts the virtio-fs tag given by `burrow.root=` (default: rootfs) on /newroot,
+# mounts a tmpfs on /newroot/run, copies the agent to /newroot/run/burrow-agent, moves /dev
+# and switches root to /run/burrow-agent. On failure it prints one console line
+# "BURROW-INIT-FAILED: <reason>" and calls `reboot -f` (with QEMU's -no-reboot the VM exits).
+#
+# Self-contained (the runtime embeds it with include_str! and runs it with `bash -s -- ARGS`).
+# Installs busybox-static and cpio with apt-get if missing; downloads nothing otherwise.
+# Always rebuilds (about a second); OUTPUT_PATH is replaced atomically by a rename.
+# Progress goes to stderr as "image: ..." lines; on failure the last line is
+# "image: error: <reason>" and the exit status is non-zero.
+set -euo pipefail
+
+log() { echo "image: $*" >&2; }
+die() { echo "image: error: $*" >&2; exit 1; }
+
+[ $# -eq 3 ] || die "usage: initramfs.sh CACHE_DIR AGENT_BINARY OUTPUT_PATH"
+CACHE=$1 AGENT=$2 OUTPUT=$3
+[ -n "$CACHE" ] || die "CACHE_DIR is empty"
+[ -n "$OUTPUT" ] || die "OUTPUT_PATH is empty"
+[ -f "$AGENT" ] || die "agent binary $AGENT does not exist or is not a file"
+[ -s "$CACHE/kernel/version" ] || die "no kernel bundle in $CACHE/kernel (run kernel.sh first)"
+KVER=$(cat "$CACHE/kernel/version")
+MODS=$CACHE/kernel/modules/lib/modules/$KVER
+[ -s "$MODS/modules.dep" ] || die "no modules.dep in $MODS (run kernel.sh first)"
+
+export DEBIAN_FRONTEND=noninteractive
+apt_install() { # apt_install PKG...: install with apt-get, refreshing the lists once if needed
+  log "installing $* with apt-get"
+  apt-get install -y -q --no-install-recommends "$@" >/dev/null 2>&1 && return 0
+  apt-get update -qq >/dev/null 2>&1 || true
+  apt-get install -y -q --no-install-recommends "$@" >/dev/null 2>&1 || die "apt-get install $* failed"
+}
+BUSYBOX=/bin/busybox
+static_busybox() { [ -x "$1" ] && ! LC_ALL=C ldd "$1" >/dev/null 2>&1; }
+if ! static_busybox "$BUSYBOX"; then
+  if [ -x /usr/bin/busybox ] && static_busybox /usr/bin/busybox; then
+    BUSYBOX=/usr/bin/busybox
+  else
+    apt_install busybox-static
+    static_busybox "$BUSYBOX" || die "no static busybox at $BUSYBOX after installing busybox-static"
+  fi
+fi
+command -v cpio >/dev/null 2>&1 || apt_install cpio
+command -v gzip >/dev/null 2>&1 || apt_install gzip
+for a in sh mount umount modprobe switch_root reboot sleep mkdir cp chmod hostname; do
+  "$BUSYBOX" --list | grep -qx "$a" || die "busybox at $BUSYBOX lacks the $a applet"
+done
+
+OUTDIR=$(dirname -- "$OUTPUT")
+mkdir -p "$OUTDIR" || die "cannot create $OUTDIR"
+TMP=$(mktemp -d "$OUTDIR/.initramfs.tmp.XXXXXX") || die "cannot create a temp dir in $OUTDIR"
+trap 'rm -rf --one-file-system -- "$TMP"' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+R=$TMP/root
+mkdir -p "$R"/{bin,dev,proc,sys,newroot,lib/modules}
+cp "$BUSYBOX" "$R/bin/busybox"
+for a in $("$R/bin/busybox" --list); do
+  [ "$a" = busybox ] || ln -s busybox "$R/bin/$a"
+done
+ln -s bin "$R/sbin"
+# The kernel's built-in initramfs already has /dev/console; ship one too where we may mknod.
+mknod -m 0600 "$R/dev/console" c 5 1 2>/dev/null || true
+cp -a "$MODS" "$R/lib/modules/$KVER" || die "cannot copy modules from $MODS"
+cp "$AGENT" "$R/burrow-agent" || die "cannot copy $AGENT"
+chmod 0755 "$R/burrow-agent"
+
+cat >"$R/init" <<'EOF'
+#!/bin/sh
+# burrow initramfs init: mount the workspace's virtio-fs root and hand over to the agent.
+export PATH=/bin
+fail() {
+	echo "BURROW-INIT-FAILED: $*" >/dev/console 2>/dev/null || echo "BURROW-INIT-FAILED: $*"
+	# Let the UART drain the line before the reset (output is lost otherwise).
+	sleep 0.2
+	reboot -f
+	exit 1
+}
+mount -t proc proc /proc || fail "mount /proc"
+mount -t sysfs sys /sys || fail "mount /sys"
+mount -t devtmpfs dev /dev || fail "mount /dev"
+
+root=rootfs
+host=
+read -r cmdline </proc/cmdline || fail "read /proc/cmdline"
+for arg in $cmdline; do
+	case $arg in
+	burrow.root=*) root=${arg#burrow.root=} ;;
+	burrow.hostname=*) host=${arg#burrow.hostname=} ;;
+	esac
+done
+[ -n "$root" ] || fail "empty burrow.root"
+[ -z "$host" ] || hostname "$host" || fail "hostname $host"
+
+modprobe -a virtio_mmio virtiofs vmw_vsock_virtio_transport || fail "modprobe virtio_mmio virtiofs vmw_vsock_virtio_transport"
+
+# The virtio-fs tag is usable a moment after the driver binds: retry for up to ~2 s.
+now_cs() { read -r up _ </proc/uptime; c=${up#*.}; now=$((${up%.*} * 100 + ${c#0})); }
+now_cs
+deadline=$((now + 200))
+until mount -t virtiofs "$root" /newroot 2>/dev/null; do
+	now_cs
+	[ "$now" -lt "$deadline" ] || fail "mount virtio-fs tag '$root' on /newroot"
+	sleep 0.01
+done
+
+[ -d /newroot/run ] || mkdir /newroot/run || fail "mkdir /newroot/run"
+mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /newroot/run || fail "mount tmpfs on /newroot/run"
+cp /burrow-agent /newroot/run/burrow-agent || fail "copy agent to /newroot/run"
+chmod 0755 /newroot/run/burrow-agent || fail "chmod agent"
+[ -d /newroot/dev ] || mkdir /newroot/dev || fail "mkdir /newroot/dev"
+mount --move /dev /newroot/dev || fail "move /dev to /newroot/dev"
+umount /sys || fail "umount /sys"
+umount /proc || fail "umount /proc"
+exec switch_root /newroot /run/burrow-agent
+EOF
+chmod 0755 "$R/init"
+"$R/bin/busybox" sh -n "$R/init" || die "internal error: /init has a syntax error"
+
+(cd "$R" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) | gzip -1 -n >"$TMP/initramfs.gz" ||
+  die "cpio/gzip of the initramfs failed"
+[ -s "$TMP/initramfs.gz" ] || die "empty initramfs"
+mv -f "$TMP/initramfs.gz" "$OUTPUT" || die "cannot rename the initramfs to $OUTPUT"
+log "initramfs for $KVER at $OUTPUT ($(($(stat -c %s "$OUTPUT") / 1024)) KiB)"

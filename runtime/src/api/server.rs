@@ -1,0 +1,256 @@
+//! burrowd's HTTP/JSON API. Each handler parses, calls the engine, and answers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use burrow_proto::{Exec, FileEdit, FileRead, FileWrite, JobStart};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::{ApiError, DaemonStatus, EnvRequest, ErrorBody, JobKillRequest, ListQuery, LogsQuery, StartRequest};
+use crate::db::State as WsState;
+use crate::engine::{CreateParams, Engine};
+use crate::error::{Error, ErrorClass};
+
+/// Largest request body: a file-write chunk (4 MiB) in base64 plus its envelope.
+const BODY_LIMIT: usize = 16 << 20;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub shutdown: mpsc::UnboundedSender<()>,
+    pub cache_dir: String,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/daemon", get(daemon_status))
+        .route("/v1/daemon/shutdown", post(daemon_shutdown))
+        .route("/v1/images", get(images))
+        .route("/v1/images/{name}/build", post(image_build))
+        .route("/v1/workspaces", get(list).post(create))
+        .route("/v1/workspaces/{ws}", get(info).delete(destroy))
+        .route("/v1/workspaces/{ws}/start", post(start))
+        .route("/v1/workspaces/{ws}/stop", post(stop))
+        .route("/v1/workspaces/{ws}/exec", post(exec))
+        .route("/v1/workspaces/{ws}/jobs", post(job_start))
+        .route("/v1/workspaces/{ws}/jobs/{job}", get(job_poll))
+        .route("/v1/workspaces/{ws}/jobs/{job}/kill", post(job_kill))
+        .route("/v1/workspaces/{ws}/env", post(set_env))
+        .route("/v1/workspaces/{ws}/files/read", post(file_read))
+        .route("/v1/workspaces/{ws}/files/write", post(file_write))
+        .route("/v1/workspaces/{ws}/files/edit", post(file_edit))
+        .route("/v1/workspaces/{ws}/files/list", post(file_list))
+        .route("/v1/workspaces/{ws}/logs", get(logs))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, ErrorClass::NotFound, "no such API route") })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(ErrorBody { error: self.message, class: self.class })).into_response()
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let class = e.class();
+        let status = match class {
+            ErrorClass::NotFound => StatusCode::NOT_FOUND,
+            ErrorClass::Conflict => StatusCode::CONFLICT,
+            ErrorClass::Invalid => StatusCode::BAD_REQUEST,
+            ErrorClass::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorClass::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, class, e.to_string())
+    }
+}
+
+/// `Json` whose rejection is our one-line error naming what was wrong.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(e) => Err(rejection(e)),
+        }
+    }
+}
+
+fn rejection(e: JsonRejection) -> ApiError {
+    let text = e.body_text();
+    // serde's message already names the field ("missing field `argv`").
+    let text = text.strip_prefix("Failed to deserialize the JSON body into the target type: ").unwrap_or(&text);
+    ApiError::new(StatusCode::BAD_REQUEST, ErrorClass::Invalid, format!("invalid request body: {text}"))
+}
+
+type ApiResult<T> = Result<axum::Json<T>, ApiError>;
+
+fn ok<T: Serialize>(v: T) -> ApiResult<T> {
+    Ok(axum::Json(v))
+}
+
+async fn daemon_status(State(s): State<AppState>) -> ApiResult<DaemonStatus> {
+    let all = s.engine.list(None)?;
+    ok(DaemonStatus {
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        state_dir: s.engine.state_dir().root().display().to_string(),
+        cache_dir: s.cache_dir.clone(),
+        accel: s.engine.accel().map(|a| a.as_str().to_string()),
+        workspaces: all.len(),
+        running: all.iter().filter(|w| w.state == WsState::Running).count(),
+    })
+}
+
+async fn daemon_shutdown(State(s): State<AppState>) -> ApiResult<serde_json::Value> {
+    let _ = s.shutdown.send(());
+    ok(json!({"stopping": true}))
+}
+
+async fn images(State(s): State<AppState>) -> ApiResult<Vec<crate::image::ImageInfo>> {
+    ok(s.engine.images().list())
+}
+
+#[derive(Deserialize)]
+struct BuildQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+/// Streams the build's progress as text lines; the last line is `ok` or `error: …`.
+async fn image_build(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<BuildQuery>,
+) -> Result<Response, ApiError> {
+    crate::image::ImageCache::validate(&name)?;
+    let (tx, rx) = mpsc::unbounded_channel::<String>();
+    let engine = s.engine.clone();
+    tokio::spawn(async move {
+        let res = engine.images().build(&name, q.force, Some(&tx)).await;
+        let last = match res {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("error: {e}"),
+        };
+        let _ = tx.send(last);
+    });
+    let stream = futures_util::StreamExt::map(tokio_stream::wrappers::UnboundedReceiverStream::new(rx), |l| {
+        Ok::<_, std::io::Error>(format!("{l}\n"))
+    });
+    Ok(Response::new(axum::body::Body::from_stream(stream)))
+}
+
+async fn list(State(s): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult<Vec<crate::engine::WorkspaceInfo>> {
+    let state = match q.state.as_deref() {
+        None | Some("") => None,
+        Some(v) => Some(WsState::parse(v).ok_or_else(|| {
+            Error::invalid("state", format!("{v:?} is not one of creating, starting, running, stopping, stopped, destroying"))
+        })?),
+    };
+    ok(s.engine.list(state)?)
+}
+
+async fn create(State(s): State<AppState>, ApiJson(p): ApiJson<CreateParams>) -> ApiResult<crate::engine::WorkspaceInfo> {
+    ok(s.engine.create(p, None).await?)
+}
+
+async fn info(State(s): State<AppState>, Path(ws): Path<String>) -> ApiResult<crate::engine::WorkspaceInfo> {
+    ok(s.engine.info(&ws)?)
+}
+
+async fn destroy(State(s): State<AppState>, Path(ws): Path<String>) -> ApiResult<serde_json::Value> {
+    s.engine.destroy(&ws).await?;
+    ok(json!({"destroyed": ws}))
+}
+
+async fn start(
+    State(s): State<AppState>,
+    Path(ws): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<crate::engine::WorkspaceInfo> {
+    // The body is optional: an empty one means defaults.
+    let req: StartRequest = if body.is_empty() {
+        StartRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, ErrorClass::Invalid, format!("invalid request body: {e}")))?
+    };
+    let timeout = req.boot_timeout_secs;
+    ok(s.engine.start(&ws, timeout).await?)
+}
+
+async fn stop(State(s): State<AppState>, Path(ws): Path<String>) -> ApiResult<crate::engine::WorkspaceInfo> {
+    ok(s.engine.stop(&ws).await?)
+}
+
+async fn exec(State(s): State<AppState>, Path(ws): Path<String>, ApiJson(r): ApiJson<Exec>) -> ApiResult<burrow_proto::ExecResult> {
+    ok(s.engine.exec(&ws, r).await?)
+}
+
+async fn job_start(State(s): State<AppState>, Path(ws): Path<String>, ApiJson(r): ApiJson<JobStart>) -> ApiResult<serde_json::Value> {
+    let job = s.engine.job_start(&ws, r).await?;
+    ok(json!({"job": job}))
+}
+
+async fn job_poll(State(s): State<AppState>, Path((ws, job)): Path<(String, String)>) -> ApiResult<burrow_proto::JobStatus> {
+    ok(s.engine.job_poll(&ws, parse_job(&job)?).await?)
+}
+
+async fn job_kill(
+    State(s): State<AppState>,
+    Path((ws, job)): Path<(String, String)>,
+    ApiJson(r): ApiJson<JobKillRequest>,
+) -> ApiResult<serde_json::Value> {
+    s.engine.job_kill(&ws, parse_job(&job)?, r.signal).await?;
+    ok(json!({"killed": true}))
+}
+
+fn parse_job(s: &str) -> Result<u32, ApiError> {
+    s.parse().map_err(|_| Error::invalid("job", format!("{s:?} is not a job id")).into())
+}
+
+async fn set_env(State(s): State<AppState>, Path(ws): Path<String>, ApiJson(r): ApiJson<EnvRequest>) -> ApiResult<serde_json::Value> {
+    s.engine.set_env(&ws, r.set, r.unset).await?;
+    ok(json!({"ok": true}))
+}
+
+async fn file_read(State(s): State<AppState>, Path(ws): Path<String>, ApiJson(r): ApiJson<FileRead>) -> ApiResult<burrow_proto::FileData> {
+    ok(s.engine.file_read(&ws, r).await?)
+}
+
+async fn file_write(State(s): State<AppState>, Path(ws): Path<String>, ApiJson(r): ApiJson<FileWrite>) -> ApiResult<serde_json::Value> {
+    let bytes = s.engine.file_write(&ws, r).await?;
+    ok(json!({"bytes": bytes}))
+}
+
+async fn file_edit(State(s): State<AppState>, Path(ws): Path<String>, ApiJson(r): ApiJson<FileEdit>) -> ApiResult<serde_json::Value> {
+    let n = s.engine.file_edit(&ws, r).await?;
+    ok(json!({"replacements": n}))
+}
+
+#[derive(Deserialize)]
+struct ListRequest {
+    path: String,
+}
+
+async fn file_list(State(s): State<AppState>, Path(ws): Path<String>, ApiJson(r): ApiJson<ListRequest>) -> ApiResult<BTreeMap<&'static str, Vec<burrow_proto::DirEntry>>> {
+    let entries = s.engine.file_list(&ws, r.path).await?;
+    ok(BTreeMap::from([("entries", entries)]))
+}
+
+async fn logs(State(s): State<AppState>, Path(ws): Path<String>, Query(q): Query<LogsQuery>) -> ApiResult<BTreeMap<&'static str, Vec<String>>> {
+    let lines = s.engine.logs(&ws, q.r#type.unwrap_or_default(), q.lines.unwrap_or(100))?;
+    ok(BTreeMap::from([("lines", lines)]))
+}

@@ -1,0 +1,381 @@
+//! One function per command: build the request, send it, print the answer.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+
+use burrow::api::client::{seg, Client, ClientError};
+use burrow::api::{DaemonStatus, EnvRequest, JobKillRequest};
+use burrow::engine::{CreateParams, WorkspaceInfo};
+use burrow::image::ImageInfo;
+use burrow::paths::StateDir;
+use burrow_proto::{DirEntry, Exec, ExecResult, FileData, FileEdit, FileRead, FileWrite, JobStart, JobStatus, MAX_FILE_CHUNK};
+use serde_json::{json, Value};
+
+use crate::output::{print_entries, print_info, print_job, print_list};
+use crate::{daemon, Cli, Command, DaemonCommand, EnvCommand, FileCommand, ImageCommand, JobCommand};
+
+/// Exit code of an exec killed by its timeout, as timeout(1) uses.
+const EXIT_TIMEOUT: i32 = 124;
+
+/// A failed command: the one line to print and the exit code.
+pub struct Failure(String, i32);
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        Failure(e.to_string(), 1)
+    }
+}
+
+impl From<String> for Failure {
+    fn from(e: String) -> Self {
+        Failure(e, 1)
+    }
+}
+
+fn fail<T>(msg: impl Into<String>) -> Result<T, Failure> {
+    Err(Failure(msg.into(), 1))
+}
+
+pub async fn run(cli: Cli) -> i32 {
+    match dispatch(cli).await {
+        Ok(code) => code,
+        Err(Failure(msg, code)) => {
+            eprintln!("burrow: {msg}");
+            code
+        }
+    }
+}
+
+fn ws_path(ws: &str, rest: &str) -> String {
+    format!("/v1/workspaces/{}{rest}", seg(ws))
+}
+
+async fn dispatch(cli: Cli) -> Result<i32, Failure> {
+    let state = StateDir::new(&cli.state_dir).map_err(|e| format!("state dir: {e}"))?;
+    if let Command::Daemon(cmd) = &cli.command {
+        return daemon_command(cmd, &state, &cli.cache_dir).await;
+    }
+    let c = daemon::connect(&state, &cli.cache_dir).await?;
+    match cli.command {
+        Command::Create(a) => {
+            let image = a.image.clone().unwrap_or_else(|| burrow::image::DEFAULT_IMAGE.to_string());
+            ensure_image(&c, &image).await?;
+            let p = CreateParams {
+                name: a.name,
+                vcpus: a.vcpus,
+                memory_mib: a.memory,
+                image: Some(image),
+                boot_timeout_secs: a.boot_timeout,
+            };
+            let w: WorkspaceInfo = c.post("/v1/workspaces", &p).await?;
+            if a.json {
+                print_json(&w);
+            } else {
+                println!("{} {}", w.id, w.name);
+            }
+        }
+        Command::Exec(a) => return exec(&c, a).await,
+        Command::Job(cmd) => job(&c, cmd).await?,
+        Command::Env(EnvCommand::Set { workspace, vars }) => {
+            let set = parse_vars(&vars, "env")?;
+            let _: Value = c.post(&ws_path(&workspace, "/env"), &EnvRequest { set, unset: vec![] }).await?;
+        }
+        Command::Env(EnvCommand::Unset { workspace, keys }) => {
+            let _: Value = c.post(&ws_path(&workspace, "/env"), &EnvRequest { set: BTreeMap::new(), unset: keys }).await?;
+        }
+        Command::File(cmd) => file(&c, cmd).await?,
+        Command::Ls(a) => {
+            let q = a.state.map(|s| format!("?state={}", seg(&s))).unwrap_or_default();
+            let list: Vec<WorkspaceInfo> = c.get(&format!("/v1/workspaces{q}")).await?;
+            if a.json {
+                print_json(&list);
+            } else {
+                print_list(&list);
+            }
+        }
+        Command::Info(a) => {
+            let w: WorkspaceInfo = c.get(&ws_path(&a.workspace, "")).await?;
+            if a.json {
+                print_json(&w);
+            } else {
+                print_info(&w);
+            }
+        }
+        Command::Logs(a) => {
+            let v: BTreeMap<String, Vec<String>> =
+                c.get(&ws_path(&a.workspace, &format!("/logs?type={}&lines={}", a.kind, a.lines))).await?;
+            let mut out = std::io::stdout().lock();
+            for l in v.get("lines").into_iter().flatten() {
+                let _ = writeln!(out, "{l}");
+            }
+        }
+        Command::Start(a) => {
+            let body = json!({"boot_timeout_secs": a.boot_timeout});
+            let w: WorkspaceInfo = c.post(&ws_path(&a.workspace, "/start"), &body).await?;
+            println!("{} {}", w.name, w.state);
+        }
+        Command::Stop(a) => {
+            let w: WorkspaceInfo = c.post(&ws_path(&a.workspace, "/stop"), &json!({})).await?;
+            println!("{} {}", w.name, w.state);
+        }
+        Command::Destroy(a) => {
+            let _: Value = c.call(hyper::Method::DELETE, &ws_path(&a.workspace, ""), None::<&()>).await?;
+            println!("{} destroyed", a.workspace);
+        }
+        Command::Image(ImageCommand::Build { name, force }) => build_image(&c, &name, force).await?,
+        Command::Image(ImageCommand::Ls { json }) => {
+            let list: Vec<ImageInfo> = c.get("/v1/images").await?;
+            if json {
+                print_json(&list);
+            } else {
+                println!("{:<10} {:>10} {:>8}  BUILT", "NAME", "SIZE", "PACKAGES");
+                for i in list {
+                    println!("{:<10} {:>9}M {:>8}  {}", i.name, i.size_bytes >> 20, i.packages, crate::output::unix_time(i.built_at));
+                }
+            }
+        }
+        Command::Daemon(_) => unreachable!("handled above"),
+    }
+    Ok(0)
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("burrow: cannot encode the answer: {e}"),
+    }
+}
+
+fn parse_vars(vars: &[String], field: &str) -> Result<BTreeMap<String, String>, Failure> {
+    let mut out = BTreeMap::new();
+    for v in vars {
+        match v.split_once('=') {
+            Some((k, val)) if !k.is_empty() => {
+                out.insert(k.to_string(), val.to_string());
+            }
+            _ => return fail(format!("invalid {field}: {v:?} is not KEY=VALUE")),
+        }
+    }
+    Ok(out)
+}
+
+async fn ensure_image(c: &Client, name: &str) -> Result<(), Failure> {
+    let list: Vec<ImageInfo> = c.get("/v1/images").await?;
+    if list.iter().any(|i| i.name == name) {
+        return Ok(());
+    }
+    eprintln!("burrow: image {name} is not built yet; building it first");
+    build_image(c, name, false).await
+}
+
+async fn build_image(c: &Client, name: &str, force: bool) -> Result<(), Failure> {
+    let mut last = String::new();
+    let path = format!("/v1/images/{}/build?force={force}", seg(name));
+    c.stream_lines(hyper::Method::POST, &path, |line| {
+        if line != "ok" && !line.starts_with("error: ") {
+            eprintln!("{line}");
+        }
+        last = line.to_string();
+    })
+    .await?;
+    match last.strip_prefix("error: ") {
+        Some(e) => fail(e.to_string()),
+        None if last == "ok" => Ok(()),
+        None => fail("the image build ended without a result"),
+    }
+}
+
+async fn exec(c: &Client, a: crate::ExecArgs) -> Result<i32, Failure> {
+    let timeout_ms = match a.timeout {
+        None => None,
+        Some(t) if t.is_finite() && t > 0.0 && t <= 86_400.0 => Some((t * 1000.0).ceil() as u64),
+        Some(t) => return fail(format!("invalid timeout: {t} is not between 0 and 86400 seconds")),
+    };
+    let stdin = if a.interactive {
+        let mut buf = Vec::new();
+        std::io::stdin().read_to_end(&mut buf).map_err(|e| format!("read stdin: {e}"))?;
+        Some(buf)
+    } else {
+        None
+    };
+    let req = Exec {
+        argv: a.argv,
+        workdir: a.workdir,
+        env: parse_vars(&a.env, "env")?,
+        timeout_ms,
+        max_output_bytes: a.max_output,
+        stdin,
+    };
+    let r: ExecResult = c.post(&ws_path(&a.workspace, "/exec"), &req).await?;
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(&r.stdout);
+        let _ = out.flush();
+        let mut err = std::io::stderr().lock();
+        let _ = err.write_all(&r.stderr);
+        let _ = err.flush();
+    }
+    if r.stdout_truncated || r.stderr_truncated {
+        eprintln!("burrow: output truncated (raise --max-output)");
+    }
+    if r.timed_out {
+        let secs = a.timeout.unwrap_or_default();
+        return Err(Failure(format!("exec timed out after {secs} s; the command was killed"), EXIT_TIMEOUT));
+    }
+    Ok(r.exit_code)
+}
+
+async fn job(c: &Client, cmd: JobCommand) -> Result<(), Failure> {
+    match cmd {
+        JobCommand::Start { workspace, workdir, env, argv } => {
+            let req = JobStart { argv, workdir, env: parse_vars(&env, "env")?, max_output_bytes: None };
+            let v: Value = c.post(&ws_path(&workspace, "/jobs"), &req).await?;
+            println!("{}", v.get("job").cloned().unwrap_or(Value::Null));
+        }
+        JobCommand::Poll { workspace, job, json } => {
+            let s: JobStatus = c.get(&ws_path(&workspace, &format!("/jobs/{}", seg(&job)))).await?;
+            print_job(&s, json);
+        }
+        JobCommand::Kill { workspace, job, signal } => {
+            let signal = parse_signal(&signal)?;
+            let _: Value = c.post(&ws_path(&workspace, &format!("/jobs/{}/kill", seg(&job))), &JobKillRequest { signal }).await?;
+        }
+    }
+    Ok(())
+}
+
+fn parse_signal(s: &str) -> Result<i32, Failure> {
+    if let Ok(n) = s.parse::<i32>() {
+        if (1..=64).contains(&n) {
+            return Ok(n);
+        }
+    }
+    let name = s.trim_start_matches("SIG").to_ascii_uppercase();
+    let n = match name.as_str() {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "KILL" => libc::SIGKILL,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "TERM" => libc::SIGTERM,
+        "STOP" => libc::SIGSTOP,
+        "CONT" => libc::SIGCONT,
+        "ALRM" => libc::SIGALRM,
+        _ => return fail(format!("invalid signal: {s:?} is not a signal name or number")),
+    };
+    Ok(n)
+}
+
+async fn file(c: &Client, cmd: FileCommand) -> Result<(), Failure> {
+    match cmd {
+        FileCommand::Write { workspace, path, mode } => {
+            let mode = match mode {
+                None => None,
+                Some(m) => Some(
+                    u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                        .ok()
+                        .filter(|v| *v <= 0o7777)
+                        .ok_or_else(|| format!("invalid mode: {m:?} is not octal permission bits like 0644"))?,
+                ),
+            };
+            let mut data = Vec::new();
+            std::io::stdin().read_to_end(&mut data).map_err(|e| format!("read stdin: {e}"))?;
+            // Large contents go in chunks: the first truncates, the rest append.
+            let mut chunks = data.chunks(MAX_FILE_CHUNK).peekable();
+            let first = chunks.next().unwrap_or(&[]);
+            let mut req = FileWrite { path, data: first.to_vec(), mode, append: false };
+            loop {
+                let _: Value = c.post(&ws_path(&workspace, "/files/write"), &req).await?;
+                match chunks.next() {
+                    Some(next) => req = FileWrite { data: next.to_vec(), append: true, ..req },
+                    None => break,
+                }
+            }
+        }
+        FileCommand::Read { workspace, path, offset, limit } => {
+            let mut out = std::io::stdout().lock();
+            let mut offset = offset;
+            let mut left = limit;
+            loop {
+                let chunk = left.map(|l| l.min(MAX_FILE_CHUNK as u64)).unwrap_or(MAX_FILE_CHUNK as u64);
+                let req = FileRead { path: path.clone(), offset, limit: Some(chunk) };
+                let d: FileData = c.post(&ws_path(&workspace, "/files/read"), &req).await?;
+                let _ = out.write_all(&d.data);
+                offset += d.data.len() as u64;
+                if let Some(l) = left.as_mut() {
+                    *l -= (d.data.len() as u64).min(*l);
+                }
+                if d.eof || d.data.is_empty() || left == Some(0) {
+                    break;
+                }
+            }
+            let _ = out.flush();
+        }
+        FileCommand::Edit { workspace, path, old, new, all } => {
+            let v: Value = c.post(&ws_path(&workspace, "/files/edit"), &FileEdit { path, old, new, all }).await?;
+            let n = v.get("replacements").and_then(Value::as_u64).unwrap_or(0);
+            eprintln!("burrow: {n} replacement{}", if n == 1 { "" } else { "s" });
+        }
+        FileCommand::Ls { workspace, path, json } => {
+            let v: BTreeMap<String, Vec<DirEntry>> = c.post(&ws_path(&workspace, "/files/list"), &json!({"path": path})).await?;
+            let entries = v.get("entries").cloned().unwrap_or_default();
+            if json {
+                print_json(&entries);
+            } else {
+                print_entries(&entries);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn daemon_command(cmd: &DaemonCommand, state: &StateDir, cache: &std::path::Path) -> Result<i32, Failure> {
+    let c = Client::new(state.socket());
+    match cmd {
+        DaemonCommand::Start => match c.get::<DaemonStatus>("/v1/daemon").await {
+            Ok(s) => println!("burrowd already runs for {} (pid {})", s.state_dir, s.pid),
+            Err(ClientError::NotRunning { .. }) => {
+                let pid = daemon::start(state, cache).await?;
+                println!("burrowd started for {} (pid {pid})", state.root().display());
+            }
+            Err(e) => return Err(e.into()),
+        },
+        DaemonCommand::Stop => match c.get::<DaemonStatus>("/v1/daemon").await {
+            Ok(s) => {
+                let _: Value = c.post("/v1/daemon/shutdown", &json!({})).await?;
+                if let Some(p) = burrow::db::ProcId::of(s.pid as i32) {
+                    if tokio::time::timeout(std::time::Duration::from_secs(30), p.exited()).await.is_err() {
+                        return fail(format!("burrowd (pid {}) did not stop within 30 s", s.pid));
+                    }
+                }
+                println!("burrowd stopped (pid {}); running workspaces keep running", s.pid);
+            }
+            Err(ClientError::NotRunning { .. }) => println!("burrowd is not running for {}", state.root().display()),
+            Err(e) => return Err(e.into()),
+        },
+        DaemonCommand::Status { json } => match c.get::<DaemonStatus>("/v1/daemon").await {
+            Ok(s) => {
+                if *json {
+                    print_json(&s);
+                } else {
+                    println!("burrowd running (pid {})", s.pid);
+                    println!("state dir:  {}", s.state_dir);
+                    println!("cache dir:  {}", s.cache_dir);
+                    println!("accel:      {}", s.accel.as_deref().unwrap_or("(not probed yet)"));
+                    println!("workspaces: {} ({} running)", s.workspaces, s.running);
+                }
+            }
+            Err(ClientError::NotRunning { .. }) => {
+                if *json {
+                    print_json(&json!({"running": false, "state_dir": state.root()}));
+                } else {
+                    println!("burrowd is not running for {}", state.root().display());
+                }
+                return Ok(3);
+            }
+            Err(e) => return Err(e.into()),
+        },
+    }
+    Ok(0)
+}

@@ -1,0 +1,263 @@
+//! burrow: the command line. It parses, asks burrowd (starting it if needed), and
+//! prints the answer; it never touches a workspace itself.
+
+mod commands;
+mod daemon;
+mod output;
+
+use std::path::PathBuf;
+
+use burrow::paths::{DEFAULT_CACHE_DIR, DEFAULT_STATE_DIR};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "burrow", version, about = "Sandboxes that are microVMs: create, exec, files, jobs", propagate_version = true)]
+pub struct Cli {
+    /// State dir of the daemon to talk to (one daemon per state dir).
+    #[arg(long, global = true, env = "BURROW_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Image cache, shared between state dirs.
+    #[arg(long, global = true, env = "BURROW_CACHE_DIR", default_value = DEFAULT_CACHE_DIR)]
+    pub cache_dir: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Create a workspace and boot it; prints its id and name.
+    Create(CreateArgs),
+    /// Run a command in a workspace; exits with the command's exit code.
+    Exec(ExecArgs),
+    /// Background jobs.
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// Environment variables seen by later execs and jobs (guest memory only).
+    #[command(subcommand)]
+    Env(EnvCommand),
+    /// Files in a workspace.
+    #[command(subcommand)]
+    File(FileCommand),
+    /// List workspaces.
+    Ls(LsArgs),
+    /// Show one workspace.
+    Info(WsJson),
+    /// Show a workspace's console or agent log.
+    Logs(LogsArgs),
+    /// Boot a stopped workspace.
+    Start(StartArgs),
+    /// Power a workspace off; its files stay.
+    Stop(Ws),
+    /// Stop and remove a workspace, its files and logs.
+    Destroy(Ws),
+    /// Guest images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// The daemon serving the state dir.
+    #[command(subcommand)]
+    Daemon(DaemonCommand),
+}
+
+#[derive(Args)]
+pub struct Ws {
+    /// Workspace id or name.
+    pub workspace: String,
+}
+
+#[derive(Args)]
+pub struct WsJson {
+    pub workspace: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct CreateArgs {
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Memory in MiB.
+    #[arg(long)]
+    pub memory: Option<u32>,
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Seconds the guest may take to come up.
+    #[arg(long)]
+    pub boot_timeout: Option<u64>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct ExecArgs {
+    pub workspace: String,
+    /// Kill the command after this many seconds (exit code 124).
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    #[arg(long)]
+    pub workdir: Option<String>,
+    /// KEY=VALUE, repeatable.
+    #[arg(long = "env", short = 'e')]
+    pub env: Vec<String>,
+    /// Cap on the bytes kept of each of stdout and stderr.
+    #[arg(long)]
+    pub max_output: Option<u64>,
+    /// Pass this command's standard input to the guest command.
+    #[arg(long, short = 'i')]
+    pub interactive: bool,
+    #[arg(last = true, required = true)]
+    pub argv: Vec<String>,
+}
+
+#[derive(Subcommand)]
+pub enum JobCommand {
+    /// Start a background job; prints its id.
+    Start {
+        workspace: String,
+        #[arg(long)]
+        workdir: Option<String>,
+        #[arg(long = "env", short = 'e')]
+        env: Vec<String>,
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// A job's state and output so far.
+    Poll {
+        workspace: String,
+        job: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Signal a job's process group.
+    Kill {
+        workspace: String,
+        job: String,
+        /// Signal name or number.
+        #[arg(long, default_value = "TERM")]
+        signal: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum EnvCommand {
+    /// Set KEY=VALUE pairs.
+    Set {
+        workspace: String,
+        #[arg(required = true)]
+        vars: Vec<String>,
+    },
+    /// Remove variables.
+    Unset {
+        workspace: String,
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum FileCommand {
+    /// Write standard input to a file (parent directories are created).
+    Write {
+        workspace: String,
+        path: String,
+        /// Octal permission bits, e.g. 0644.
+        #[arg(long)]
+        mode: Option<String>,
+    },
+    /// Print a file (or a byte range of it).
+    Read {
+        workspace: String,
+        path: String,
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Replace a string in a file; fails if it is absent.
+    Edit {
+        workspace: String,
+        path: String,
+        #[arg(long)]
+        old: String,
+        #[arg(long)]
+        new: String,
+        /// Replace every occurrence (otherwise it must occur once).
+        #[arg(long)]
+        all: bool,
+    },
+    /// List a directory.
+    Ls {
+        workspace: String,
+        path: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct LsArgs {
+    #[arg(long)]
+    pub state: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct LogsArgs {
+    pub workspace: String,
+    #[arg(long = "type", value_parser = ["console", "agent"], default_value = "console")]
+    pub kind: String,
+    #[arg(long, default_value_t = 100)]
+    pub lines: usize,
+}
+
+#[derive(Args)]
+pub struct StartArgs {
+    pub workspace: String,
+    #[arg(long)]
+    pub boot_timeout: Option<u64>,
+}
+
+#[derive(Subcommand)]
+pub enum ImageCommand {
+    /// Build an image (default: debian) and the guest kernel, if missing.
+    Build {
+        #[arg(default_value = "debian")]
+        name: String,
+        /// Rebuild even if present.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List built images.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DaemonCommand {
+    /// Start burrowd for the state dir in the background.
+    Start,
+    /// Stop burrowd (running workspaces keep running and are re-adopted on start).
+    Stop,
+    /// Whether burrowd runs, and what it serves.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("burrow: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = rt.block_on(commands::run(cli));
+    std::process::exit(code);
+}

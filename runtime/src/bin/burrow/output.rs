@@ -1,0 +1,88 @@
+//! Human-readable output.
+
+use std::io::Write;
+
+use burrow::engine::WorkspaceInfo;
+use burrow_proto::{DirEntry, FileKind, JobStatus};
+use serde_json::json;
+
+pub fn unix_time(secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| secs.to_string())
+}
+
+pub fn print_list(list: &[WorkspaceInfo]) {
+    println!("{:<12}  {:<20} {:<9} {:>5} {:>7} {:<5} {:<8} CREATED", "ID", "NAME", "STATE", "VCPUS", "MEMORY", "ACCEL", "IMAGE");
+    for w in list {
+        println!(
+            "{:<12}  {:<20} {:<9} {:>5} {:>6}M {:<5} {:<8} {}",
+            w.id,
+            w.name,
+            w.state.as_str(),
+            w.vcpus,
+            w.memory_mib,
+            w.accel.as_deref().unwrap_or("-"),
+            w.image,
+            w.created_at
+        );
+    }
+}
+
+pub fn print_info(w: &WorkspaceInfo) {
+    println!("id:         {}", w.id);
+    println!("name:       {}", w.name);
+    println!("state:      {}", w.state);
+    println!("vcpus:      {}", w.vcpus);
+    println!("memory:     {} MiB", w.memory_mib);
+    println!("accel:      {}", w.accel.as_deref().unwrap_or("-"));
+    println!("image:      {}", w.image);
+    println!("created_at: {}", w.created_at);
+    println!("store:      {}", w.store);
+    println!("volume:     {}", w.volume.display());
+    match &w.pids {
+        Some(p) => println!("pids:       qemu={} virtiofsd={} vsock={}", p.qemu, p.virtiofsd, p.vsock),
+        None => println!("pids:       -"),
+    }
+}
+
+pub fn print_job(s: &JobStatus, as_json: bool) {
+    if as_json {
+        let v = json!({
+            "job": s.job,
+            "argv": s.argv,
+            "running": s.running,
+            "exit_code": s.exit_code,
+            "signal": s.signal,
+            "stdout": String::from_utf8_lossy(&s.stdout),
+            "stderr": String::from_utf8_lossy(&s.stderr),
+            "stdout_truncated": s.stdout_truncated,
+            "stderr_truncated": s.stderr_truncated,
+            "duration_ms": s.duration_ms,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    let state = match (s.running, s.exit_code) {
+        (true, _) => "running".to_string(),
+        (false, Some(c)) => format!("exited {c}"),
+        (false, None) => "exited".to_string(),
+    };
+    println!("job {}: {state}", s.job);
+    let _ = std::io::stdout().write_all(&s.stdout);
+    let _ = std::io::stderr().write_all(&s.stderr);
+}
+
+pub fn print_entries(entries: &[DirEntry]) {
+    for e in entries {
+        let kind = match e.kind {
+            FileKind::Dir => 'd',
+            FileKind::Symlink => 'l',
+            FileKind::File => '-',
+            FileKind::Other => '?',
+        };
+        let name = if e.kind == FileKind::Dir { format!("{}/", e.name) } else { e.name.clone() };
+        println!("{kind}{:04o} {:>10} {} {name}", e.mode, e.size, unix_time(e.modified));
+    }
+}

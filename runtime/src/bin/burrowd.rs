@@ -1,0 +1,92 @@
+//! burrowd: owns the workspaces of one state dir and serves the API on its socket.
+//!
+//! Stopping the daemon leaves VMs running; the next daemon re-adopts them.
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use burrow::api::server::{router, AppState};
+use burrow::engine::Engine;
+use burrow::paths::{CacheDir, StateDir, DEFAULT_CACHE_DIR, DEFAULT_STATE_DIR};
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(name = "burrowd", version, about = "The burrow daemon: workspaces as microVMs")]
+struct Args {
+    #[arg(long, env = "BURROW_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    #[arg(long, env = "BURROW_CACHE_DIR", default_value = DEFAULT_CACHE_DIR)]
+    cache_dir: PathBuf,
+    /// Write "ready" to this inherited fd once the API is served (used by `burrow`
+    /// when it starts the daemon, so that it waits on a signal and not a timer).
+    #[arg(long)]
+    ready_fd: Option<i32>,
+    #[arg(long, value_parser = ["text", "json"], default_value = "text")]
+    log_format: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BURROW_LOG").unwrap_or_else(|_| "info".into());
+    let sub = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        sub.json().init();
+    } else {
+        sub.init();
+    }
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let state = StateDir::new(&args.state_dir).context("state dir")?;
+    let cache = CacheDir::new(&args.cache_dir).context("cache dir")?;
+    std::fs::create_dir_all(state.root()).with_context(|| format!("create {}", state.root().display()))?;
+
+    // One daemon per state dir: an exclusive lock on the pid file, held for life.
+    let pid_path = state.pid_file();
+    let pid_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&pid_path)
+        .with_context(|| format!("open {}", pid_path.display()))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(pid_file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!("another burrowd already serves {}", state.root().display());
+    }
+    pid_file.set_len(0)?;
+    writeln!(&pid_file, "{}", std::process::id())?;
+
+    let agent = burrow::image::find_agent();
+    tracing::info!(state_dir = %state.root().display(), agent = %agent.display(), "burrowd starting");
+    let engine = Engine::open(state.clone(), cache.clone(), agent).await.context("open state")?;
+
+    let sock = state.socket();
+    let _ = std::fs::remove_file(&sock);
+    let listener = tokio::net::UnixListener::bind(&sock).with_context(|| format!("bind {}", sock.display()))?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let app = router(AppState { engine, shutdown: tx, cache_dir: cache.root().display().to_string() });
+
+    if let Some(fd) = args.ready_fd {
+        // SAFETY: the fd was handed to us for this one write; we own it from here.
+        let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+        let _ = f.write_all(b"ready\n");
+    }
+    tracing::info!(socket = %sock.display(), "serving");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = rx.recv() => {}
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("burrowd stopping; VMs keep running");
+    };
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_file(&pid_path);
+    Ok(())
+}

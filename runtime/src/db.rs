@@ -1,0 +1,294 @@
+//! The state database: one SQLite file per state dir holding the workspace records.
+//!
+//! Records are written before the resources they describe are created, so a daemon
+//! that crashed can find and reconcile whatever it left behind.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// The record exists; the volume is being made. A crash here undoes the create.
+    Creating,
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    /// Being torn down. A crash here finishes the destroy.
+    Destroying,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Creating => "creating",
+            State::Starting => "starting",
+            State::Running => "running",
+            State::Stopping => "stopping",
+            State::Stopped => "stopped",
+            State::Destroying => "destroying",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<State> {
+        Some(match s {
+            "creating" => State::Creating,
+            "starting" => State::Starting,
+            "running" => State::Running,
+            "stopping" => State::Stopping,
+            "stopped" => State::Stopped,
+            "destroying" => State::Destroying,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A process the engine started, identified beyond its pid: the start time (in clock
+/// ticks since boot, from /proc/PID/stat) tells a live process from a recycled pid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcId {
+    pub pid: i32,
+    pub start_time: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmPids {
+    pub qemu: ProcId,
+    pub virtiofsd: ProcId,
+    pub vsock: ProcId,
+}
+
+impl VmPids {
+    pub fn all(&self) -> [ProcId; 3] {
+        [self.qemu, self.virtiofsd, self.vsock]
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceRecord {
+    pub id: String,
+    pub name: String,
+    pub state: State,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub image: String,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    /// Accelerator of the current or last boot (`kvm` or `tcg`).
+    pub accel: Option<String>,
+    pub store: String,
+    pub volume: PathBuf,
+    pub pids: Option<VmPids>,
+}
+
+pub struct Db {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS workspaces (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    vcpus INTEGER NOT NULL,
+    memory_mib INTEGER NOT NULL,
+    image TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    accel TEXT,
+    store TEXT NOT NULL,
+    volume TEXT NOT NULL,
+    pids TEXT
+);
+";
+
+const COLUMNS: &str = "id, name, state, vcpus, memory_mib, image, created_at, accel, store, volume, pids";
+
+impl Db {
+    pub fn open(path: &Path) -> Result<Db> {
+        let conn = Connection::open(path)?;
+        // WAL + synchronous=NORMAL: a committed record survives a daemon crash (the
+        // case that matters); only a host power cut can lose the last transaction.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Db { conn: Mutex::new(conn) })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        // A poisoned lock only means another thread panicked mid-call; SQLite's own
+        // transaction state is still consistent, so keep going.
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(f(&conn)?)
+    }
+
+    /// Inserts a new record; a name already in use is [`Error::NameTaken`].
+    pub fn insert(&self, w: &WorkspaceRecord) -> Result<()> {
+        let pids = pids_json(w.pids.as_ref());
+        let res = self.with(|c| {
+            c.execute(
+                &format!("INSERT INTO workspaces ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+                params![
+                    w.id,
+                    w.name,
+                    w.state.as_str(),
+                    w.vcpus,
+                    w.memory_mib,
+                    w.image,
+                    w.created_at,
+                    w.accel,
+                    w.store,
+                    w.volume.to_string_lossy(),
+                    pids
+                ],
+            )
+        });
+        match res {
+            Err(Error::Db(rusqlite::Error::SqliteFailure(e, _)))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(Error::NameTaken(w.name.clone()))
+            }
+            other => other.map(|_| ()),
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<WorkspaceRecord>> {
+        self.with(|c| {
+            c.query_row(&format!("SELECT {COLUMNS} FROM workspaces WHERE id = ?1"), [id], row)
+                .optional()
+        })
+    }
+
+    /// Finds a workspace by id or by name; an exact id wins, as in Docker.
+    pub fn resolve(&self, reference: &str) -> Result<WorkspaceRecord> {
+        let found = self.with(|c| {
+            c.query_row(
+                &format!("SELECT {COLUMNS} FROM workspaces WHERE id = ?1 OR name = ?1 ORDER BY id = ?1 DESC LIMIT 1"),
+                [reference],
+                row,
+            )
+            .optional()
+        })?;
+        found.ok_or_else(|| Error::WorkspaceNotFound(reference.to_string()))
+    }
+
+    pub fn list(&self) -> Result<Vec<WorkspaceRecord>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!("SELECT {COLUMNS} FROM workspaces ORDER BY created_at, name"))?;
+            let rows = stmt.query_map([], row)?;
+            rows.collect()
+        })
+    }
+
+    pub fn set_state(&self, id: &str, state: State) -> Result<()> {
+        self.with(|c| c.execute("UPDATE workspaces SET state = ?2 WHERE id = ?1", params![id, state.as_str()]))?;
+        Ok(())
+    }
+
+    pub fn set_pids(&self, id: &str, pids: Option<&VmPids>) -> Result<()> {
+        let pids = pids_json(pids);
+        self.with(|c| c.execute("UPDATE workspaces SET pids = ?2 WHERE id = ?1", params![id, pids]))?;
+        Ok(())
+    }
+
+    pub fn set_accel(&self, id: &str, accel: &str) -> Result<()> {
+        self.with(|c| c.execute("UPDATE workspaces SET accel = ?2 WHERE id = ?1", params![id, accel]))?;
+        Ok(())
+    }
+
+    pub fn delete(&self, id: &str) -> Result<()> {
+        self.with(|c| c.execute("DELETE FROM workspaces WHERE id = ?1", [id]))?;
+        Ok(())
+    }
+}
+
+fn pids_json(p: Option<&VmPids>) -> Option<String> {
+    p.and_then(|p| serde_json::to_string(p).ok())
+}
+
+fn row(r: &Row<'_>) -> rusqlite::Result<WorkspaceRecord> {
+    let state: String = r.get(2)?;
+    let pids: Option<String> = r.get(10)?;
+    let volume: String = r.get(9)?;
+    Ok(WorkspaceRecord {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        // A state string this build does not know can only come from a newer build;
+        // treating it as stopped makes reconciliation look at the processes.
+        state: State::parse(&state).unwrap_or(State::Stopped),
+        vcpus: r.get(3)?,
+        memory_mib: r.get(4)?,
+        image: r.get(5)?,
+        created_at: r.get(6)?,
+        accel: r.get(7)?,
+        store: r.get(8)?,
+        volume: PathBuf::from(volume),
+        pids: pids.and_then(|s| serde_json::from_str(&s).ok()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: &str, name: &str) -> WorkspaceRecord {
+        WorkspaceRecord {
+            id: id.into(),
+            name: name.into(),
+            state: State::Creating,
+            vcpus: 1,
+            memory_mib: 512,
+            image: "debian".into(),
+            created_at: "2026-01-01T00:00:00Z".into(),
+            accel: None,
+            store: "copy".into(),
+            volume: "/v/a".into(),
+            pids: None,
+        }
+    }
+
+    #[test]
+    fn insert_resolve_update_delete() {
+        let t = tempfile::tempdir().unwrap();
+        let db = Db::open(&t.path().join("db")).unwrap();
+        db.insert(&rec("aaaaaaaaaaaa", "dev")).unwrap();
+        assert!(matches!(db.insert(&rec("bbbbbbbbbbbb", "dev")), Err(Error::NameTaken(_))));
+        assert_eq!(db.resolve("dev").unwrap().id, "aaaaaaaaaaaa");
+        assert_eq!(db.resolve("aaaaaaaaaaaa").unwrap().name, "dev");
+        assert!(matches!(db.resolve("nope"), Err(Error::WorkspaceNotFound(_))));
+        let pids = VmPids {
+            qemu: ProcId { pid: 1, start_time: 2 },
+            virtiofsd: ProcId { pid: 3, start_time: 4 },
+            vsock: ProcId { pid: 5, start_time: 6 },
+        };
+        db.set_pids("aaaaaaaaaaaa", Some(&pids)).unwrap();
+        db.set_state("aaaaaaaaaaaa", State::Running).unwrap();
+        let got = db.get("aaaaaaaaaaaa").unwrap().unwrap();
+        assert_eq!(got.pids, Some(pids));
+        assert_eq!(got.state, State::Running);
+        db.delete("aaaaaaaaaaaa").unwrap();
+        assert!(db.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_id_wins_over_a_name() {
+        let t = tempfile::tempdir().unwrap();
+        let db = Db::open(&t.path().join("db")).unwrap();
+        db.insert(&rec("aaaaaaaaaaaa", "x")).unwrap();
+        db.insert(&rec("bbbbbbbbbbbb", "aaaaaaaaaaaa")).unwrap();
+        assert_eq!(db.resolve("aaaaaaaaaaaa").unwrap().id, "aaaaaaaaaaaa");
+    }
+}

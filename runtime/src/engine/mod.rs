@@ -1,0 +1,513 @@
+//! The engine: workspaces and their lifecycle.
+//!
+//! Every front door (the daemon's HTTP API today) calls into [`Engine`]. Each
+//! operation on a workspace holds that workspace's lock, so a stop never races a
+//! start. Records go to the database before resources are made, and
+//! [`Engine::open`] reconciles what a crashed daemon left behind.
+
+mod guest_ops;
+mod reconcile;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use burrow_fs::{CopyStore, Store};
+use burrow_proto::{Op, READY_PORT};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+pub use guest_ops::LogKind;
+
+use crate::db::{Db, ProcId, State, VmPids, WorkspaceRecord};
+use crate::error::{Error, Result};
+use crate::guest::{GuestClient, ReadyListener};
+use crate::image::{ImageCache, Progress, DEFAULT_IMAGE};
+use crate::names::{new_id, validate_name};
+use crate::paths::{CacheDir, StateDir};
+use crate::vmm::{self, Accel, VmPaths, VmSpec};
+
+pub const DEFAULT_VCPUS: u32 = 1;
+pub const DEFAULT_MEMORY_MIB: u32 = 512;
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+const MIN_MEMORY_MIB: u32 = 128;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CreateParams {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Seconds the guest may take to come up before the create fails.
+    #[serde(default)]
+    pub boot_timeout_secs: Option<u64>,
+}
+
+/// A workspace as front doors show it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkspaceInfo {
+    pub id: String,
+    pub name: String,
+    pub state: State,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub accel: Option<String>,
+    pub image: String,
+    pub created_at: String,
+    pub store: String,
+    pub volume: PathBuf,
+    /// Host processes of the running VM.
+    pub pids: Option<PidsInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PidsInfo {
+    pub qemu: i32,
+    pub virtiofsd: i32,
+    pub vsock: i32,
+}
+
+impl From<WorkspaceRecord> for WorkspaceInfo {
+    fn from(r: WorkspaceRecord) -> Self {
+        WorkspaceInfo {
+            id: r.id,
+            name: r.name,
+            state: r.state,
+            vcpus: r.vcpus,
+            memory_mib: r.memory_mib,
+            accel: r.accel,
+            image: r.image,
+            created_at: r.created_at,
+            store: r.store,
+            volume: r.volume,
+            pids: r.pids.map(|p| PidsInfo { qemu: p.qemu.pid, virtiofsd: p.virtiofsd.pid, vsock: p.vsock.pid }),
+        }
+    }
+}
+
+pub struct Engine {
+    state: StateDir,
+    db: Db,
+    store: Arc<dyn Store>,
+    images: ImageCache,
+    accel: tokio::sync::OnceCell<Accel>,
+    /// One lock per workspace id, held for the length of any operation on it.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The task watching each running VM's processes.
+    watchers: Mutex<HashMap<String, JoinHandle<()>>>,
+}
+
+impl Engine {
+    /// Opens the state dir and reconciles it with the processes that really run.
+    pub async fn open(state: StateDir, cache: CacheDir, agent: PathBuf) -> Result<Arc<Engine>> {
+        for dir in [state.root().to_path_buf(), state.run_root(), state.volumes()] {
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        }
+        let db = Db::open(&state.database())?;
+        let store: Arc<dyn Store> = Arc::new(CopyStore::new(state.volumes())?);
+        let engine = Arc::new(Engine {
+            state,
+            db,
+            store,
+            images: ImageCache::new(cache, agent),
+            accel: tokio::sync::OnceCell::new(),
+            locks: Mutex::new(HashMap::new()),
+            watchers: Mutex::new(HashMap::new()),
+        });
+        engine.reconcile().await?;
+        Ok(engine)
+    }
+
+    pub fn images(&self) -> &ImageCache {
+        &self.images
+    }
+
+    pub fn state_dir(&self) -> &StateDir {
+        &self.state
+    }
+
+    pub fn accel(&self) -> Option<Accel> {
+        self.accel.get().copied()
+    }
+
+    fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(id.to_string()).or_default().clone()
+    }
+
+    fn paths(&self, id: &str) -> VmPaths {
+        VmPaths::new(self.state.run_dir(id), self.state.log_dir(id))
+    }
+
+    fn guest(&self, rec: &WorkspaceRecord) -> GuestClient {
+        GuestClient::new(self.paths(&rec.id).vsock_uds(), rec.name.clone())
+    }
+
+    pub fn list(&self, state: Option<State>) -> Result<Vec<WorkspaceInfo>> {
+        let all = self.db.list()?;
+        Ok(all.into_iter().filter(|r| state.is_none_or(|s| r.state == s)).map(Into::into).collect())
+    }
+
+    pub fn info(&self, reference: &str) -> Result<WorkspaceInfo> {
+        Ok(self.db.resolve(reference)?.into())
+    }
+
+    /// Creates a workspace and boots it. On any failure nothing is left behind.
+    pub async fn create(self: &Arc<Self>, params: CreateParams, progress: Option<&Progress>) -> Result<WorkspaceInfo> {
+        let vcpus = params.vcpus.unwrap_or(DEFAULT_VCPUS);
+        let host_cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+        if vcpus == 0 || vcpus > host_cpus {
+            return Err(Error::invalid("vcpus", format!("{vcpus} is outside 1..={host_cpus} (the host's CPUs)")));
+        }
+        let memory_mib = params.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB);
+        let host_mib = host_memory_mib();
+        if memory_mib < MIN_MEMORY_MIB || memory_mib > host_mib {
+            return Err(Error::invalid("memory", format!("{memory_mib} MiB is outside {MIN_MEMORY_MIB}..={host_mib} MiB")));
+        }
+        let image = params.image.unwrap_or_else(|| DEFAULT_IMAGE.to_string());
+        ImageCache::validate(&image)?;
+        let boot_timeout = boot_timeout(params.boot_timeout_secs)?;
+        let id = new_id()?;
+        let name = match params.name {
+            Some(n) => {
+                validate_name("name", &n)?;
+                n
+            }
+            None => format!("ws-{}", &id[..6]),
+        };
+        if self.db.resolve(&name).is_ok_and(|r| r.name == name) {
+            return Err(Error::NameTaken(name));
+        }
+        if self.images.info(&image).is_none() {
+            return Err(Error::ImageNotFound(image));
+        }
+        let rec = WorkspaceRecord {
+            id: id.clone(),
+            name,
+            state: State::Creating,
+            vcpus,
+            memory_mib,
+            image: image.clone(),
+            created_at: now_rfc3339(),
+            accel: None,
+            store: self.store.kind().to_string(),
+            volume: self.state.volumes().join(&id),
+            pids: None,
+        };
+        let lock = self.lock_for(&id);
+        let _held = lock.lock().await;
+        self.db.insert(&rec)?;
+        let span = tracing::info_span!("create", workspace = %id, name = %rec.name);
+        let made = async {
+            let store = self.store.clone();
+            let rootfs = self.images.rootfs(&image);
+            let vid = id.clone();
+            tokio::task::spawn_blocking(move || store.create(&vid, &rootfs))
+                .await
+                .map_err(|e| Error::Vmm(format!("volume task: {e}")))??;
+            self.db.set_state(&id, State::Stopped)?;
+            self.start_locked(&rec, boot_timeout, progress).await
+        }
+        .instrument(span)
+        .await;
+        match made {
+            Ok(()) => self.info(&id),
+            Err(e) => {
+                tracing::warn!("create failed, undoing: {e}");
+                if let Err(e2) = self.remove_locked(&rec).await {
+                    tracing::error!("undoing the failed create: {e2}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    pub async fn start(self: &Arc<Self>, reference: &str, boot_timeout_secs: Option<u64>) -> Result<WorkspaceInfo> {
+        let boot_timeout = boot_timeout(boot_timeout_secs)?;
+        let rec = self.db.resolve(reference)?;
+        let lock = self.lock_for(&rec.id);
+        let _held = lock.lock().await;
+        let rec = self.db.resolve(&rec.id)?;
+        match rec.state {
+            State::Running => return self.info(&rec.id),
+            State::Stopped => {}
+            s => return Err(wrong_state(&rec, s, "start", "stopped")),
+        }
+        self.start_locked(&rec, boot_timeout, None).await?;
+        self.info(&rec.id)
+    }
+
+    pub async fn stop(self: &Arc<Self>, reference: &str) -> Result<WorkspaceInfo> {
+        let rec = self.db.resolve(reference)?;
+        let lock = self.lock_for(&rec.id);
+        let _held = lock.lock().await;
+        let rec = self.db.resolve(&rec.id)?;
+        match rec.state {
+            State::Stopped => return self.info(&rec.id),
+            State::Running => {}
+            s => return Err(wrong_state(&rec, s, "stop", "running")),
+        }
+        self.stop_locked(&rec).await?;
+        self.info(&rec.id)
+    }
+
+    /// Stops the VM if it runs and removes the workspace: volume, run dir, logs, record.
+    pub async fn destroy(self: &Arc<Self>, reference: &str) -> Result<()> {
+        let rec = self.db.resolve(reference)?;
+        let lock = self.lock_for(&rec.id);
+        let _held = lock.lock().await;
+        let rec = self.db.resolve(&rec.id)?;
+        self.db.set_state(&rec.id, State::Destroying)?;
+        self.remove_locked(&rec).await?;
+        self.locks.lock().unwrap_or_else(|p| p.into_inner()).remove(&rec.id);
+        Ok(())
+    }
+
+    async fn remove_locked(&self, rec: &WorkspaceRecord) -> Result<()> {
+        self.cancel_watcher(&rec.id);
+        if let Some(pids) = self.db.get(&rec.id)?.and_then(|r| r.pids) {
+            self.shutdown_vm(rec, &pids).await;
+        }
+        self.clear_run_dir(&rec.id);
+        let store = self.store.clone();
+        let id = rec.id.clone();
+        tokio::task::spawn_blocking(move || store.delete(&id))
+            .await
+            .map_err(|e| Error::Vmm(format!("volume task: {e}")))??;
+        let logs = self.state.log_dir(&rec.id);
+        if let Err(e) = std::fs::remove_dir_all(&logs) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(Error::io(format!("remove {}", logs.display()), e));
+            }
+        }
+        self.db.delete(&rec.id)
+    }
+
+    async fn start_locked(self: &Arc<Self>, rec: &WorkspaceRecord, timeout: Duration, progress: Option<&Progress>) -> Result<()> {
+        let boot = self.images.boot_artifacts(progress).await?;
+        let accel = *self.accel.get_or_init(|| vmm::accel::choose(self.images.dir(), &boot)).await;
+        let paths = self.paths(&rec.id);
+        self.clear_run_dir(&rec.id);
+        for dir in [&paths.run_dir, &paths.log_dir] {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        }
+        let _ = append_line(&paths.console(), &format!("--- burrow: boot at {} ({}) ---", now_rfc3339(), accel.as_str()));
+        self.db.set_state(&rec.id, State::Starting)?;
+        self.db.set_accel(&rec.id, accel.as_str())?;
+        let ready = ReadyListener::bind(&paths.vsock_listener(READY_PORT))?;
+        let spec = VmSpec {
+            id: rec.id.clone(),
+            hostname: rec.name.clone(),
+            vcpus: rec.vcpus,
+            memory_mib: rec.memory_mib,
+            accel,
+            kernel: boot.kernel,
+            initramfs: boot.initramfs,
+            root: rec.volume.clone(),
+            run_dir: paths.run_dir.clone(),
+            log_dir: paths.log_dir.clone(),
+        };
+        let pids = match vmm::launch(&spec).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.clear_run_dir(&rec.id);
+                self.db.set_state(&rec.id, State::Stopped)?;
+                return Err(Error::Vmm(e.to_string()));
+            }
+        };
+        self.db.set_pids(&rec.id, Some(&pids))?;
+        let started = tokio::time::Instant::now();
+        let outcome = tokio::select! {
+            r = ready.ready() => r.map_err(|e| Error::io("wait for the agent", e)),
+            _ = pids.qemu.exited() => Err(Error::BootFailed {
+                name: rec.name.clone(),
+                reason: boot_failure_reason(&paths),
+                tail: vmm::console_tail_one_line(&paths.console()),
+            }),
+            _ = tokio::time::sleep(timeout) => Err(Error::BootTimeout {
+                name: rec.name.clone(),
+                secs: timeout.as_secs(),
+                tail: vmm::console_tail_one_line(&paths.console()),
+            }),
+        };
+        drop(ready);
+        if let Err(e) = outcome {
+            self.shutdown_vm(rec, &pids).await;
+            self.clear_run_dir(&rec.id);
+            self.db.set_pids(&rec.id, None)?;
+            self.db.set_state(&rec.id, State::Stopped)?;
+            return Err(e);
+        }
+        tracing::info!(workspace = %rec.id, ms = started.elapsed().as_millis() as u64, "agent ready");
+        self.db.set_state(&rec.id, State::Running)?;
+        self.watch(rec.id.clone(), pids);
+        Ok(())
+    }
+
+    async fn stop_locked(&self, rec: &WorkspaceRecord) -> Result<()> {
+        self.db.set_state(&rec.id, State::Stopping)?;
+        self.cancel_watcher(&rec.id);
+        if let Some(pids) = rec.pids {
+            self.shutdown_vm(rec, &pids).await;
+        }
+        self.clear_run_dir(&rec.id);
+        self.db.set_pids(&rec.id, None)?;
+        self.db.set_state(&rec.id, State::Stopped)
+    }
+
+    /// Ends a VM: the agent powers the guest off; failing that QMP `quit`; failing
+    /// that SIGKILL. Then the sidecars, which have nothing left to serve.
+    async fn shutdown_vm(&self, rec: &WorkspaceRecord, pids: &VmPids) {
+        let qemu = pids.qemu;
+        if qemu.is_alive() {
+            let guest = self.guest(rec);
+            let asked = guest.call(Op::Shutdown, Some(Duration::from_secs(5))).await.is_ok();
+            let exited = asked && tokio::time::timeout(Duration::from_secs(15), qemu.exited()).await.is_ok();
+            if !exited && qemu.is_alive() {
+                tracing::info!(workspace = %rec.id, "agent shutdown did not end the VM; QMP quit");
+                let paths = self.paths(&rec.id);
+                let quit = async {
+                    if let Ok(mut q) = vmm::qmp::Qmp::connect(&paths.qmp(), Duration::from_secs(3)).await {
+                        let _ = q.execute("quit", serde_json::json!({})).await;
+                    }
+                    qemu.exited().await;
+                };
+                if tokio::time::timeout(Duration::from_secs(5), quit).await.is_err() {
+                    qemu.kill().await;
+                }
+            }
+        }
+        qemu.reap();
+        for p in [pids.virtiofsd, pids.vsock] {
+            p.terminate(Duration::from_secs(3)).await;
+        }
+    }
+
+    fn clear_run_dir(&self, id: &str) {
+        let dir = self.state.run_dir(id);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("remove {}: {e}", dir.display());
+            }
+        }
+    }
+
+    /// Watches a running VM's processes; if any dies on its own, the rest are
+    /// ended and the workspace is marked stopped.
+    fn watch(self: &Arc<Self>, id: String, pids: VmPids) {
+        let engine = Arc::downgrade(self);
+        let wid = id.clone();
+        let task = tokio::spawn(async move {
+            let [a, b, c] = pids.all();
+            let which = tokio::select! {
+                _ = a.exited() => "qemu",
+                _ = b.exited() => "virtiofsd",
+                _ = c.exited() => "vhost-device-vsock",
+            };
+            let Some(engine) = engine.upgrade() else { return };
+            engine.vm_died(&wid, pids, which).await;
+        });
+        let mut w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = w.insert(id, task) {
+            old.abort();
+        }
+    }
+
+    async fn vm_died(self: &Arc<Self>, id: &str, pids: VmPids, which: &str) {
+        let lock = self.lock_for(id);
+        let _held = lock.lock().await;
+        // Whoever held the lock may have dealt with this VM already.
+        let Ok(Some(rec)) = self.db.get(id) else { return };
+        if rec.pids != Some(pids) {
+            return;
+        }
+        tracing::warn!(workspace = %id, "{which} exited unexpectedly; stopping the workspace");
+        let paths = self.paths(id);
+        let _ = append_line(&paths.console(), &format!("--- burrow: {which} exited unexpectedly at {} ---", now_rfc3339()));
+        for p in pids.all() {
+            p.kill().await;
+        }
+        self.clear_run_dir(id);
+        let _ = self.db.set_pids(id, None);
+        let _ = self.db.set_state(id, State::Stopped);
+        self.watchers.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+    }
+
+    fn cancel_watcher(&self, id: &str) {
+        if let Some(t) = self.watchers.lock().unwrap_or_else(|p| p.into_inner()).remove(id) {
+            t.abort();
+        }
+    }
+
+    /// A running workspace and a client for its agent.
+    fn running(&self, reference: &str) -> Result<(WorkspaceRecord, GuestClient)> {
+        let rec = self.db.resolve(reference)?;
+        if rec.state != State::Running {
+            return Err(wrong_state(&rec, rec.state, "this", "running"));
+        }
+        let guest = self.guest(&rec);
+        Ok((rec, guest))
+    }
+}
+
+fn wrong_state(rec: &WorkspaceRecord, state: State, action: &'static str, wanted: &'static str) -> Error {
+    Error::WrongState { name: rec.name.clone(), state: state.to_string(), action, wanted }
+}
+
+fn boot_timeout(secs: Option<u64>) -> Result<Duration> {
+    match secs {
+        None => Ok(DEFAULT_BOOT_TIMEOUT),
+        Some(0) => Err(Error::invalid("boot_timeout", "must be at least 1 second")),
+        Some(s) if s > 3600 => Err(Error::invalid("boot_timeout", format!("{s} s is over an hour"))),
+        Some(s) => Ok(Duration::from_secs(s)),
+    }
+}
+
+/// Why QEMU exited during boot: the initramfs's own reason if it gave one, else
+/// QEMU's last words.
+fn boot_failure_reason(paths: &VmPaths) -> String {
+    let console = vmm::tail_lines(&paths.console(), 50);
+    if let Some(l) = console.iter().rev().find(|l| l.contains("BURROW-INIT-FAILED")) {
+        return l.trim().to_string();
+    }
+    let qemu = vmm::tail_lines(&paths.qemu_log(), 3);
+    match qemu.last() {
+        Some(l) => format!("qemu exited: {}", l.trim()),
+        None => "qemu exited".to_string(),
+    }
+}
+
+fn append_line(path: &std::path::Path, line: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    writeln!(f, "{line}")
+}
+
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+fn host_memory_mib() -> u32 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| (kb / 1024) as u32)
+        .unwrap_or(u32::MAX)
+}
+
+/// Kept for reconcile: all three processes of a recorded VM still run.
+fn all_alive(pids: &VmPids) -> bool {
+    pids.all().iter().all(ProcId::is_alive)
+}

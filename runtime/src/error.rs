@@ -1,0 +1,77 @@
+//! The engine's error type: one enum for everything a front door can be told.
+//! Each message is one line that names what was wrong.
+
+use burrow_proto::{AgentError, ErrorKind as AgentErrorKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("workspace {0:?} not found")]
+    WorkspaceNotFound(String),
+    #[error("name {0:?} is taken by another workspace")]
+    NameTaken(String),
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("workspace {name} is {state}: {action} needs a {wanted} workspace")]
+    WrongState { name: String, state: String, action: &'static str, wanted: &'static str },
+    #[error("image {0:?} not found: build it with `burrow image build {0}`")]
+    ImageNotFound(String),
+    #[error("image build failed: {0}")]
+    ImageBuild(String),
+    #[error("guest of {name} did not come up within {secs} s; console tail: {tail}")]
+    BootTimeout { name: String, secs: u64, tail: String },
+    #[error("guest of {name} failed to boot: {reason}; console tail: {tail}")]
+    BootFailed { name: String, reason: String, tail: String },
+    #[error("{0}")]
+    Guest(#[from] AgentError),
+    #[error("guest agent of {name}: {reason}")]
+    GuestUnreachable { name: String, reason: String },
+    #[error("{0}")]
+    Vmm(String),
+    #[error("volume: {0}")]
+    Store(#[from] burrow_fs::StoreError),
+    #[error("state database: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What kind of failure an error is, for front doors that map it to a status code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    NotFound,
+    Conflict,
+    Invalid,
+    Unavailable,
+    Internal,
+}
+
+impl Error {
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io { what: what.into(), source }
+    }
+
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Error::Invalid { field, reason: reason.into() }
+    }
+
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Error::WorkspaceNotFound(_) | Error::ImageNotFound(_) => ErrorClass::NotFound,
+            Error::NameTaken(_) | Error::WrongState { .. } => ErrorClass::Conflict,
+            Error::Invalid { .. } => ErrorClass::Invalid,
+            Error::Guest(e) => match e.kind {
+                AgentErrorKind::NotFound => ErrorClass::NotFound,
+                AgentErrorKind::AlreadyExists => ErrorClass::Conflict,
+                AgentErrorKind::Io => ErrorClass::Internal,
+                _ => ErrorClass::Invalid,
+            },
+            Error::BootTimeout { .. } | Error::BootFailed { .. } | Error::GuestUnreachable { .. } => {
+                ErrorClass::Unavailable
+            }
+            _ => ErrorClass::Internal,
+        }
+    }
+}

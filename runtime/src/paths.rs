@@ -1,0 +1,87 @@
+//! Where burrow keeps things on the host.
+//!
+//! A state dir holds one daemon's world: its socket, database, logs, volumes and the
+//! run dirs of live VMs. Several state dirs can be served side by side (tests do).
+//! The cache dir holds built images and is shared between state dirs.
+
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/burrow";
+pub const DEFAULT_CACHE_DIR: &str = "/var/cache/burrow";
+
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    /// Uses `root` made absolute, so that paths recorded in the database and in
+    /// process command lines mean the same thing from any working directory.
+    pub fn new(root: impl AsRef<Path>) -> std::io::Result<Self> {
+        let root = std::path::absolute(root.as_ref())?;
+        Ok(StateDir { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.root.join("burrowd.sock")
+    }
+    pub fn pid_file(&self) -> PathBuf {
+        self.root.join("burrowd.pid")
+    }
+    pub fn daemon_log(&self) -> PathBuf {
+        self.root.join("burrowd.log")
+    }
+    pub fn database(&self) -> PathBuf {
+        self.root.join("burrow.db")
+    }
+    pub fn volumes(&self) -> PathBuf {
+        self.root.join("volumes")
+    }
+    /// Parent of every VM's run dir. Every process a VM owns names its run dir on its
+    /// command line, which is how orphans are found after a crash.
+    pub fn run_root(&self) -> PathBuf {
+        self.root.join("run")
+    }
+    pub fn run_dir(&self, id: &str) -> PathBuf {
+        self.run_root().join(id)
+    }
+    /// Per-workspace logs that outlive the VM (console, sidecars).
+    pub fn log_dir(&self, id: &str) -> PathBuf {
+        self.root.join("logs").join(id)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheDir {
+    root: PathBuf,
+}
+
+impl CacheDir {
+    pub fn new(root: impl AsRef<Path>) -> std::io::Result<Self> {
+        Ok(CacheDir { root: std::path::absolute(root.as_ref())? })
+    }
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn kernel_dir(&self) -> PathBuf {
+        self.root.join("kernel")
+    }
+    pub fn kernel(&self) -> PathBuf {
+        self.kernel_dir().join("vmlinuz")
+    }
+    pub fn initramfs_dir(&self) -> PathBuf {
+        self.root.join("initramfs")
+    }
+    pub fn image_dir(&self, name: &str) -> PathBuf {
+        self.root.join("images").join(name)
+    }
+    pub fn images(&self) -> PathBuf {
+        self.root.join("images")
+    }
+    pub fn accel_probe(&self) -> PathBuf {
+        self.root.join("accel-probe.json")
+    }
+}

@@ -1,0 +1,99 @@
+//! The VMM driver: QEMU `microvm` with two vhost-user sidecars.
+//!
+//! One VM is three host processes, all started in their own process group so that
+//! they outlive a daemon restart, and all naming the VM's run dir on their command
+//! line so that a crashed daemon's orphans can be found:
+//! - `vhost-device-vsock`: the guest's vsock device; the host reaches the agent
+//!   through its Unix socket (hybrid vsock, "CONNECT <port>").
+//! - `virtiofsd`: serves the workspace volume as the guest's root file system.
+//! - `qemu-system-x86_64`: the VM, controlled over QMP.
+
+pub mod accel;
+mod qemu;
+pub mod qmp;
+mod wait;
+
+use std::path::PathBuf;
+
+pub use accel::Accel;
+pub use qemu::{launch, LaunchError};
+pub use wait::wait_for_path;
+
+/// Everything needed to boot one VM.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub id: String,
+    pub hostname: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub accel: Accel,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    /// Directory served to the guest as its root file system.
+    pub root: PathBuf,
+    pub run_dir: PathBuf,
+    pub log_dir: PathBuf,
+}
+
+/// The files of a VM's run dir and log dir, by role.
+#[derive(Debug, Clone)]
+pub struct VmPaths {
+    pub run_dir: PathBuf,
+    pub log_dir: PathBuf,
+}
+
+impl VmPaths {
+    pub fn new(run_dir: PathBuf, log_dir: PathBuf) -> Self {
+        VmPaths { run_dir, log_dir }
+    }
+    pub fn qmp(&self) -> PathBuf {
+        self.run_dir.join("qmp.sock")
+    }
+    pub fn virtiofs(&self) -> PathBuf {
+        self.run_dir.join("fs.sock")
+    }
+    /// vhost-user control socket QEMU connects to.
+    pub fn vsock_device(&self) -> PathBuf {
+        self.run_dir.join("vsock.sock")
+    }
+    /// Host end of hybrid vsock: connect here to reach a guest port.
+    pub fn vsock_uds(&self) -> PathBuf {
+        self.run_dir.join("vsock.uds")
+    }
+    /// Where guest-initiated connections to host port `port` arrive.
+    pub fn vsock_listener(&self, port: u32) -> PathBuf {
+        self.run_dir.join(format!("vsock.uds_{port}"))
+    }
+    pub fn console(&self) -> PathBuf {
+        self.log_dir.join("console.log")
+    }
+    pub fn qemu_log(&self) -> PathBuf {
+        self.log_dir.join("qemu.log")
+    }
+    pub fn virtiofsd_log(&self) -> PathBuf {
+        self.log_dir.join("virtiofsd.log")
+    }
+    pub fn vsock_log(&self) -> PathBuf {
+        self.log_dir.join("vsock.log")
+    }
+}
+
+/// The last `n` lines of a log file, lossily decoded; for error messages and `logs`.
+pub fn tail_lines(path: &std::path::Path, n: usize) -> Vec<String> {
+    let Ok(bytes) = std::fs::read(path) else { return Vec::new() };
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(n);
+    lines[start..].iter().map(|l| l.trim_end_matches('\r').to_string()).collect()
+}
+
+/// The console tail as one line, for errors that must stay one line.
+pub fn console_tail_one_line(path: &std::path::Path) -> String {
+    let lines: Vec<String> =
+        tail_lines(path, 8).into_iter().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
+    if lines.is_empty() {
+        "(empty)".to_string()
+    } else {
+        lines.join(" | ")
+    }
+}

@@ -1,0 +1,180 @@
+//! Starting one VM: the two vhost-user back ends, then QEMU.
+
+use std::fs::File;
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use super::{Accel, VmPaths, VmSpec};
+use crate::db::{ProcId, VmPids};
+use crate::process::pass_fd;
+
+/// virtio-fs tag of the root file system; the initramfs mounts it (`burrow.root=`).
+pub const ROOT_TAG: &str = "rootfs";
+/// Fd number the pre-bound listening sockets are handed over on.
+const PASSED_FD: i32 = 3;
+const SIDECAR_READY: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("start {what}: {source}")]
+    Spawn { what: &'static str, source: std::io::Error },
+    #[error("{what} did not start: {reason}; see {log}")]
+    Sidecar { what: &'static str, reason: String, log: String },
+    #[error("prepare {path}: {source}")]
+    Prepare { path: String, source: std::io::Error },
+}
+
+fn prepare(path: &Path, e: std::io::Error) -> LaunchError {
+    LaunchError::Prepare { path: path.display().to_string(), source: e }
+}
+
+/// Kills what was started if the launch does not get to the end.
+struct Started(Vec<ProcId>);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            p.signal(libc::SIGKILL);
+            p.reap();
+        }
+    }
+}
+
+/// Starts the sidecars and QEMU. Returns once QEMU runs; the caller waits for the
+/// agent. The run dir must exist and be empty; the log dir must exist.
+pub async fn launch(spec: &VmSpec) -> Result<VmPids, LaunchError> {
+    let paths = VmPaths::new(spec.run_dir.clone(), spec.log_dir.clone());
+    let mut started = Started(Vec::new());
+
+    // vhost-device-vsock. Its group is the VM's id: VMs in one group may reach each
+    // other over vsock, and workspaces must not.
+    let vsock_dev = paths.vsock_device();
+    let mut cmd = Command::new("vhost-device-vsock");
+    cmd.arg("--vm").arg(format!(
+        "guest-cid=3,socket={},uds-path={},groups=burrow-{}",
+        vsock_dev.display(),
+        paths.vsock_uds().display(),
+        spec.id
+    ));
+    let vsock = spawn(cmd, &paths.vsock_log(), "vhost-device-vsock")?;
+    started.0.push(vsock);
+
+    // virtiofsd gets a listening socket we bound ourselves, so it is ready the moment
+    // it exists and there is nothing to wait for.
+    let fs_sock = paths.virtiofs();
+    let fs_listener = UnixListener::bind(&fs_sock).map_err(|e| prepare(&fs_sock, e))?;
+    let mut cmd = Command::new("virtiofsd");
+    cmd.arg(format!("--fd={PASSED_FD}"))
+        .arg("--shared-dir")
+        .arg(&spec.root)
+        // The guest owns this tree and the host only reads it while the VM is
+        // stopped or through the agent, so guest-side caching is safe and fast.
+        .args(["--cache=auto", "--sandbox=none", "--xattr", "--announce-submounts"])
+        // Named on the command line so orphan sweeps find it.
+        .arg(format!("--socket-path={}", fs_sock.display()));
+    // SAFETY: pass_fd only calls dup2, which is async-signal-safe.
+    unsafe { cmd.pre_exec(move || pass_fd(&fs_listener, PASSED_FD)) };
+    let virtiofsd = spawn(cmd, &paths.virtiofsd_log(), "virtiofsd")?;
+    started.0.push(virtiofsd);
+
+    // vhost-device-vsock binds its own socket; wait for it on inotify.
+    super::wait_for_path(&vsock_dev, vsock, SIDECAR_READY).await.map_err(|e| LaunchError::Sidecar {
+        what: "vhost-device-vsock",
+        reason: e.to_string(),
+        log: paths.vsock_log().display().to_string(),
+    })?;
+
+    let qmp_sock = paths.qmp();
+    let qmp_listener = UnixListener::bind(&qmp_sock).map_err(|e| prepare(&qmp_sock, e))?;
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(qemu_args(spec, &paths));
+    // SAFETY: pass_fd only calls dup2, which is async-signal-safe.
+    unsafe { cmd.pre_exec(move || pass_fd(&qmp_listener, PASSED_FD)) };
+    let qemu = spawn(cmd, &paths.qemu_log(), "qemu-system-x86_64")?;
+    started.0.push(qemu);
+
+    std::mem::take(&mut started.0);
+    Ok(VmPids { qemu, virtiofsd, vsock })
+}
+
+fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
+    let mem = format!("{}M", spec.memory_mib);
+    let (accel, cpu) = match spec.accel {
+        Accel::Kvm => ("kvm", "host"),
+        // MTTCG: one host thread per vCPU.
+        Accel::Tcg => ("tcg,thread=multi", "max"),
+    };
+    let cmdline = format!(
+        "console=ttyS0 quiet panic=-1 reboot=t burrow.root={ROOT_TAG} burrow.hostname={}",
+        spec.hostname
+    );
+    vec![
+        "-name".into(),
+        format!("burrow-{},process=burrow-{}", spec.id, spec.id),
+        // microvm: no PCI, no firmware, virtio-mmio only; the fastest QEMU machine to
+        // boot. isa-serial stays on for the console. Both vhost-user devices need the
+        // guest RAM shared with their back ends, hence the memfd backend.
+        "-M".into(),
+        "microvm,isa-serial=on,rtc=on,memory-backend=mem".into(),
+        "-accel".into(),
+        accel.into(),
+        "-cpu".into(),
+        cpu.into(),
+        "-smp".into(),
+        spec.vcpus.to_string(),
+        "-m".into(),
+        mem.clone(),
+        "-object".into(),
+        format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+        "-no-user-config".into(),
+        "-nodefaults".into(),
+        "-display".into(),
+        "none".into(),
+        // The agent powers the guest off by resetting it; -no-reboot turns a reset
+        // into QEMU's exit, and panic=-1 does the same for a kernel panic.
+        "-no-reboot".into(),
+        "-chardev".into(),
+        format!("file,id=console,path={},append=on", paths.console().display()),
+        "-serial".into(),
+        "chardev:console".into(),
+        "-kernel".into(),
+        spec.kernel.display().to_string(),
+        "-initrd".into(),
+        spec.initramfs.display().to_string(),
+        "-append".into(),
+        cmdline,
+        "-chardev".into(),
+        format!("socket,id=vsock,path={}", paths.vsock_device().display()),
+        "-device".into(),
+        "vhost-user-vsock-device,chardev=vsock".into(),
+        "-chardev".into(),
+        format!("socket,id=rootfs,path={}", paths.virtiofs().display()),
+        "-device".into(),
+        format!("vhost-user-fs-device,chardev=rootfs,tag={ROOT_TAG}"),
+        // QMP on the listening socket bound by the engine (fd 3): connectable from the
+        // moment QEMU is spawned, no waiting for QEMU to create it.
+        "-chardev".into(),
+        format!("socket,id=qmp,fd={PASSED_FD},server=on,wait=off"),
+        "-mon".into(),
+        "chardev=qmp,mode=control".into(),
+    ]
+}
+
+/// Spawns a VM process in its own process group with its output in `log`.
+fn spawn(mut cmd: Command, log: &Path, what: &'static str) -> Result<ProcId, LaunchError> {
+    let out = File::options().create(true).append(true).open(log).map_err(|e| prepare(log, e))?;
+    let err = out.try_clone().map_err(|e| prepare(log, e))?;
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err).process_group(0);
+    let child = cmd.spawn().map_err(|source| LaunchError::Spawn { what, source })?;
+    let pid = child.id() as i32;
+    // The Child handle is dropped: the VM outlives it, and exits are observed (and
+    // reaped) through ProcId. The start time is read at once, while the pid is
+    // certainly ours.
+    ProcId::of(pid).ok_or_else(|| LaunchError::Spawn {
+        what,
+        source: std::io::Error::other("exited immediately"),
+    })
+}
