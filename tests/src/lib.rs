@@ -1,1 +1,226 @@
+//! Harness for burrow's integration tests.
+//!
+//! Each test gets its own state dir (so its own daemon) and drives the real `burrow`
+//! binary as a user would. The image cache is shared (`BURROW_CACHE_DIR`, default
+//! /var/cache/burrow) so images are built once. Dropping a [`Burrow`] destroys its
+//! workspaces, stops its daemon and kills, by pid, anything it left running, so a
+//! failing test does not leak VMs into the next one.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Skips the test, saying why, when not root: the runtime needs root for now
+/// (virtiofsd serving a root file system with its owners, /dev/kvm probing).
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: this test boots VMs and needs root");
+            return;
+        }
+    };
+}
+
+/// Directory holding the built `burrow`, `burrowd` and `burrow-agent`.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("BURROW_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    // target/<profile>/deps/<test binary> → target/<profile>
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+    for b in ["burrow", "burrowd", "burrow-agent"] {
+        assert!(
+            dir.join(b).exists(),
+            "{} missing: build the binaries first (cargo build --workspace --bins)",
+            dir.join(b).display()
+        );
+    }
+    dir
+}
+
+pub struct Burrow {
+    _tmp: tempfile::TempDir,
+    pub state: PathBuf,
+    bin: PathBuf,
+}
+
+impl Default for Burrow {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Burrow {
+    pub fn new() -> Burrow {
+        // Short paths under /tmp: Unix socket paths are limited to 108 bytes.
+        let tmp = tempfile::Builder::new().prefix("bt").tempdir_in("/tmp").expect("tempdir");
+        let state = tmp.path().join("s");
+        Burrow { state, _tmp: tmp, bin: bin_dir() }
+    }
+
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(self.bin.join("burrow"));
+        c.arg("--state-dir").arg(&self.state);
+        c.env_remove("BURROW_STATE_DIR");
+        c.env("BURROWD", self.bin.join("burrowd"));
+        c.env("BURROW_AGENT", self.bin.join("burrow-agent"));
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.run_with_stdin(args, b"")
+    }
+
+    pub fn run_with_stdin(&self, args: &[&str], input: &[u8]) -> Output {
+        use std::io::Write;
+        let mut child = self
+            .command()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn burrow");
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(input).expect("write stdin");
+        drop(stdin);
+        child.wait_with_output().expect("wait burrow")
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "burrow {args:?} failed ({}): {}", out.status, text(&out.stderr));
+        text(&out.stdout)
+    }
+
+    /// Runs a command that must fail; returns (exit code, stderr).
+    pub fn fails(&self, args: &[&str]) -> (i32, String) {
+        let out = self.run(args);
+        assert!(!out.status.success(), "burrow {args:?} succeeded unexpectedly: {}", text(&out.stdout));
+        (out.status.code().unwrap_or(-1), text(&out.stderr))
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let s = self.ok(args);
+        serde_json::from_str(&s).unwrap_or_else(|e| panic!("burrow {args:?}: not JSON ({e}): {s}"))
+    }
+
+    pub fn info(&self, ws: &str) -> Value {
+        self.json(&["info", ws, "--json"])
+    }
+
+    pub fn daemon_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.state.join("burrowd.pid")).ok()?.trim().parse().ok()
+    }
+
+    pub fn run_root(&self) -> PathBuf {
+        self.state.join("run")
+    }
+
+    /// Pids of processes that name this state dir's run dirs (VM processes).
+    pub fn vm_processes(&self) -> Vec<i32> {
+        let mut needle = self.run_root().into_os_string().into_encoded_bytes();
+        needle.push(b'/');
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+            if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
+                if c.windows(needle.len()).any(|w| w == needle.as_slice()) && !is_zombie(pid) {
+                    out.push(pid);
+                }
+            }
+        }
+        out
+    }
+
+    /// Asserts that nothing of workspace `id` is left: no process, run dir, socket,
+    /// volume or logs.
+    pub fn assert_gone(&self, id: &str) {
+        let run = self.run_root().join(id);
+        assert!(!run.exists(), "run dir {} left behind", run.display());
+        let vol = self.state.join("volumes").join(id);
+        assert!(!vol.exists(), "volume {} left behind", vol.display());
+        let logs = self.state.join("logs").join(id);
+        assert!(!logs.exists(), "logs {} left behind", logs.display());
+        let procs: Vec<i32> = self.vm_processes();
+        assert!(procs.is_empty(), "VM processes left running: {procs:?}");
+    }
+}
+
+impl Drop for Burrow {
+    fn drop(&mut self) {
+        if self.daemon_pid().is_some() && self.state.join("burrowd.sock").exists() {
+            if let Ok(out) = self.command().args(["ls", "--json"]).output() {
+                if let Ok(Value::Array(list)) = serde_json::from_slice::<Value>(&out.stdout) {
+                    for w in list {
+                        if let Some(id) = w["id"].as_str() {
+                            let _ = self.command().args(["destroy", id]).output();
+                        }
+                    }
+                }
+            }
+            let _ = self.command().args(["daemon", "stop"]).output();
+        }
+        // Whatever is still running was started by this test: end it by pid.
+        if let Some(pid) = self.daemon_pid() {
+            if cmdline_mentions(pid, &self.state) {
+                // SAFETY: kill has no memory effects.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        for pid in self.vm_processes() {
+            // SAFETY: kill has no memory effects.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+fn cmdline_mentions(pid: i32, dir: &Path) -> bool {
+    let needle = dir.as_os_str().as_encoded_bytes();
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle))
+}
+
+pub fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
+        .unwrap_or(true)
+}
+
+pub fn process_exists(pid: i32) -> bool {
+    !is_zombie(pid) && Path::new(&format!("/proc/{pid}")).exists()
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Retries `check` until it holds or `timeout` passes; for outcomes the test can only
+/// observe from outside (a daemon noticing a dead VM), never as a stand-in for a
+/// readiness signal the test could wait on.
+pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Kills `pid` with SIGKILL; the test started it (through burrow).
+pub fn kill9(pid: i32) {
+    // SAFETY: kill has no memory effects.
+    let r = unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_eq!(r, 0, "kill -9 {pid}: {}", std::io::Error::last_os_error());
+}
+
+/// The guest kernel release the image cache holds (what `uname -r` must print).
+pub fn guest_kernel_release() -> String {
+    let cache = std::env::var("BURROW_CACHE_DIR").unwrap_or_else(|_| "/var/cache/burrow".into());
+    std::fs::read_to_string(Path::new(&cache).join("kernel/version")).expect("kernel version in the cache").trim().to_string()
+}

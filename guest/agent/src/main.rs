@@ -106,6 +106,7 @@ async fn run(args: Args, mode: Mode) -> anyhow::Result<()> {
     if mode == Mode::Dev {
         tokio::spawn(exit_on_signal(Arc::clone(&agent)));
     }
+    listener.announce_ready();
     listener.serve(agent).await.context("serve")
 }
 

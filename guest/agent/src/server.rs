@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use burrow_proto::{
     read_frame, read_message, write_message, AgentError, ErrorKind, FrameError, Hello, HelloReply,
-    Op, Outcome, Request, Response, AGENT_PORT, MAX_FRAME, PROTOCOL_VERSION,
+    Op, Outcome, Request, Response, AGENT_PORT, MAX_FRAME, PROTOCOL_VERSION, READY_PORT,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixListener;
-use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
+use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY, VMADDR_CID_HOST};
 
 use crate::agent::Agent;
 
@@ -94,6 +94,16 @@ impl Listener {
         }
     }
 
+    /// Tells the host that requests can come: on vsock, connects to the host's
+    /// [`READY_PORT`] and sends one [`HelloReply`], so the host never has to poll a
+    /// booting guest. Nothing to do on a Unix socket (whoever started the agent
+    /// polls it).
+    pub fn announce_ready(&self) {
+        if matches!(self, Listener::Vsock(_)) {
+            tokio::spawn(announce_ready());
+        }
+    }
+
     /// Accepts connections forever, serving each on its own task.
     pub async fn serve(self, agent: Arc<Agent>) -> std::io::Result<()> {
         loop {
@@ -167,15 +177,10 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let reply = |error: Option<String>| HelloReply {
-        version: PROTOCOL_VERSION,
-        agent_version: env!("CARGO_PKG_VERSION").to_string(),
-        error,
-    };
     let error = match read_message::<Hello, _>(rd).await {
         Ok(hello) if hello.version == PROTOCOL_VERSION => {
             tracing::debug!("hello from {:?}", hello.client);
-            return write_message(wr, &reply(None)).await.is_ok();
+            return write_message(wr, &hello_reply(None)).await.is_ok();
         }
         Ok(hello) => format!(
             "protocol version {} is not supported; this agent speaks {PROTOCOL_VERSION}",
@@ -185,8 +190,43 @@ where
         Err(_) => return false,
     };
     tracing::warn!("handshake refused: {error}");
-    let _ = write_message(wr, &reply(Some(error))).await;
+    let _ = write_message(wr, &hello_reply(Some(error))).await;
     false
+}
+
+fn hello_reply(error: Option<String>) -> HelloReply {
+    HelloReply {
+        version: PROTOCOL_VERSION,
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        error,
+    }
+}
+
+/// Sends the ready announcement, retrying for a bounded time: the host listens
+/// before it boots the VM, so a failure here is a transport still settling.
+async fn announce_ready() {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let sent = async {
+            let mut s = VsockStream::connect(VsockAddr::new(VMADDR_CID_HOST, READY_PORT)).await?;
+            // write_message flushes; dropping the stream then closes it.
+            write_message(&mut s, &hello_reply(None))
+                .await
+                .map_err(std::io::Error::other)
+        }
+        .await;
+        match sent {
+            Ok(()) => {
+                tracing::info!("ready");
+                return;
+            }
+            Err(e) if Instant::now() >= deadline => {
+                tracing::warn!("ready announcement to host port {READY_PORT}: {e}");
+                return;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }
 
 enum Unreadable {

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# What `make run` shows: boot a workspace, run commands in it, destroy it.
+# Usage: demo.sh BIN_DIR. Uses its own state dir so it never touches other workspaces.
+set -euo pipefail
+bin=$(realpath "${1:?usage: demo.sh BIN_DIR}")
+export BURROWD="$bin/burrowd" BURROW_AGENT="$bin/burrow-agent"
+export BURROW_STATE_DIR=${BURROW_STATE_DIR:-$(mktemp -d /tmp/burrow-demo.XXXXXX)}
+burrow() { "$bin/burrow" "$@"; }
+name=demo-$$
+cleanup() { burrow destroy "$name" >/dev/null 2>&1 || true; burrow daemon stop >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+
+set -x
+burrow create --name "$name"
+burrow exec "$name" -- uname -a
+burrow exec "$name" -- sh -c 'cat /etc/os-release | head -n 2; python3 --version; git --version'
+echo 'print("hello from the workspace")' | burrow file write "$name" /work/hello.py
+burrow exec "$name" --workdir /work -- python3 hello.py
+burrow info "$name"
+burrow destroy "$name"

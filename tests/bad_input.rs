@@ -1,0 +1,67 @@
+//! Bad input that needs no running VM: each gives one line naming what was wrong,
+//! a non-zero exit, and changes nothing. Plus the daemon commands.
+
+use burrow_tests::{require_root, text, Burrow};
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    require_root!();
+    let b = Burrow::new();
+    let cases: &[(&[&str], &str)] = &[
+        (&["info", "nope"], "workspace \"nope\" not found"),
+        (&["exec", "nope", "--", "true"], "not found"),
+        (&["stop", "nope"], "not found"),
+        (&["start", "nope"], "not found"),
+        (&["destroy", "nope"], "not found"),
+        (&["logs", "nope"], "not found"),
+        (&["file", "read", "nope", "/x"], "not found"),
+        (&["job", "poll", "nope", "1"], "not found"),
+        (&["env", "set", "nope", "A=1"], "not found"),
+        (&["create", "--name", "bad name"], "invalid name"),
+        (&["create", "--name", "a/b"], "invalid name"),
+        (&["create", "--name", &"x".repeat(65)], "invalid name"),
+        (&["create", "--name", "ok", "--vcpus", "0"], "invalid vcpus"),
+        (&["create", "--name", "ok", "--vcpus", "999"], "invalid vcpus"),
+        (&["create", "--name", "ok", "--memory", "1"], "invalid memory"),
+        (&["create", "--name", "ok", "--image", "nosuch"], "image"),
+        (&["create", "--name", "ok", "--boot-timeout", "0"], "boot_timeout"),
+        (&["ls", "--state", "sideways"], "invalid state"),
+        (&["image", "build", "nosuch"], "invalid image"),
+    ];
+    for (args, want) in cases {
+        let (code, err) = b.fails(args);
+        assert_ne!(code, 0);
+        assert!(err.contains(want), "burrow {args:?}: expected {want:?} in {err:?}");
+        assert_eq!(err.trim().lines().count(), 1, "burrow {args:?}: not one line: {err:?}");
+    }
+    assert_eq!(b.json(&["ls", "--json"]), serde_json::json!([]));
+    let vols = std::fs::read_dir(b.state.join("volumes")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(vols, 0, "a refused create left a volume");
+}
+
+#[test]
+fn daemon_start_status_stop() {
+    require_root!();
+    let b = Burrow::new();
+    let out = b.run(&["daemon", "status"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(text(&out.stdout).contains("not running"));
+    assert!(b.ok(&["daemon", "start"]).contains("started"));
+    assert!(b.ok(&["daemon", "start"]).contains("already runs"));
+    let st = b.json(&["daemon", "status", "--json"]);
+    assert_eq!(st["workspaces"], 0);
+    let pid = st["pid"].as_i64().expect("pid") as i32;
+    assert_eq!(b.daemon_pid(), Some(pid));
+    // A second daemon on the same state dir is refused.
+    let second = std::process::Command::new(burrow_tests::bin_dir().join("burrowd"))
+        .arg("--state-dir")
+        .arg(&b.state)
+        .output()
+        .expect("run burrowd");
+    assert!(!second.status.success());
+    assert!(text(&second.stderr).contains("another burrowd"), "{}", text(&second.stderr));
+    assert!(b.ok(&["daemon", "stop"]).contains("stopped"));
+    assert!(!burrow_tests::process_exists(pid));
+    assert!(!b.state.join("burrowd.sock").exists());
+    assert_eq!(b.run(&["daemon", "status"]).status.code(), Some(3));
+}
