@@ -28,6 +28,12 @@ CACHE=$1 AGENT=$2 OUTPUT=$3
 [ -n "$CACHE" ] || die "CACHE_DIR is empty"
 [ -n "$OUTPUT" ] || die "OUTPUT_PATH is empty"
 [ -f "$AGENT" ] || die "agent binary $AGENT does not exist or is not a file"
+# The kernel can only exec an ELF file or a #! script; a failed exec of PID 1 is a panic.
+case $(head -c 4 "$AGENT" | od -An -tx1 | tr -d ' \n') in
+  7f454c46) ;;
+  2321*) ;;
+  *) die "agent binary $AGENT is neither an ELF executable nor a #! script" ;;
+esac
 [ -s "$CACHE/kernel/version" ] || die "no kernel bundle in $CACHE/kernel (run kernel.sh first)"
 KVER=$(cat "$CACHE/kernel/version")
 MODS=$CACHE/kernel/modules/lib/modules/$KVER
@@ -52,8 +58,9 @@ if ! static_busybox "$BUSYBOX"; then
 fi
 command -v cpio >/dev/null 2>&1 || apt_install cpio
 command -v gzip >/dev/null 2>&1 || apt_install gzip
+APPLETS=$("$BUSYBOX" --list) || die "$BUSYBOX --list failed"
 for a in sh mount umount modprobe switch_root reboot sleep mkdir cp chmod hostname; do
-  "$BUSYBOX" --list | grep -qx "$a" || die "busybox at $BUSYBOX lacks the $a applet"
+  [[ $'\n'$APPLETS$'\n' == *$'\n'$a$'\n'* ]] || die "busybox at $BUSYBOX lacks the $a applet"
 done
 
 OUTDIR=$(dirname -- "$OUTPUT")
@@ -66,13 +73,16 @@ trap 'exit 143' TERM
 R=$TMP/root
 mkdir -p "$R"/{bin,dev,proc,sys,newroot,lib/modules}
 cp "$BUSYBOX" "$R/bin/busybox"
-for a in $("$R/bin/busybox" --list); do
+for a in $APPLETS; do
   [ "$a" = busybox ] || ln -s busybox "$R/bin/$a"
 done
 ln -s bin "$R/sbin"
 # The kernel's built-in initramfs already has /dev/console; ship one too where we may mknod.
 mknod -m 0600 "$R/dev/console" c 5 1 2>/dev/null || true
 cp -a "$MODS" "$R/lib/modules/$KVER" || die "cannot copy modules from $MODS"
+if LC_ALL=C ldd "$AGENT" >/dev/null 2>&1; then
+  log "note: $AGENT is dynamically linked; it runs from the workspace root, which must hold its libraries"
+fi
 cp "$AGENT" "$R/burrow-agent" || die "cannot copy $AGENT"
 chmod 0755 "$R/burrow-agent"
 

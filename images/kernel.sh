@@ -103,8 +103,9 @@ if ! (cd "$TMP/dl" && apt-get download -q "$PKG" >/dev/null 2>"$TMP/dl.err"); th
   (cd "$TMP/dl" && apt-get download -q "$PKG" >/dev/null 2>"$TMP/dl.err") ||
     die "apt-get download $PKG failed: $(grep -m1 -E '^(E|W):' "$TMP/dl.err" || tail -n1 "$TMP/dl.err")"
 fi
-DEB=$(ls "$TMP"/dl/*.deb 2>/dev/null | head -n1)
-[ -n "$DEB" ] || die "apt-get download $PKG produced no .deb"
+DEBS=("$TMP"/dl/*.deb)
+[ -f "${DEBS[0]}" ] || die "apt-get download $PKG produced no .deb"
+DEB=${DEBS[0]}
 PKGVER=$(dpkg-deb -f "$DEB" Version)
 
 log "unpacking $(basename "$DEB")"
@@ -115,7 +116,9 @@ if [ ! -d "$TMP/pkg/lib/modules" ] && [ -d "$TMP/pkg/usr/lib/modules" ]; then
 fi
 MODBASE=$TMP/pkg/lib/modules
 [ -d "$MODBASE" ] || die "$PKG contains no lib/modules directory"
-KVER=$(ls "$MODBASE" | head -n1)
+KVERS=("$MODBASE"/*)
+[ ${#KVERS[@]} -eq 1 ] || die "$PKG holds ${#KVERS[@]} module trees, expected one"
+KVER=$(basename -- "${KVERS[0]}")
 [ -n "$KVER" ] && [ -d "$MODBASE/$KVER/kernel" ] || die "$PKG contains no modules tree"
 VMLINUZ=
 for f in "$TMP/pkg/boot/vmlinuz-$KVER" "$TMP/pkg/usr/lib/modules/$KVER/vmlinuz" "$MODBASE/$KVER/vmlinuz"; do

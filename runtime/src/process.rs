@@ -109,12 +109,19 @@ fn pidfd(pid: i32) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Processes whose command line mentions `dir`: every VM process names its run dir,
-/// so this finds what a crashed daemon left running even if it never recorded it.
-pub fn processes_mentioning(dir: &Path) -> Vec<ProcId> {
+/// Processes whose command line mentions a path under one of `dirs`: every VM
+/// process names its run dir or its volume, so this finds what a crashed daemon left
+/// running even if it never recorded it.
+pub fn processes_mentioning(dirs: &[&Path]) -> Vec<ProcId> {
     // With a trailing slash, so that /x/run does not match /x/run2.
-    let mut needle = dir.as_os_str().as_encoded_bytes().to_vec();
-    needle.push(b'/');
+    let needles: Vec<Vec<u8>> = dirs
+        .iter()
+        .map(|d| {
+            let mut n = d.as_os_str().as_encoded_bytes().to_vec();
+            n.push(b'/');
+            n
+        })
+        .collect();
     let me = std::process::id() as i32;
     let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };
     let mut out = Vec::new();
@@ -124,7 +131,7 @@ pub fn processes_mentioning(dir: &Path) -> Vec<ProcId> {
             continue;
         }
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        if cmdline.windows(needle.len()).any(|w| w == needle) {
+        if needles.iter().any(|n| cmdline.windows(n.len()).any(|w| w == n.as_slice())) {
             if let Some(p) = ProcId::of(pid) {
                 out.push(p);
             }
@@ -171,7 +178,7 @@ mod tests {
             .arg(&marker)
             .spawn()
             .unwrap();
-        let found = processes_mentioning(t.path());
+        let found = processes_mentioning(&[t.path()]);
         assert_eq!(found.iter().map(|p| p.pid).collect::<Vec<_>>(), vec![child.id() as i32]);
         found[0].kill().await;
     }

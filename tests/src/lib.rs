@@ -123,15 +123,21 @@ impl Burrow {
         self.state.join("run")
     }
 
-    /// Pids of processes that name this state dir's run dirs (VM processes).
+    /// Pids of processes that name this state dir's run dirs or volumes (VM processes).
     pub fn vm_processes(&self) -> Vec<i32> {
-        let mut needle = self.run_root().into_os_string().into_encoded_bytes();
-        needle.push(b'/');
+        let needles: Vec<Vec<u8>> = [self.run_root(), self.state.join("volumes")]
+            .into_iter()
+            .map(|d| {
+                let mut n = d.into_os_string().into_encoded_bytes();
+                n.push(b'/');
+                n
+            })
+            .collect();
         let mut out = Vec::new();
         for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
             let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
             if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
-                if c.windows(needle.len()).any(|w| w == needle.as_slice()) && !is_zombie(pid) {
+                if needles.iter().any(|n| c.windows(n.len()).any(|w| w == n.as_slice())) && !is_zombie(pid) {
                     out.push(pid);
                 }
             }

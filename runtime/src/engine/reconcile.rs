@@ -89,7 +89,8 @@ impl Engine {
                 }
             }
         }
-        for p in crate::process::processes_mentioning(&run_root) {
+        let volumes = self.state.volumes();
+        for p in crate::process::processes_mentioning(&[&run_root, &volumes]) {
             if !keep.contains(&p.pid) {
                 tracing::info!(pid = p.pid, "reconcile: killing orphaned VM process");
                 p.kill().await;

@@ -1,8 +1,8 @@
 //! The VMM driver: QEMU `microvm` with two vhost-user sidecars.
 //!
 //! One VM is three host processes, all started in their own process group so that
-//! they outlive a daemon restart, and all naming the VM's run dir on their command
-//! line so that a crashed daemon's orphans can be found:
+//! they outlive a daemon restart, and all naming the VM's run dir or volume on their
+//! command line so that a crashed daemon's orphans can be found:
 //! - `vhost-device-vsock`: the guest's vsock device; the host reaches the agent
 //!   through its Unix socket (hybrid vsock, "CONNECT <port>").
 //! - `virtiofsd`: serves the workspace volume as the guest's root file system.

@@ -72,9 +72,7 @@ pub async fn launch(spec: &VmSpec) -> Result<VmPids, LaunchError> {
         .arg(&spec.root)
         // The guest owns this tree and the host only reads it while the VM is
         // stopped or through the agent, so guest-side caching is safe and fast.
-        .args(["--cache=auto", "--sandbox=none", "--xattr", "--announce-submounts"])
-        // Named on the command line so orphan sweeps find it.
-        .arg(format!("--socket-path={}", fs_sock.display()));
+        .args(["--cache=auto", "--sandbox=none", "--xattr", "--announce-submounts"]);
     // SAFETY: pass_fd only calls dup2, which is async-signal-safe.
     unsafe { cmd.pre_exec(move || pass_fd(&fs_listener, PASSED_FD)) };
     let virtiofsd = spawn(cmd, &paths.virtiofsd_log(), "virtiofsd")?;
@@ -102,15 +100,24 @@ pub async fn launch(spec: &VmSpec) -> Result<VmPids, LaunchError> {
 
 fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
     let mem = format!("{}M", spec.memory_mib);
-    let (accel, cpu) = match spec.accel {
-        Accel::Kvm => ("kvm", "host"),
-        // MTTCG: one host thread per vCPU.
-        Accel::Tcg => ("tcg,thread=multi", "max"),
-    };
-    let cmdline = format!(
+    let mut cmdline = format!(
         "console=ttyS0 quiet panic=-1 reboot=t burrow.root={ROOT_TAG} burrow.hostname={}",
         spec.hostname
     );
+    let (accel, cpu) = match spec.accel {
+        Accel::Kvm => ("kvm", "host"),
+        // MTTCG: one host thread per vCPU. QEMU's default CPU model: with `max` the
+        // guest kernel cannot calibrate its TSC against the PIT and hangs.
+        Accel::Tcg => ("tcg,thread=multi", "qemu64"),
+    };
+    if spec.accel == Accel::Tcg {
+        // Under TCG the guest reads the host's TSC. PIT calibration of it fails when
+        // the host is busy (the guest then hangs with "Marking TSC unstable"), so
+        // tell the guest its frequency.
+        if let Some(khz) = host_tsc_khz() {
+            cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+    }
     vec![
         "-name".into(),
         format!("burrow-{},process=burrow-{}", spec.id, spec.id),
@@ -161,6 +168,13 @@ fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
         "-mon".into(),
         "chardev=qmp,mode=control".into(),
     ]
+}
+
+/// The host CPU's clock in kHz, from /proc/cpuinfo.
+fn host_tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info.lines().find_map(|l| l.strip_prefix("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
+    (mhz > 0.0).then(|| (mhz * 1000.0) as u64)
 }
 
 /// Spawns a VM process in its own process group with its output in `log`.
