@@ -7,6 +7,8 @@ use burrow_tests::{require_root, text, Burrow};
 fn bad_input_is_refused_and_changes_nothing() {
     require_root!();
     let b = Burrow::new();
+    // Started up front so that no case's stderr carries the "started burrowd" line.
+    b.ok(&["daemon", "start"]);
     let cases: &[(&[&str], &str)] = &[
         (&["info", "nope"], "workspace \"nope\" not found"),
         (&["exec", "nope", "--", "true"], "not found"),
@@ -21,21 +23,39 @@ fn bad_input_is_refused_and_changes_nothing() {
         (&["create", "--name", "a/b"], "invalid name"),
         (&["create", "--name", &"x".repeat(65)], "invalid name"),
         (&["create", "--name", "ok", "--vcpus", "0"], "invalid vcpus"),
-        (&["create", "--name", "ok", "--vcpus", "999"], "invalid vcpus"),
-        (&["create", "--name", "ok", "--memory", "1"], "invalid memory"),
+        (
+            &["create", "--name", "ok", "--vcpus", "999"],
+            "invalid vcpus",
+        ),
+        (
+            &["create", "--name", "ok", "--memory", "1"],
+            "invalid memory",
+        ),
         (&["create", "--name", "ok", "--image", "nosuch"], "image"),
-        (&["create", "--name", "ok", "--boot-timeout", "0"], "boot_timeout"),
+        (
+            &["create", "--name", "ok", "--boot-timeout", "0"],
+            "boot_timeout",
+        ),
         (&["ls", "--state", "sideways"], "invalid state"),
         (&["image", "build", "nosuch"], "invalid image"),
     ];
     for (args, want) in cases {
         let (code, err) = b.fails(args);
         assert_ne!(code, 0);
-        assert!(err.contains(want), "burrow {args:?}: expected {want:?} in {err:?}");
-        assert_eq!(err.trim().lines().count(), 1, "burrow {args:?}: not one line: {err:?}");
+        assert!(
+            err.contains(want),
+            "burrow {args:?}: expected {want:?} in {err:?}"
+        );
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "burrow {args:?}: not one line: {err:?}"
+        );
     }
     assert_eq!(b.json(&["ls", "--json"]), serde_json::json!([]));
-    let vols = std::fs::read_dir(b.state.join("volumes")).map(|d| d.count()).unwrap_or(0);
+    let vols = std::fs::read_dir(b.state.join("volumes"))
+        .map(|d| d.count())
+        .unwrap_or(0);
     assert_eq!(vols, 0, "a refused create left a volume");
 }
 
@@ -59,7 +79,11 @@ fn daemon_start_status_stop() {
         .output()
         .expect("run burrowd");
     assert!(!second.status.success());
-    assert!(text(&second.stderr).contains("another burrowd"), "{}", text(&second.stderr));
+    assert!(
+        text(&second.stderr).contains("another burrowd"),
+        "{}",
+        text(&second.stderr)
+    );
     assert!(b.ok(&["daemon", "stop"]).contains("stopped"));
     assert!(!burrow_tests::process_exists(pid));
     assert!(!b.state.join("burrowd.sock").exists());

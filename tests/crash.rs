@@ -10,19 +10,29 @@ use burrow_tests::{kill9, process_exists, require_root, text, wait_until, Burrow
 fn kill9_of_daemon_and_of_qemu() {
     require_root!();
     let b = Burrow::new();
-    let id = b.ok(&["create", "--name", "crashy"]).split_whitespace().next().expect("id").to_string();
+    let id = b
+        .ok(&["create", "--name", "crashy"])
+        .split_whitespace()
+        .next()
+        .expect("id")
+        .to_string();
     b.ok(&["create", "--name", "idle", "--json"]);
     b.ok(&["stop", "idle"]);
     let info = b.info("crashy");
     let qemu = info["pids"]["qemu"].as_i64().expect("qemu pid") as i32;
-    let sidecars = [info["pids"]["virtiofsd"].as_i64().expect("pid") as i32, info["pids"]["vsock"].as_i64().expect("pid") as i32];
+    let sidecars = [
+        info["pids"]["virtiofsd"].as_i64().expect("pid") as i32,
+        info["pids"]["vsock"].as_i64().expect("pid") as i32,
+    ];
     b.run_with_stdin(&["file", "write", "crashy", "/work/x"], b"before crash");
 
     // kill -9 the daemon: the VM keeps running, the next command starts a new daemon
     // which re-adopts it.
     let daemon = b.daemon_pid().expect("daemon pid");
     kill9(daemon);
-    wait_until("daemon to die", Duration::from_secs(10), || !process_exists(daemon));
+    wait_until("daemon to die", Duration::from_secs(10), || {
+        !process_exists(daemon)
+    });
     assert!(process_exists(qemu), "the VM died with the daemon");
     let out = b.run(&["ls", "--json"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -32,20 +42,45 @@ fn kill9_of_daemon_and_of_qemu() {
         .as_array()
         .expect("array")
         .iter()
-        .map(|w| (w["name"].as_str().unwrap_or("").to_string(), w["state"].as_str().unwrap_or("").to_string()))
+        .map(|w| {
+            (
+                w["name"].as_str().unwrap_or("").to_string(),
+                w["state"].as_str().unwrap_or("").to_string(),
+            )
+        })
         .collect();
-    assert_eq!(states, vec![("crashy".into(), "running".into()), ("idle".into(), "stopped".into())]);
+    assert_eq!(
+        states,
+        vec![
+            ("crashy".into(), "running".into()),
+            ("idle".into(), "stopped".into())
+        ]
+    );
     assert_ne!(b.daemon_pid(), Some(daemon));
-    assert_eq!(b.info("crashy")["pids"]["qemu"], qemu, "re-adopted, not restarted");
+    assert_eq!(
+        b.info("crashy")["pids"]["qemu"],
+        qemu,
+        "re-adopted, not restarted"
+    );
     assert_eq!(b.ok(&["file", "read", "crashy", "/work/x"]), "before crash");
 
     // kill -9 QEMU: the daemon notices, ends the sidecars, reports the truth.
     kill9(qemu);
-    wait_until("workspace to be reported stopped", Duration::from_secs(30), || b.info("crashy")["state"] == "stopped");
+    wait_until(
+        "workspace to be reported stopped",
+        Duration::from_secs(30),
+        || b.info("crashy")["state"] == "stopped",
+    );
     for p in sidecars {
-        wait_until("sidecar to end", Duration::from_secs(10), || !process_exists(p));
+        wait_until("sidecar to end", Duration::from_secs(10), || {
+            !process_exists(p)
+        });
     }
-    assert!(b.vm_processes().is_empty(), "left running: {:?}", b.vm_processes());
+    assert!(
+        b.vm_processes().is_empty(),
+        "left running: {:?}",
+        b.vm_processes()
+    );
     assert!(b.ok(&["logs", "crashy"]).contains("exited unexpectedly"));
 
     // It starts again, on the same files.
@@ -57,11 +92,15 @@ fn kill9_of_daemon_and_of_qemu() {
     let daemon = b.daemon_pid().expect("daemon pid");
     let info = b.info("crashy");
     kill9(daemon);
-    wait_until("daemon to die", Duration::from_secs(10), || !process_exists(daemon));
+    wait_until("daemon to die", Duration::from_secs(10), || {
+        !process_exists(daemon)
+    });
     for p in ["qemu", "virtiofsd", "vsock"] {
         let pid = info["pids"][p].as_i64().expect("pid") as i32;
         kill9(pid);
-        wait_until("VM process to die", Duration::from_secs(10), || !process_exists(pid));
+        wait_until("VM process to die", Duration::from_secs(10), || {
+            !process_exists(pid)
+        });
     }
     assert_eq!(b.info("crashy")["state"], "stopped");
     assert!(!b.run_root().join(&id).exists(), "stale run dir kept");

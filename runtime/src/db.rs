@@ -113,7 +113,8 @@ CREATE TABLE IF NOT EXISTS workspaces (
 );
 ";
 
-const COLUMNS: &str = "id, name, state, vcpus, memory_mib, image, created_at, accel, store, volume, pids";
+const COLUMNS: &str =
+    "id, name, state, vcpus, memory_mib, image, created_at, accel, store, volume, pids";
 
 impl Db {
     pub fn open(path: &Path) -> Result<Db> {
@@ -124,7 +125,9 @@ impl Db {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Db { conn: Mutex::new(conn) })
+        Ok(Db {
+            conn: Mutex::new(conn),
+        })
     }
 
     fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
@@ -167,8 +170,12 @@ impl Db {
 
     pub fn get(&self, id: &str) -> Result<Option<WorkspaceRecord>> {
         self.with(|c| {
-            c.query_row(&format!("SELECT {COLUMNS} FROM workspaces WHERE id = ?1"), [id], row)
-                .optional()
+            c.query_row(
+                &format!("SELECT {COLUMNS} FROM workspaces WHERE id = ?1"),
+                [id],
+                row,
+            )
+            .optional()
         })
     }
 
@@ -187,25 +194,42 @@ impl Db {
 
     pub fn list(&self) -> Result<Vec<WorkspaceRecord>> {
         self.with(|c| {
-            let mut stmt = c.prepare(&format!("SELECT {COLUMNS} FROM workspaces ORDER BY created_at, name"))?;
+            let mut stmt = c.prepare(&format!(
+                "SELECT {COLUMNS} FROM workspaces ORDER BY created_at, name"
+            ))?;
             let rows = stmt.query_map([], row)?;
             rows.collect()
         })
     }
 
     pub fn set_state(&self, id: &str, state: State) -> Result<()> {
-        self.with(|c| c.execute("UPDATE workspaces SET state = ?2 WHERE id = ?1", params![id, state.as_str()]))?;
+        self.with(|c| {
+            c.execute(
+                "UPDATE workspaces SET state = ?2 WHERE id = ?1",
+                params![id, state.as_str()],
+            )
+        })?;
         Ok(())
     }
 
     pub fn set_pids(&self, id: &str, pids: Option<&VmPids>) -> Result<()> {
         let pids = pids_json(pids);
-        self.with(|c| c.execute("UPDATE workspaces SET pids = ?2 WHERE id = ?1", params![id, pids]))?;
+        self.with(|c| {
+            c.execute(
+                "UPDATE workspaces SET pids = ?2 WHERE id = ?1",
+                params![id, pids],
+            )
+        })?;
         Ok(())
     }
 
     pub fn set_accel(&self, id: &str, accel: &str) -> Result<()> {
-        self.with(|c| c.execute("UPDATE workspaces SET accel = ?2 WHERE id = ?1", params![id, accel]))?;
+        self.with(|c| {
+            c.execute(
+                "UPDATE workspaces SET accel = ?2 WHERE id = ?1",
+                params![id, accel],
+            )
+        })?;
         Ok(())
     }
 
@@ -265,14 +289,29 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let db = Db::open(&t.path().join("db")).unwrap();
         db.insert(&rec("aaaaaaaaaaaa", "dev")).unwrap();
-        assert!(matches!(db.insert(&rec("bbbbbbbbbbbb", "dev")), Err(Error::NameTaken(_))));
+        assert!(matches!(
+            db.insert(&rec("bbbbbbbbbbbb", "dev")),
+            Err(Error::NameTaken(_))
+        ));
         assert_eq!(db.resolve("dev").unwrap().id, "aaaaaaaaaaaa");
         assert_eq!(db.resolve("aaaaaaaaaaaa").unwrap().name, "dev");
-        assert!(matches!(db.resolve("nope"), Err(Error::WorkspaceNotFound(_))));
+        assert!(matches!(
+            db.resolve("nope"),
+            Err(Error::WorkspaceNotFound(_))
+        ));
         let pids = VmPids {
-            qemu: ProcId { pid: 1, start_time: 2 },
-            virtiofsd: ProcId { pid: 3, start_time: 4 },
-            vsock: ProcId { pid: 5, start_time: 6 },
+            qemu: ProcId {
+                pid: 1,
+                start_time: 2,
+            },
+            virtiofsd: ProcId {
+                pid: 3,
+                start_time: 4,
+            },
+            vsock: ProcId {
+                pid: 5,
+                start_time: 6,
+            },
         };
         db.set_pids("aaaaaaaaaaaa", Some(&pids)).unwrap();
         db.set_state("aaaaaaaaaaaa", State::Running).unwrap();

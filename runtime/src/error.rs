@@ -12,15 +12,28 @@ pub enum Error {
     #[error("invalid {field}: {reason}")]
     Invalid { field: &'static str, reason: String },
     #[error("workspace {name} is {state}: {action} needs a {wanted} workspace")]
-    WrongState { name: String, state: String, action: &'static str, wanted: &'static str },
+    WrongState {
+        name: String,
+        state: String,
+        action: &'static str,
+        wanted: &'static str,
+    },
     #[error("image {0:?} not found: build it with `burrow image build {0}`")]
     ImageNotFound(String),
     #[error("image build failed: {0}")]
     ImageBuild(String),
     #[error("guest of {name} did not come up within {secs} s; console tail: {tail}")]
-    BootTimeout { name: String, secs: u64, tail: String },
+    BootTimeout {
+        name: String,
+        secs: u64,
+        tail: String,
+    },
     #[error("guest of {name} failed to boot: {reason}; console tail: {tail}")]
-    BootFailed { name: String, reason: String, tail: String },
+    BootFailed {
+        name: String,
+        reason: String,
+        tail: String,
+    },
     #[error("{0}")]
     Guest(#[from] AgentError),
     #[error("guest agent of {name}: {reason}")]
@@ -32,7 +45,10 @@ pub enum Error {
     #[error("state database: {0}")]
     Db(#[from] rusqlite::Error),
     #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -50,11 +66,17 @@ pub enum ErrorClass {
 
 impl Error {
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
-        Error::Io { what: what.into(), source }
+        Error::Io {
+            what: what.into(),
+            source,
+        }
     }
 
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
-        Error::Invalid { field, reason: reason.into() }
+        Error::Invalid {
+            field,
+            reason: reason.into(),
+        }
     }
 
     pub fn class(&self) -> ErrorClass {
@@ -68,9 +90,9 @@ impl Error {
                 AgentErrorKind::Io => ErrorClass::Internal,
                 _ => ErrorClass::Invalid,
             },
-            Error::BootTimeout { .. } | Error::BootFailed { .. } | Error::GuestUnreachable { .. } => {
-                ErrorClass::Unavailable
-            }
+            Error::BootTimeout { .. }
+            | Error::BootFailed { .. }
+            | Error::GuestUnreachable { .. } => ErrorClass::Unavailable,
             _ => ErrorClass::Internal,
         }
     }

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use burrow_proto::{
-    read_message, write_message, FrameError, Hello, HelloReply, Op, Reply, Request, Response, AGENT_PORT,
-    PROTOCOL_VERSION,
+    read_message, write_message, FrameError, Hello, HelloReply, Op, Reply, Request, Response,
+    AGENT_PORT, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -29,34 +29,57 @@ pub struct GuestClient {
 impl GuestClient {
     /// `name` is the workspace's, for error messages.
     pub fn new(uds: PathBuf, name: impl Into<String>) -> Self {
-        GuestClient { uds, name: name.into() }
+        GuestClient {
+            uds,
+            name: name.into(),
+        }
     }
 
     fn unreachable(&self, reason: impl std::fmt::Display) -> Error {
-        Error::GuestUnreachable { name: self.name.clone(), reason: reason.to_string() }
+        Error::GuestUnreachable {
+            name: self.name.clone(),
+            reason: reason.to_string(),
+        }
     }
 
     /// Opens a connection and completes the handshake.
     pub async fn connect(&self) -> Result<GuestConn> {
         let fut = async {
-            let mut stream = UnixStream::connect(&self.uds).await.map_err(|e| self.unreachable(e))?;
+            let mut stream = UnixStream::connect(&self.uds)
+                .await
+                .map_err(|e| self.unreachable(e))?;
             stream
                 .write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())
                 .await
                 .map_err(|e| self.unreachable(e))?;
-            let line = read_line(&mut stream).await.map_err(|e| self.unreachable(e))?;
+            let line = read_line(&mut stream)
+                .await
+                .map_err(|e| self.unreachable(e))?;
             if !line.starts_with("OK ") {
                 return Err(self.unreachable(format!("vsock proxy answered {line:?}")));
             }
-            let hello = Hello { version: PROTOCOL_VERSION, client: "burrowd".into() };
-            write_message(&mut stream, &hello).await.map_err(|e| self.unreachable(e))?;
-            let reply: HelloReply = read_message(&mut stream).await.map_err(|e| self.unreachable(e))?;
+            let hello = Hello {
+                version: PROTOCOL_VERSION,
+                client: "burrowd".into(),
+            };
+            write_message(&mut stream, &hello)
+                .await
+                .map_err(|e| self.unreachable(e))?;
+            let reply: HelloReply = read_message(&mut stream)
+                .await
+                .map_err(|e| self.unreachable(e))?;
             if let Some(err) = reply.error {
                 return Err(self.unreachable(format!("handshake refused: {err}")));
             }
-            Ok(GuestConn { stream, next_id: 1, client: self.clone() })
+            Ok(GuestConn {
+                stream,
+                next_id: 1,
+                client: self.clone(),
+            })
         };
-        tokio::time::timeout(CONNECT_TIMEOUT, fut).await.map_err(|_| self.unreachable("connection timed out"))?
+        tokio::time::timeout(CONNECT_TIMEOUT, fut)
+            .await
+            .map_err(|_| self.unreachable("connection timed out"))?
     }
 
     /// One request on a fresh connection. `timeout` bounds the whole call; None
@@ -67,7 +90,9 @@ impl GuestClient {
             conn.call(op).await
         };
         match timeout {
-            Some(t) => tokio::time::timeout(t, fut).await.map_err(|_| self.unreachable("request timed out"))?,
+            Some(t) => tokio::time::timeout(t, fut)
+                .await
+                .map_err(|_| self.unreachable("request timed out"))?,
             None => fut.await,
         }
     }
@@ -83,12 +108,15 @@ impl GuestConn {
     pub async fn call(&mut self, op: Op) -> Result<Reply> {
         let id = self.next_id;
         self.next_id += 1;
-        write_message(&mut self.stream, &Request { id, op }).await.map_err(|e| match e {
-            FrameError::TooLarge { len, max } => {
-                Error::invalid("request", format!("{len} bytes exceeds the {max}-byte message limit"))
-            }
-            e => self.client.unreachable(e),
-        })?;
+        write_message(&mut self.stream, &Request { id, op })
+            .await
+            .map_err(|e| match e {
+                FrameError::TooLarge { len, max } => Error::invalid(
+                    "request",
+                    format!("{len} bytes exceeds the {max}-byte message limit"),
+                ),
+                e => self.client.unreachable(e),
+            })?;
         loop {
             let resp: Response = match read_message(&mut self.stream).await {
                 Ok(r) => r,
@@ -120,7 +148,9 @@ async fn read_line(s: &mut UnixStream) -> std::io::Result<String> {
         }
         out.push(b[0]);
         if out.len() > 64 {
-            return Err(std::io::Error::other("overlong answer from the vsock proxy"));
+            return Err(std::io::Error::other(
+                "overlong answer from the vsock proxy",
+            ));
         }
     }
 }
@@ -134,17 +164,23 @@ pub struct ReadyListener {
 impl ReadyListener {
     pub fn bind(path: &Path) -> Result<Self> {
         let _ = std::fs::remove_file(path);
-        let listener =
-            UnixListener::bind(path).map_err(|e| Error::io(format!("bind {}", path.display()), e))?;
-        Ok(ReadyListener { listener, path: path.to_path_buf() })
+        let listener = UnixListener::bind(path)
+            .map_err(|e| Error::io(format!("bind {}", path.display()), e))?;
+        Ok(ReadyListener {
+            listener,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Resolves when the agent connects and says hello.
     pub async fn ready(&self) -> std::io::Result<HelloReply> {
         loop {
             let (mut s, _) = self.listener.accept().await?;
-            if let Ok(Ok(hello)) =
-                tokio::time::timeout(Duration::from_secs(5), read_message::<HelloReply, _>(&mut s)).await
+            if let Ok(Ok(hello)) = tokio::time::timeout(
+                Duration::from_secs(5),
+                read_message::<HelloReply, _>(&mut s),
+            )
+            .await
             {
                 return Ok(hello);
             }

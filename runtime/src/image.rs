@@ -56,7 +56,11 @@ pub struct ImageCache {
 
 impl ImageCache {
     pub fn new(dir: CacheDir, agent: PathBuf) -> Self {
-        ImageCache { dir, agent, build: tokio::sync::Mutex::new(()) }
+        ImageCache {
+            dir,
+            agent,
+            build: tokio::sync::Mutex::new(()),
+        }
     }
 
     pub fn dir(&self) -> &CacheDir {
@@ -83,13 +87,24 @@ impl ImageCache {
         if IMAGES.contains(&name) {
             Ok(())
         } else {
-            Err(Error::invalid("image", format!("{name:?} is not a known image; known: {}", IMAGES.join(", "))))
+            Err(Error::invalid(
+                "image",
+                format!(
+                    "{name:?} is not a known image; known: {}",
+                    IMAGES.join(", ")
+                ),
+            ))
         }
     }
 
     /// Builds the image `name` (and the kernel) if missing. With `force`, rebuilds
     /// the root file system even if present.
-    pub async fn build(&self, name: &str, force: bool, progress: Option<&Progress>) -> Result<ImageInfo> {
+    pub async fn build(
+        &self,
+        name: &str,
+        force: bool,
+        progress: Option<&Progress>,
+    ) -> Result<ImageInfo> {
         Self::validate(name)?;
         let _guard = self.build.lock().await;
         let _flock = self.file_lock().await?;
@@ -98,7 +113,8 @@ impl ImageCache {
         if force {
             let manifest = dir.join("manifest.json");
             if manifest.exists() {
-                std::fs::remove_file(&manifest).map_err(|e| Error::io(format!("remove {}", manifest.display()), e))?;
+                std::fs::remove_file(&manifest)
+                    .map_err(|e| Error::io(format!("remove {}", manifest.display()), e))?;
             }
         }
         if self.info(name).is_none() {
@@ -106,10 +122,15 @@ impl ImageCache {
                 "debian" => ROOTFS_DEBIAN_SH,
                 _ => return Err(Error::ImageNotFound(name.to_string())),
             };
-            say(progress, format!("building image {name} (takes a few minutes the first time)"));
+            say(
+                progress,
+                format!("building image {name} (takes a few minutes the first time)"),
+            );
             run_script(script, &[self.dir.root().as_os_str()], progress).await?;
         }
-        self.info(name).ok_or_else(|| Error::ImageBuild(format!("the {name} build finished without a manifest")))
+        self.info(name).ok_or_else(|| {
+            Error::ImageBuild(format!("the {name} build finished without a manifest"))
+        })
     }
 
     /// Kernel and initramfs for the current agent, built if missing.
@@ -123,18 +144,33 @@ impl ImageCache {
         let initramfs = self.initramfs_path(&kernel_version)?;
         if !initramfs.exists() {
             say(progress, "building the initramfs".to_string());
-            std::fs::create_dir_all(self.dir.initramfs_dir())
-                .map_err(|e| Error::io(format!("create {}", self.dir.initramfs_dir().display()), e))?;
-            let args = [self.dir.root().as_os_str(), self.agent.as_os_str(), initramfs.as_os_str()];
+            std::fs::create_dir_all(self.dir.initramfs_dir()).map_err(|e| {
+                Error::io(format!("create {}", self.dir.initramfs_dir().display()), e)
+            })?;
+            let args = [
+                self.dir.root().as_os_str(),
+                self.agent.as_os_str(),
+                initramfs.as_os_str(),
+            ];
             run_script(INITRAMFS_SH, &args, progress).await?;
         }
-        Ok(BootArtifacts { kernel: self.dir.kernel(), kernel_version, initramfs })
+        Ok(BootArtifacts {
+            kernel: self.dir.kernel(),
+            kernel_version,
+            initramfs,
+        })
     }
 
     fn ready_artifacts(&self) -> Result<Option<BootArtifacts>> {
-        let Some(kernel_version) = self.kernel_version() else { return Ok(None) };
+        let Some(kernel_version) = self.kernel_version() else {
+            return Ok(None);
+        };
         let initramfs = self.initramfs_path(&kernel_version)?;
-        Ok(initramfs.exists().then(|| BootArtifacts { kernel: self.dir.kernel(), kernel_version, initramfs }))
+        Ok(initramfs.exists().then(|| BootArtifacts {
+            kernel: self.dir.kernel(),
+            kernel_version,
+            initramfs,
+        }))
     }
 
     fn kernel_version(&self) -> Option<String> {
@@ -149,19 +185,28 @@ impl ImageCache {
         }
         say(progress, "fetching the guest kernel".to_string());
         run_script(KERNEL_SH, &[self.dir.root().as_os_str()], progress).await?;
-        self.kernel_version().ok_or_else(|| Error::ImageBuild("the kernel build left no kernel".into()))
+        self.kernel_version()
+            .ok_or_else(|| Error::ImageBuild("the kernel build left no kernel".into()))
     }
 
     /// The initramfs is named by a hash of what goes into it, so a new agent build
     /// gets a new initramfs and running VMs keep the one they booted.
     fn initramfs_path(&self, kernel_version: &str) -> Result<PathBuf> {
         let mut agent = std::fs::File::open(&self.agent).map_err(|e| {
-            Error::io(format!("agent binary {} (set BURROW_AGENT to its path)", self.agent.display()), e)
+            Error::io(
+                format!(
+                    "agent binary {} (set BURROW_AGENT to its path)",
+                    self.agent.display()
+                ),
+                e,
+            )
         })?;
         let mut h = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = agent.read(&mut buf).map_err(|e| Error::io(format!("read {}", self.agent.display()), e))?;
+            let n = agent
+                .read(&mut buf)
+                .map_err(|e| Error::io(format!("read {}", self.agent.display()), e))?;
             if n == 0 {
                 break;
             }
@@ -171,13 +216,17 @@ impl ImageCache {
         h.update(kernel_version.as_bytes());
         let digest = h.finalize();
         let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
-        Ok(self.dir.initramfs_dir().join(format!("initramfs-{hex}.cpio.gz")))
+        Ok(self
+            .dir
+            .initramfs_dir()
+            .join(format!("initramfs-{hex}.cpio.gz")))
     }
 
     async fn file_lock(&self) -> Result<std::fs::File> {
         let root = self.dir.root().to_path_buf();
         tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&root).map_err(|e| Error::io(format!("create {}", root.display()), e))?;
+            std::fs::create_dir_all(&root)
+                .map_err(|e| Error::io(format!("create {}", root.display()), e))?;
             let path = root.join(".build.lock");
             let f = std::fs::OpenOptions::new()
                 .create(true)
@@ -187,7 +236,10 @@ impl ImageCache {
                 .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
             // SAFETY: flock on an fd we own; blocks until other builders are done.
             if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-                return Err(Error::io(format!("lock {}", path.display()), std::io::Error::last_os_error()));
+                return Err(Error::io(
+                    format!("lock {}", path.display()),
+                    std::io::Error::last_os_error(),
+                ));
             }
             Ok(f)
         })
@@ -202,7 +254,10 @@ pub fn find_agent() -> PathBuf {
     if let Some(p) = std::env::var_os("BURROW_AGENT") {
         return PathBuf::from(p);
     }
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
         let p = dir.join("burrow-agent");
         if p.exists() {
             return p;
@@ -220,10 +275,19 @@ fn say(progress: Option<&Progress>, line: String) {
 
 /// Runs an embedded build script with bash, forwarding its stderr lines as progress
 /// and keeping the last ones for the error message.
-async fn run_script(script: &str, args: &[&std::ffi::OsStr], progress: Option<&Progress>) -> Result<()> {
+async fn run_script(
+    script: &str,
+    args: &[&std::ffi::OsStr],
+    progress: Option<&Progress>,
+) -> Result<()> {
     let mut cmd = tokio::process::Command::new("bash");
-    cmd.arg("-c").arg(script).arg("burrow-image-build").args(args);
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.arg("-c")
+        .arg(script)
+        .arg("burrow-image-build")
+        .args(args);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().map_err(|e| Error::io("run bash", e))?;
     let mut tail: Vec<String> = Vec::new();
     if let Some(stderr) = child.stderr.take() {
@@ -239,11 +303,17 @@ async fn run_script(script: &str, args: &[&std::ffi::OsStr], progress: Option<&P
             }
         }
     }
-    let status = child.wait().await.map_err(|e| Error::io("wait for bash", e))?;
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| Error::io("wait for bash", e))?;
     if status.success() {
         Ok(())
     } else {
-        let last = tail.last().cloned().unwrap_or_else(|| format!("build script exited with {status}"));
+        let last = tail
+            .last()
+            .cloned()
+            .unwrap_or_else(|| format!("build script exited with {status}"));
         Err(Error::ImageBuild(last))
     }
 }

@@ -5,10 +5,19 @@ use crate::error::{Error, Result};
 /// Workspace names: `[A-Za-z0-9._-]{1,64}`.
 pub fn validate_name(field: &'static str, name: &str) -> Result<()> {
     if name.is_empty() || name.len() > 64 {
-        return Err(Error::invalid(field, format!("{name:?} must be 1 to 64 characters")));
+        return Err(Error::invalid(
+            field,
+            format!("{name:?} must be 1 to 64 characters"),
+        ));
     }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        return Err(Error::invalid(field, format!("{name:?} contains {c:?}; use letters, digits, '.', '_' and '-'")));
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(Error::invalid(
+            field,
+            format!("{name:?} contains {c:?}; use letters, digits, '.', '_' and '-'"),
+        ));
     }
     Ok(())
 }
@@ -26,7 +35,9 @@ pub fn new_id() -> Result<String> {
 
 /// Whether `s` has the shape of an id from [`new_id`].
 pub fn looks_like_id(s: &str) -> bool {
-    s.len() == 12 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    s.len() == 12
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 #[cfg(test)]

@@ -61,7 +61,9 @@ pub struct CacheDir {
 
 impl CacheDir {
     pub fn new(root: impl AsRef<Path>) -> std::io::Result<Self> {
-        Ok(CacheDir { root: std::path::absolute(root.as_ref())? })
+        Ok(CacheDir {
+            root: std::path::absolute(root.as_ref())?,
+        })
     }
     pub fn root(&self) -> &Path {
         &self.root

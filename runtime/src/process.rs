@@ -123,15 +123,28 @@ pub fn processes_mentioning(dirs: &[&Path]) -> Vec<ProcId> {
         })
         .collect();
     let me = std::process::id() as i32;
-    let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
     for entry in rd.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
         if pid == me {
             continue;
         }
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        if needles.iter().any(|n| cmdline.windows(n.len()).any(|w| w == n.as_slice())) {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if needles
+            .iter()
+            .any(|n| cmdline.windows(n.len()).any(|w| w == n.as_slice()))
+        {
             if let Some(p) = ProcId::of(pid) {
                 out.push(p);
             }
@@ -159,10 +172,20 @@ mod tests {
 
     #[tokio::test]
     async fn identity_wait_and_terminate() {
-        let child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let p = ProcId::of(child.id() as i32).unwrap();
         assert!(p.is_alive());
-        assert!(!ProcId { pid: p.pid, start_time: p.start_time + 1 }.is_alive(), "a recycled pid is not ours");
+        assert!(
+            !ProcId {
+                pid: p.pid,
+                start_time: p.start_time + 1
+            }
+            .is_alive(),
+            "a recycled pid is not ours"
+        );
         p.terminate(Duration::from_secs(5)).await;
         assert!(!p.is_alive());
         assert!(ProcId::of(p.pid).is_none(), "reaped");
@@ -178,8 +201,20 @@ mod tests {
             .arg(&marker)
             .spawn()
             .unwrap();
-        let found = processes_mentioning(&[t.path()]);
-        assert_eq!(found.iter().map(|p| p.pid).collect::<Vec<_>>(), vec![child.id() as i32]);
+        // The child's command line is readable once it has exec'd; under a loaded
+        // host that can trail spawn() by a moment.
+        let mut found = processes_mentioning(&[t.path()]);
+        for _ in 0..100 {
+            if !found.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            found = processes_mentioning(&[t.path()]);
+        }
+        assert_eq!(
+            found.iter().map(|p| p.pid).collect::<Vec<_>>(),
+            vec![child.id() as i32]
+        );
         found[0].kill().await;
     }
 }

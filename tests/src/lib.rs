@@ -32,7 +32,11 @@ pub fn bin_dir() -> PathBuf {
     }
     // target/<profile>/deps/<test binary> → target/<profile>
     let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
     for b in ["burrow", "burrowd", "burrow-agent"] {
         assert!(
             dir.join(b).exists(),
@@ -58,9 +62,16 @@ impl Default for Burrow {
 impl Burrow {
     pub fn new() -> Burrow {
         // Short paths under /tmp: Unix socket paths are limited to 108 bytes.
-        let tmp = tempfile::Builder::new().prefix("bt").tempdir_in("/tmp").expect("tempdir");
+        let tmp = tempfile::Builder::new()
+            .prefix("bt")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
         let state = tmp.path().join("s");
-        Burrow { state, _tmp: tmp, bin: bin_dir() }
+        Burrow {
+            state,
+            _tmp: tmp,
+            bin: bin_dir(),
+        }
     }
 
     pub fn command(&self) -> Command {
@@ -95,14 +106,23 @@ impl Burrow {
     /// Runs a command that must succeed; returns its stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
-        assert!(out.status.success(), "burrow {args:?} failed ({}): {}", out.status, text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "burrow {args:?} failed ({}): {}",
+            out.status,
+            text(&out.stderr)
+        );
         text(&out.stdout)
     }
 
     /// Runs a command that must fail; returns (exit code, stderr).
     pub fn fails(&self, args: &[&str]) -> (i32, String) {
         let out = self.run(args);
-        assert!(!out.status.success(), "burrow {args:?} succeeded unexpectedly: {}", text(&out.stdout));
+        assert!(
+            !out.status.success(),
+            "burrow {args:?} succeeded unexpectedly: {}",
+            text(&out.stdout)
+        );
         (out.status.code().unwrap_or(-1), text(&out.stderr))
     }
 
@@ -116,7 +136,11 @@ impl Burrow {
     }
 
     pub fn daemon_pid(&self) -> Option<i32> {
-        std::fs::read_to_string(self.state.join("burrowd.pid")).ok()?.trim().parse().ok()
+        std::fs::read_to_string(self.state.join("burrowd.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     pub fn run_root(&self) -> PathBuf {
@@ -135,9 +159,15 @@ impl Burrow {
             .collect();
         let mut out = Vec::new();
         for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
             if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
-                if needles.iter().any(|n| c.windows(n.len()).any(|w| w == n.as_slice())) && !is_zombie(pid) {
+                if needles
+                    .iter()
+                    .any(|n| c.windows(n.len()).any(|w| w == n.as_slice()))
+                    && !is_zombie(pid)
+                {
                     out.push(pid);
                 }
             }
@@ -189,7 +219,8 @@ impl Drop for Burrow {
 
 fn cmdline_mentions(pid: i32, dir: &Path) -> bool {
     let needle = dir.as_os_str().as_encoded_bytes();
-    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle))
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle))
 }
 
 pub fn is_zombie(pid: i32) -> bool {
@@ -213,7 +244,10 @@ pub fn text(b: &[u8]) -> String {
 pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !check() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -228,5 +262,8 @@ pub fn kill9(pid: i32) {
 /// The guest kernel release the image cache holds (what `uname -r` must print).
 pub fn guest_kernel_release() -> String {
     let cache = std::env::var("BURROW_CACHE_DIR").unwrap_or_else(|_| "/var/cache/burrow".into());
-    std::fs::read_to_string(Path::new(&cache).join("kernel/version")).expect("kernel version in the cache").trim().to_string()
+    std::fs::read_to_string(Path::new(&cache).join("kernel/version"))
+        .expect("kernel version in the cache")
+        .trim()
+        .to_string()
 }

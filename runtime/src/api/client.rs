@@ -16,7 +16,10 @@ use super::ErrorBody;
 pub enum ClientError {
     /// Nothing serves the socket: the daemon is not running.
     #[error("no daemon at {path}: {source}")]
-    NotRunning { path: PathBuf, source: std::io::Error },
+    NotRunning {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// The daemon answered with an error.
     #[error("{message}")]
     Api { status: u16, message: String },
@@ -31,37 +34,61 @@ pub struct Client {
 
 impl Client {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
-        Client { socket: socket.into() }
+        Client {
+            socket: socket.into(),
+        }
     }
 
     pub fn socket(&self) -> &Path {
         &self.socket
     }
 
-    async fn send(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
-        let stream = UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| ClientError::NotRunning { path: self.socket.clone(), source })?;
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| ClientError::NotRunning {
+                    path: self.socket.clone(),
+                    source,
+                })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ClientError::Transport(e.to_string()))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let mut req = Request::builder().method(method).uri(format!("http://burrowd{path}")).header("host", "burrowd");
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("http://burrowd{path}"))
+            .header("host", "burrowd");
         if body.is_some() {
             req = req.header("content-type", "application/json");
         }
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| ClientError::Transport(e.to_string()))?;
-        sender.send_request(req).await.map_err(|e| ClientError::Transport(e.to_string()))
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))
     }
 
     /// One JSON request, one JSON answer.
-    pub async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<&impl Serialize>) -> Result<T, ClientError> {
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, ClientError> {
         let body = match body {
-            Some(b) => Some(serde_json::to_vec(b).map_err(|e| ClientError::Transport(e.to_string()))?),
+            Some(b) => {
+                Some(serde_json::to_vec(b).map_err(|e| ClientError::Transport(e.to_string()))?)
+            }
             None => None,
         };
         let resp = self.send(method, path, body).await?;
@@ -75,25 +102,39 @@ impl Client {
         if !status.is_success() {
             return Err(api_error(status, &bytes));
         }
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Transport(format!("bad answer: {e}")))
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ClientError::Transport(format!("bad answer: {e}")))
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.call(Method::GET, path, None::<&()>).await
     }
 
-    pub async fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T, ClientError> {
+    pub async fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+    ) -> Result<T, ClientError> {
         self.call(Method::POST, path, Some(body)).await
     }
 
     /// A request whose answer is a stream of text lines, handed to `on_line` as
     /// they arrive.
-    pub async fn stream_lines(&self, method: Method, path: &str, mut on_line: impl FnMut(&str)) -> Result<(), ClientError> {
+    pub async fn stream_lines(
+        &self,
+        method: Method,
+        path: &str,
+        mut on_line: impl FnMut(&str),
+    ) -> Result<(), ClientError> {
         let resp = self.send(method, path, None).await?;
         let status = resp.status();
         let mut body = resp.into_body();
         if !status.is_success() {
-            let bytes = body.collect().await.map_err(|e| ClientError::Transport(e.to_string()))?.to_bytes();
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| ClientError::Transport(e.to_string()))?
+                .to_bytes();
             return Err(api_error(status, &bytes));
         }
         let mut pending: Vec<u8> = Vec::new();
@@ -117,8 +158,16 @@ impl Client {
 fn api_error(status: StatusCode, bytes: &[u8]) -> ClientError {
     let message = serde_json::from_slice::<ErrorBody>(bytes)
         .map(|b| b.error)
-        .unwrap_or_else(|_| format!("daemon answered {status}: {}", String::from_utf8_lossy(bytes).trim()));
-    ClientError::Api { status: status.as_u16(), message }
+        .unwrap_or_else(|_| {
+            format!(
+                "daemon answered {status}: {}",
+                String::from_utf8_lossy(bytes).trim()
+            )
+        });
+    ClientError::Api {
+        status: status.as_u16(),
+        message,
+    }
 }
 
 /// Percent-encodes one path segment (a workspace reference may hold '.').

@@ -28,7 +28,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, class: ErrorClass, message: impl Into<String>) -> Self {
-        ApiError { status, class, message: message.into() }
+        ApiError {
+            status,
+            class,
+            message: message.into(),
+        }
     }
 }
 

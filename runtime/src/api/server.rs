@@ -14,7 +14,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use super::{ApiError, DaemonStatus, EnvRequest, ErrorBody, JobKillRequest, ListQuery, LogsQuery, StartRequest};
+use super::{
+    ApiError, DaemonStatus, EnvRequest, ErrorBody, JobKillRequest, ListQuery, LogsQuery,
+    StartRequest,
+};
 use crate::db::State as WsState;
 use crate::engine::{CreateParams, Engine};
 use crate::error::{Error, ErrorClass};
@@ -49,14 +52,27 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/workspaces/{ws}/files/edit", post(file_edit))
         .route("/v1/workspaces/{ws}/files/list", post(file_list))
         .route("/v1/workspaces/{ws}/logs", get(logs))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, ErrorClass::NotFound, "no such API route") })
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                ErrorClass::NotFound,
+                "no such API route",
+            )
+        })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(ErrorBody { error: self.message, class: self.class })).into_response()
+        (
+            self.status,
+            axum::Json(ErrorBody {
+                error: self.message,
+                class: self.class,
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -91,8 +107,14 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<
 fn rejection(e: JsonRejection) -> ApiError {
     let text = e.body_text();
     // serde's message already names the field ("missing field `argv`").
-    let text = text.strip_prefix("Failed to deserialize the JSON body into the target type: ").unwrap_or(&text);
-    ApiError::new(StatusCode::BAD_REQUEST, ErrorClass::Invalid, format!("invalid request body: {text}"))
+    let text = text
+        .strip_prefix("Failed to deserialize the JSON body into the target type: ")
+        .unwrap_or(&text);
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        ErrorClass::Invalid,
+        format!("invalid request body: {text}"),
+    )
 }
 
 type ApiResult<T> = Result<axum::Json<T>, ApiError>;
@@ -146,13 +168,17 @@ async fn image_build(
         };
         let _ = tx.send(last);
     });
-    let stream = futures_util::StreamExt::map(tokio_stream::wrappers::UnboundedReceiverStream::new(rx), |l| {
-        Ok::<_, std::io::Error>(format!("{l}\n"))
-    });
+    let stream = futures_util::StreamExt::map(
+        tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+        |l| Ok::<_, std::io::Error>(format!("{l}\n")),
+    );
     Ok(Response::new(axum::body::Body::from_stream(stream)))
 }
 
-async fn list(State(s): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult<Vec<crate::engine::WorkspaceInfo>> {
+async fn list(
+    State(s): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Vec<crate::engine::WorkspaceInfo>> {
     let state = match q.state.as_deref() {
         None | Some("") => None,
         Some(v) => Some(WsState::parse(v).ok_or_else(|| {
@@ -162,15 +188,24 @@ async fn list(State(s): State<AppState>, Query(q): Query<ListQuery>) -> ApiResul
     ok(s.engine.list(state)?)
 }
 
-async fn create(State(s): State<AppState>, ApiJson(p): ApiJson<CreateParams>) -> ApiResult<crate::engine::WorkspaceInfo> {
+async fn create(
+    State(s): State<AppState>,
+    ApiJson(p): ApiJson<CreateParams>,
+) -> ApiResult<crate::engine::WorkspaceInfo> {
     ok(s.engine.create(p, None).await?)
 }
 
-async fn info(State(s): State<AppState>, Path(ws): Path<String>) -> ApiResult<crate::engine::WorkspaceInfo> {
+async fn info(
+    State(s): State<AppState>,
+    Path(ws): Path<String>,
+) -> ApiResult<crate::engine::WorkspaceInfo> {
     ok(s.engine.info(&ws)?)
 }
 
-async fn destroy(State(s): State<AppState>, Path(ws): Path<String>) -> ApiResult<serde_json::Value> {
+async fn destroy(
+    State(s): State<AppState>,
+    Path(ws): Path<String>,
+) -> ApiResult<serde_json::Value> {
     s.engine.destroy(&ws).await?;
     ok(json!({"destroyed": ws}))
 }
@@ -184,27 +219,46 @@ async fn start(
     let req: StartRequest = if body.is_empty() {
         StartRequest::default()
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, ErrorClass::Invalid, format!("invalid request body: {e}")))?
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorClass::Invalid,
+                format!("invalid request body: {e}"),
+            )
+        })?
     };
     let timeout = req.boot_timeout_secs;
     ok(s.engine.start(&ws, timeout).await?)
 }
 
-async fn stop(State(s): State<AppState>, Path(ws): Path<String>) -> ApiResult<crate::engine::WorkspaceInfo> {
+async fn stop(
+    State(s): State<AppState>,
+    Path(ws): Path<String>,
+) -> ApiResult<crate::engine::WorkspaceInfo> {
     ok(s.engine.stop(&ws).await?)
 }
 
-async fn exec(State(s): State<AppState>, Path(ws): Path<String>, ApiJson(r): ApiJson<Exec>) -> ApiResult<burrow_proto::ExecResult> {
+async fn exec(
+    State(s): State<AppState>,
+    Path(ws): Path<String>,
+    ApiJson(r): ApiJson<Exec>,
+) -> ApiResult<burrow_proto::ExecResult> {
     ok(s.engine.exec(&ws, r).await?)
 }
 
-async fn job_start(State(s): State<AppState>, Path(ws): Path<String>, ApiJson(r): ApiJson<JobStart>) -> ApiResult<serde_json::Value> {
+async fn job_start(
+    State(s): State<AppState>,
+    Path(ws): Path<String>,
+    ApiJson(r): ApiJson<JobStart>,
+) -> ApiResult<serde_json::Value> {
     let job = s.engine.job_start(&ws, r).await?;
     ok(json!({"job": job}))
 }
 
-async fn job_poll(State(s): State<AppState>, Path((ws, job)): Path<(String, String)>) -> ApiResult<burrow_proto::JobStatus> {
+async fn job_poll(
+    State(s): State<AppState>,
+    Path((ws, job)): Path<(String, String)>,
+) -> ApiResult<burrow_proto::JobStatus> {
     ok(s.engine.job_poll(&ws, parse_job(&job)?).await?)
 }
 
@@ -218,24 +272,41 @@ async fn job_kill(
 }
 
 fn parse_job(s: &str) -> Result<u32, ApiError> {
-    s.parse().map_err(|_| Error::invalid("job", format!("{s:?} is not a job id")).into())
+    s.parse()
+        .map_err(|_| Error::invalid("job", format!("{s:?} is not a job id")).into())
 }
 
-async fn set_env(State(s): State<AppState>, Path(ws): Path<String>, ApiJson(r): ApiJson<EnvRequest>) -> ApiResult<serde_json::Value> {
+async fn set_env(
+    State(s): State<AppState>,
+    Path(ws): Path<String>,
+    ApiJson(r): ApiJson<EnvRequest>,
+) -> ApiResult<serde_json::Value> {
     s.engine.set_env(&ws, r.set, r.unset).await?;
     ok(json!({"ok": true}))
 }
 
-async fn file_read(State(s): State<AppState>, Path(ws): Path<String>, ApiJson(r): ApiJson<FileRead>) -> ApiResult<burrow_proto::FileData> {
+async fn file_read(
+    State(s): State<AppState>,
+    Path(ws): Path<String>,
+    ApiJson(r): ApiJson<FileRead>,
+) -> ApiResult<burrow_proto::FileData> {
     ok(s.engine.file_read(&ws, r).await?)
 }
 
-async fn file_write(State(s): State<AppState>, Path(ws): Path<String>, ApiJson(r): ApiJson<FileWrite>) -> ApiResult<serde_json::Value> {
+async fn file_write(
+    State(s): State<AppState>,
+    Path(ws): Path<String>,
+    ApiJson(r): ApiJson<FileWrite>,
+) -> ApiResult<serde_json::Value> {
     let bytes = s.engine.file_write(&ws, r).await?;
     ok(json!({"bytes": bytes}))
 }
 
-async fn file_edit(State(s): State<AppState>, Path(ws): Path<String>, ApiJson(r): ApiJson<FileEdit>) -> ApiResult<serde_json::Value> {
+async fn file_edit(
+    State(s): State<AppState>,
+    Path(ws): Path<String>,
+    ApiJson(r): ApiJson<FileEdit>,
+) -> ApiResult<serde_json::Value> {
     let n = s.engine.file_edit(&ws, r).await?;
     ok(json!({"replacements": n}))
 }
@@ -245,12 +316,22 @@ struct ListRequest {
     path: String,
 }
 
-async fn file_list(State(s): State<AppState>, Path(ws): Path<String>, ApiJson(r): ApiJson<ListRequest>) -> ApiResult<BTreeMap<&'static str, Vec<burrow_proto::DirEntry>>> {
+async fn file_list(
+    State(s): State<AppState>,
+    Path(ws): Path<String>,
+    ApiJson(r): ApiJson<ListRequest>,
+) -> ApiResult<BTreeMap<&'static str, Vec<burrow_proto::DirEntry>>> {
     let entries = s.engine.file_list(&ws, r.path).await?;
     ok(BTreeMap::from([("entries", entries)]))
 }
 
-async fn logs(State(s): State<AppState>, Path(ws): Path<String>, Query(q): Query<LogsQuery>) -> ApiResult<BTreeMap<&'static str, Vec<String>>> {
-    let lines = s.engine.logs(&ws, q.r#type.unwrap_or_default(), q.lines.unwrap_or(100))?;
+async fn logs(
+    State(s): State<AppState>,
+    Path(ws): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> ApiResult<BTreeMap<&'static str, Vec<String>>> {
+    let lines = s
+        .engine
+        .logs(&ws, q.r#type.unwrap_or_default(), q.lines.unwrap_or(100))?;
     ok(BTreeMap::from([("lines", lines)]))
 }

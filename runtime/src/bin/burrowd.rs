@@ -13,7 +13,11 @@ use burrow::paths::{CacheDir, StateDir, DEFAULT_CACHE_DIR, DEFAULT_STATE_DIR};
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "burrowd", version, about = "The burrow daemon: workspaces as microVMs")]
+#[command(
+    name = "burrowd",
+    version,
+    about = "The burrow daemon: workspaces as microVMs"
+)]
 struct Args {
     #[arg(long, env = "BURROW_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
@@ -29,21 +33,29 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BURROW_LOG").unwrap_or_else(|_| "info".into());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("BURROW_LOG").unwrap_or_else(|_| "info".into());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let sub = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let sub = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     if args.log_format == "json" {
         sub.json().init();
     } else {
         sub.init();
     }
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args))
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let state = StateDir::new(&args.state_dir).context("state dir")?;
     let cache = CacheDir::new(&args.cache_dir).context("cache dir")?;
-    std::fs::create_dir_all(state.root()).with_context(|| format!("create {}", state.root().display()))?;
+    std::fs::create_dir_all(state.root())
+        .with_context(|| format!("create {}", state.root().display()))?;
 
     // One daemon per state dir: an exclusive lock on the pid file, held for life.
     let pid_path = state.pid_file();
@@ -62,13 +74,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let agent = burrow::image::find_agent();
     tracing::info!(state_dir = %state.root().display(), agent = %agent.display(), "burrowd starting");
-    let engine = Engine::open(state.clone(), cache.clone(), agent).await.context("open state")?;
+    let engine = Engine::open(state.clone(), cache.clone(), agent)
+        .await
+        .context("open state")?;
 
     let sock = state.socket();
     let _ = std::fs::remove_file(&sock);
-    let listener = tokio::net::UnixListener::bind(&sock).with_context(|| format!("bind {}", sock.display()))?;
+    let listener = tokio::net::UnixListener::bind(&sock)
+        .with_context(|| format!("bind {}", sock.display()))?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let app = router(AppState { engine, shutdown: tx, cache_dir: cache.root().display().to_string() });
+    let app = router(AppState {
+        engine,
+        shutdown: tx,
+        cache_dir: cache.root().display().to_string(),
+    });
 
     if let Some(fd) = args.ready_fd {
         // SAFETY: the fd was handed to us for this one write; we own it from here.
@@ -86,7 +105,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         tracing::info!("burrowd stopping; VMs keep running");
     };
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(&pid_path);
     Ok(())

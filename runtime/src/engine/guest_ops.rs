@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use burrow_proto::{
-    DirEntry, Exec, ExecResult, FileData, FileEdit, FileRead, FileWrite, JobStart, JobStatus, Op, Reply,
+    DirEntry, Exec, ExecResult, FileData, FileEdit, FileRead, FileWrite, JobStart, JobStatus, Op,
+    Reply,
 };
 use serde::{Deserialize, Serialize};
 
@@ -35,7 +36,10 @@ fn unexpected(op: &str, r: Reply) -> Error {
 fn validate_env(vars: &BTreeMap<String, String>) -> Result<()> {
     for k in vars.keys() {
         if k.is_empty() || k.contains('=') || k.contains('\0') {
-            return Err(Error::invalid("env", format!("{k:?} is not a variable name")));
+            return Err(Error::invalid(
+                "env",
+                format!("{k:?} is not a variable name"),
+            ));
         }
     }
     Ok(())
@@ -51,7 +55,9 @@ impl Engine {
         }
         validate_env(&req.env)?;
         let (_, guest) = self.running(reference)?;
-        let limit = req.timeout_ms.map(|ms| Duration::from_millis(ms) + EXEC_SLACK);
+        let limit = req
+            .timeout_ms
+            .map(|ms| Duration::from_millis(ms) + EXEC_SLACK);
         match guest.call(Op::Exec(req), limit).await? {
             Reply::Exec(r) => Ok(r),
             r => Err(unexpected("exec", r)),
@@ -87,7 +93,12 @@ impl Engine {
     }
 
     /// Sets variables for later execs; they live in the agent's memory only.
-    pub async fn set_env(&self, reference: &str, set: BTreeMap<String, String>, unset: Vec<String>) -> Result<()> {
+    pub async fn set_env(
+        &self,
+        reference: &str,
+        set: BTreeMap<String, String>,
+        unset: Vec<String>,
+    ) -> Result<()> {
         validate_env(&set)?;
         let (_, guest) = self.running(reference)?;
         match guest.call(Op::SetEnv { set, unset }, Some(QUICK)).await? {
@@ -107,7 +118,10 @@ impl Engine {
     pub async fn file_write(&self, reference: &str, req: FileWrite) -> Result<u64> {
         if let Some(m) = req.mode {
             if m > 0o7777 {
-                return Err(Error::invalid("mode", format!("{m:o} is not a permission mode")));
+                return Err(Error::invalid(
+                    "mode",
+                    format!("{m:o} is not a permission mode"),
+                ));
             }
         }
         let (_, guest) = self.running(reference)?;
@@ -144,7 +158,10 @@ impl Engine {
             LogKind::Console => vmm::tail_lines(&console, lines),
             LogKind::Agent => {
                 let all = vmm::tail_lines(&console, usize::MAX);
-                let mine: Vec<String> = all.into_iter().filter(|l| l.contains("burrow-agent: ")).collect();
+                let mine: Vec<String> = all
+                    .into_iter()
+                    .filter(|l| l.contains("burrow-agent: "))
+                    .collect();
                 let start = mine.len().saturating_sub(lines);
                 mine[start..].to_vec()
             }

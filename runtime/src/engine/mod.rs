@@ -86,7 +86,11 @@ impl From<WorkspaceRecord> for WorkspaceInfo {
             created_at: r.created_at,
             store: r.store,
             volume: r.volume,
-            pids: r.pids.map(|p| PidsInfo { qemu: p.qemu.pid, virtiofsd: p.virtiofsd.pid, vsock: p.vsock.pid }),
+            pids: r.pids.map(|p| PidsInfo {
+                qemu: p.qemu.pid,
+                virtiofsd: p.virtiofsd.pid,
+                vsock: p.vsock.pid,
+            }),
         }
     }
 }
@@ -106,8 +110,13 @@ pub struct Engine {
 impl Engine {
     /// Opens the state dir and reconciles it with the processes that really run.
     pub async fn open(state: StateDir, cache: CacheDir, agent: PathBuf) -> Result<Arc<Engine>> {
-        for dir in [state.root().to_path_buf(), state.run_root(), state.volumes()] {
-            std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        for dir in [
+            state.root().to_path_buf(),
+            state.run_root(),
+            state.volumes(),
+        ] {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         }
         let db = Db::open(&state.database())?;
         let store: Arc<dyn Store> = Arc::new(CopyStore::new(state.volumes())?);
@@ -151,7 +160,11 @@ impl Engine {
 
     pub fn list(&self, state: Option<State>) -> Result<Vec<WorkspaceInfo>> {
         let all = self.db.list()?;
-        Ok(all.into_iter().filter(|r| state.is_none_or(|s| r.state == s)).map(Into::into).collect())
+        Ok(all
+            .into_iter()
+            .filter(|r| state.is_none_or(|s| r.state == s))
+            .map(Into::into)
+            .collect())
     }
 
     pub fn info(&self, reference: &str) -> Result<WorkspaceInfo> {
@@ -159,16 +172,28 @@ impl Engine {
     }
 
     /// Creates a workspace and boots it. On any failure nothing is left behind.
-    pub async fn create(self: &Arc<Self>, params: CreateParams, progress: Option<&Progress>) -> Result<WorkspaceInfo> {
+    pub async fn create(
+        self: &Arc<Self>,
+        params: CreateParams,
+        progress: Option<&Progress>,
+    ) -> Result<WorkspaceInfo> {
         let vcpus = params.vcpus.unwrap_or(DEFAULT_VCPUS);
-        let host_cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+        let host_cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
         if vcpus == 0 || vcpus > host_cpus {
-            return Err(Error::invalid("vcpus", format!("{vcpus} is outside 1..={host_cpus} (the host's CPUs)")));
+            return Err(Error::invalid(
+                "vcpus",
+                format!("{vcpus} is outside 1..={host_cpus} (the host's CPUs)"),
+            ));
         }
         let memory_mib = params.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB);
         let host_mib = host_memory_mib();
         if memory_mib < MIN_MEMORY_MIB || memory_mib > host_mib {
-            return Err(Error::invalid("memory", format!("{memory_mib} MiB is outside {MIN_MEMORY_MIB}..={host_mib} MiB")));
+            return Err(Error::invalid(
+                "memory",
+                format!("{memory_mib} MiB is outside {MIN_MEMORY_MIB}..={host_mib} MiB"),
+            ));
         }
         let image = params.image.unwrap_or_else(|| DEFAULT_IMAGE.to_string());
         ImageCache::validate(&image)?;
@@ -228,7 +253,11 @@ impl Engine {
         }
     }
 
-    pub async fn start(self: &Arc<Self>, reference: &str, boot_timeout_secs: Option<u64>) -> Result<WorkspaceInfo> {
+    pub async fn start(
+        self: &Arc<Self>,
+        reference: &str,
+        boot_timeout_secs: Option<u64>,
+    ) -> Result<WorkspaceInfo> {
         let boot_timeout = boot_timeout(boot_timeout_secs)?;
         let rec = self.db.resolve(reference)?;
         let lock = self.lock_for(&rec.id);
@@ -265,7 +294,10 @@ impl Engine {
         let rec = self.db.resolve(&rec.id)?;
         self.db.set_state(&rec.id, State::Destroying)?;
         self.remove_locked(&rec).await?;
-        self.locks.lock().unwrap_or_else(|p| p.into_inner()).remove(&rec.id);
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&rec.id);
         Ok(())
     }
 
@@ -289,15 +321,31 @@ impl Engine {
         self.db.delete(&rec.id)
     }
 
-    async fn start_locked(self: &Arc<Self>, rec: &WorkspaceRecord, timeout: Duration, progress: Option<&Progress>) -> Result<()> {
+    async fn start_locked(
+        self: &Arc<Self>,
+        rec: &WorkspaceRecord,
+        timeout: Duration,
+        progress: Option<&Progress>,
+    ) -> Result<()> {
         let boot = self.images.boot_artifacts(progress).await?;
-        let accel = *self.accel.get_or_init(|| vmm::accel::choose(self.images.dir(), &boot)).await;
+        let accel = *self
+            .accel
+            .get_or_init(|| vmm::accel::choose(self.images.dir(), &boot))
+            .await;
         let paths = self.paths(&rec.id);
         self.clear_run_dir(&rec.id);
         for dir in [&paths.run_dir, &paths.log_dir] {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         }
-        let _ = append_line(&paths.console(), &format!("--- burrow: boot at {} ({}) ---", now_rfc3339(), accel.as_str()));
+        let _ = append_line(
+            &paths.console(),
+            &format!(
+                "--- burrow: boot at {} ({}) ---",
+                now_rfc3339(),
+                accel.as_str()
+            ),
+        );
         self.db.set_state(&rec.id, State::Starting)?;
         self.db.set_accel(&rec.id, accel.as_str())?;
         let ready = ReadyListener::bind(&paths.vsock_listener(READY_PORT))?;
@@ -367,18 +415,29 @@ impl Engine {
         let qemu = pids.qemu;
         if qemu.is_alive() {
             let guest = self.guest(rec);
-            let asked = guest.call(Op::Shutdown, Some(Duration::from_secs(5))).await.is_ok();
-            let exited = asked && tokio::time::timeout(Duration::from_secs(15), qemu.exited()).await.is_ok();
+            let asked = guest
+                .call(Op::Shutdown, Some(Duration::from_secs(5)))
+                .await
+                .is_ok();
+            let exited = asked
+                && tokio::time::timeout(Duration::from_secs(15), qemu.exited())
+                    .await
+                    .is_ok();
             if !exited && qemu.is_alive() {
                 tracing::info!(workspace = %rec.id, "agent shutdown did not end the VM; QMP quit");
                 let paths = self.paths(&rec.id);
                 let quit = async {
-                    if let Ok(mut q) = vmm::qmp::Qmp::connect(&paths.qmp(), Duration::from_secs(3)).await {
+                    if let Ok(mut q) =
+                        vmm::qmp::Qmp::connect(&paths.qmp(), Duration::from_secs(3)).await
+                    {
                         let _ = q.execute("quit", serde_json::json!({})).await;
                     }
                     qemu.exited().await;
                 };
-                if tokio::time::timeout(Duration::from_secs(5), quit).await.is_err() {
+                if tokio::time::timeout(Duration::from_secs(5), quit)
+                    .await
+                    .is_err()
+                {
                     qemu.kill().await;
                 }
             }
@@ -410,7 +469,9 @@ impl Engine {
                 _ = b.exited() => "virtiofsd",
                 _ = c.exited() => "vhost-device-vsock",
             };
-            let Some(engine) = engine.upgrade() else { return };
+            let Some(engine) = engine.upgrade() else {
+                return;
+            };
             engine.vm_died(&wid, pids, which).await;
         });
         let mut w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
@@ -423,24 +484,40 @@ impl Engine {
         let lock = self.lock_for(id);
         let _held = lock.lock().await;
         // Whoever held the lock may have dealt with this VM already.
-        let Ok(Some(rec)) = self.db.get(id) else { return };
+        let Ok(Some(rec)) = self.db.get(id) else {
+            return;
+        };
         if rec.pids != Some(pids) {
             return;
         }
         tracing::warn!(workspace = %id, "{which} exited unexpectedly; stopping the workspace");
         let paths = self.paths(id);
-        let _ = append_line(&paths.console(), &format!("--- burrow: {which} exited unexpectedly at {} ---", now_rfc3339()));
+        let _ = append_line(
+            &paths.console(),
+            &format!(
+                "--- burrow: {which} exited unexpectedly at {} ---",
+                now_rfc3339()
+            ),
+        );
         for p in pids.all() {
             p.kill().await;
         }
         self.clear_run_dir(id);
         let _ = self.db.set_pids(id, None);
         let _ = self.db.set_state(id, State::Stopped);
-        self.watchers.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
     }
 
     fn cancel_watcher(&self, id: &str) {
-        if let Some(t) = self.watchers.lock().unwrap_or_else(|p| p.into_inner()).remove(id) {
+        if let Some(t) = self
+            .watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+        {
             t.abort();
         }
     }
@@ -456,15 +533,28 @@ impl Engine {
     }
 }
 
-fn wrong_state(rec: &WorkspaceRecord, state: State, action: &'static str, wanted: &'static str) -> Error {
-    Error::WrongState { name: rec.name.clone(), state: state.to_string(), action, wanted }
+fn wrong_state(
+    rec: &WorkspaceRecord,
+    state: State,
+    action: &'static str,
+    wanted: &'static str,
+) -> Error {
+    Error::WrongState {
+        name: rec.name.clone(),
+        state: state.to_string(),
+        action,
+        wanted,
+    }
 }
 
 fn boot_timeout(secs: Option<u64>) -> Result<Duration> {
     match secs {
         None => Ok(DEFAULT_BOOT_TIMEOUT),
         Some(0) => Err(Error::invalid("boot_timeout", "must be at least 1 second")),
-        Some(s) if s > 3600 => Err(Error::invalid("boot_timeout", format!("{s} s is over an hour"))),
+        Some(s) if s > 3600 => Err(Error::invalid(
+            "boot_timeout",
+            format!("{s} s is over an hour"),
+        )),
         Some(s) => Ok(Duration::from_secs(s)),
     }
 }
@@ -473,7 +563,11 @@ fn boot_timeout(secs: Option<u64>) -> Result<Duration> {
 /// QEMU's last words.
 fn boot_failure_reason(paths: &VmPaths) -> String {
     let console = vmm::tail_lines(&paths.console(), 50);
-    if let Some(l) = console.iter().rev().find(|l| l.contains("BURROW-INIT-FAILED")) {
+    if let Some(l) = console
+        .iter()
+        .rev()
+        .find(|l| l.contains("BURROW-INIT-FAILED"))
+    {
         return l.trim().to_string();
     }
     let qemu = vmm::tail_lines(&paths.qemu_log(), 3);
@@ -485,7 +579,10 @@ fn boot_failure_reason(paths: &VmPaths) -> String {
 
 fn append_line(path: &std::path::Path, line: &str) -> std::io::Result<()> {
     use std::io::Write;
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
     writeln!(f, "{line}")
 }
 
@@ -493,7 +590,10 @@ pub fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .replace_nanosecond(0)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }
 

@@ -76,7 +76,10 @@ impl Engine {
             return false;
         }
         let guest = self.guest(rec);
-        guest.call(Op::Ping, Some(Duration::from_secs(10))).await.is_ok()
+        guest
+            .call(Op::Ping, Some(Duration::from_secs(10)))
+            .await
+            .is_ok()
     }
 
     async fn sweep_orphans(&self, adopted: &HashSet<String>) {

@@ -52,19 +52,33 @@ pub async fn choose(cache: &CacheDir, boot: &BootArtifacts) -> Accel {
         Ok("tcg") => return Accel::Tcg,
         _ => {}
     }
-    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
         return Accel::Tcg;
     }
-    let key = ProbeKey { host_kernel: host_kernel(), qemu: qemu_version().await, guest_kernel: boot.kernel_version.clone() };
+    let key = ProbeKey {
+        host_kernel: host_kernel(),
+        qemu: qemu_version().await,
+        guest_kernel: boot.kernel_version.clone(),
+    };
     let path = cache.accel_probe();
-    if let Some(rec) =
-        std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<ProbeRecord>(&b).ok())
+    if let Some(rec) = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<ProbeRecord>(&b).ok())
     {
         if rec.key == key {
             return rec.accel;
         }
     }
-    let accel = if probe_kvm(boot).await { Accel::Kvm } else { Accel::Tcg };
+    let accel = if probe_kvm(boot).await {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    };
     tracing::info!(accel = accel.as_str(), "accelerator probe");
     if let Ok(bytes) = serde_json::to_vec(&ProbeRecord { key, accel }) {
         let tmp = path.with_extension("tmp");
@@ -76,36 +90,72 @@ pub async fn choose(cache: &CacheDir, boot: &BootArtifacts) -> Accel {
 }
 
 fn host_kernel() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string()
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 async fn qemu_version() -> String {
-    let out = tokio::process::Command::new("qemu-system-x86_64").arg("--version").output().await;
-    out.map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string()).unwrap_or_default()
+    let out = tokio::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .await;
+    out.map(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    })
+    .unwrap_or_default()
 }
 
 async fn probe_kvm(boot: &BootArtifacts) -> bool {
-    let Ok(dir) = tempfile_dir() else { return false };
+    let Ok(dir) = tempfile_dir() else {
+        return false;
+    };
     let console = dir.join("console.log");
     let mut cmd = tokio::process::Command::new("qemu-system-x86_64");
-    cmd.args(["-M", "microvm,isa-serial=on", "-accel", "kvm", "-cpu", "host", "-m", "256M"])
-        .args(["-no-user-config", "-display", "none", "-no-reboot", "-monitor", "none"])
-        .arg("-serial")
-        .arg(format!("file:{}", console.display()))
-        .arg("-kernel")
-        .arg(&boot.kernel)
-        .arg("-initrd")
-        .arg(&boot.initramfs)
-        .args(["-append", "console=ttyS0 panic=-1 burrow.root=burrow-accel-probe"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
+    cmd.args([
+        "-M",
+        "microvm,isa-serial=on",
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host",
+        "-m",
+        "256M",
+    ])
+    .args([
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-monitor",
+        "none",
+    ])
+    .arg("-serial")
+    .arg(format!("file:{}", console.display()))
+    .arg("-kernel")
+    .arg(&boot.kernel)
+    .arg("-initrd")
+    .arg(&boot.initramfs)
+    .args([
+        "-append",
+        "console=ttyS0 panic=-1 burrow.root=burrow-accel-probe",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .kill_on_drop(true);
     let ok = match cmd.spawn() {
         Ok(mut child) => {
             let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
             let _ = child.kill().await;
-            std::fs::read_to_string(&console).map(|c| c.contains(INIT_MARKER)).unwrap_or(false)
+            std::fs::read_to_string(&console)
+                .map(|c| c.contains(INIT_MARKER))
+                .unwrap_or(false)
         }
         Err(_) => false,
     };

@@ -80,17 +80,25 @@ impl VmPaths {
 
 /// The last `n` lines of a log file, lossily decoded; for error messages and `logs`.
 pub fn tail_lines(path: &std::path::Path, n: usize) -> Vec<String> {
-    let Ok(bytes) = std::fs::read(path) else { return Vec::new() };
+    let Ok(bytes) = std::fs::read(path) else {
+        return Vec::new();
+    };
     let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.len().saturating_sub(n);
-    lines[start..].iter().map(|l| l.trim_end_matches('\r').to_string()).collect()
+    lines[start..]
+        .iter()
+        .map(|l| l.trim_end_matches('\r').to_string())
+        .collect()
 }
 
 /// The console tail as one line, for errors that must stay one line.
 pub fn console_tail_one_line(path: &std::path::Path) -> String {
-    let lines: Vec<String> =
-        tail_lines(path, 8).into_iter().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
+    let lines: Vec<String> = tail_lines(path, 8)
+        .into_iter()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
     if lines.is_empty() {
         "(empty)".to_string()
     } else {

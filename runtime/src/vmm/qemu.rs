@@ -20,15 +20,28 @@ const SIDECAR_READY: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
     #[error("start {what}: {source}")]
-    Spawn { what: &'static str, source: std::io::Error },
+    Spawn {
+        what: &'static str,
+        source: std::io::Error,
+    },
     #[error("{what} did not start: {reason}; see {log}")]
-    Sidecar { what: &'static str, reason: String, log: String },
+    Sidecar {
+        what: &'static str,
+        reason: String,
+        log: String,
+    },
     #[error("prepare {path}: {source}")]
-    Prepare { path: String, source: std::io::Error },
+    Prepare {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 fn prepare(path: &Path, e: std::io::Error) -> LaunchError {
-    LaunchError::Prepare { path: path.display().to_string(), source: e }
+    LaunchError::Prepare {
+        path: path.display().to_string(),
+        source: e,
+    }
 }
 
 /// Kills what was started if the launch does not get to the end.
@@ -72,18 +85,25 @@ pub async fn launch(spec: &VmSpec) -> Result<VmPids, LaunchError> {
         .arg(&spec.root)
         // The guest owns this tree and the host only reads it while the VM is
         // stopped or through the agent, so guest-side caching is safe and fast.
-        .args(["--cache=auto", "--sandbox=none", "--xattr", "--announce-submounts"]);
+        .args([
+            "--cache=auto",
+            "--sandbox=none",
+            "--xattr",
+            "--announce-submounts",
+        ]);
     // SAFETY: pass_fd only calls dup2, which is async-signal-safe.
     unsafe { cmd.pre_exec(move || pass_fd(&fs_listener, PASSED_FD)) };
     let virtiofsd = spawn(cmd, &paths.virtiofsd_log(), "virtiofsd")?;
     started.0.push(virtiofsd);
 
     // vhost-device-vsock binds its own socket; wait for it on inotify.
-    super::wait_for_path(&vsock_dev, vsock, SIDECAR_READY).await.map_err(|e| LaunchError::Sidecar {
-        what: "vhost-device-vsock",
-        reason: e.to_string(),
-        log: paths.vsock_log().display().to_string(),
-    })?;
+    super::wait_for_path(&vsock_dev, vsock, SIDECAR_READY)
+        .await
+        .map_err(|e| LaunchError::Sidecar {
+            what: "vhost-device-vsock",
+            reason: e.to_string(),
+            log: paths.vsock_log().display().to_string(),
+        })?;
 
     let qmp_sock = paths.qmp();
     let qmp_listener = UnixListener::bind(&qmp_sock).map_err(|e| prepare(&qmp_sock, e))?;
@@ -95,7 +115,11 @@ pub async fn launch(spec: &VmSpec) -> Result<VmPids, LaunchError> {
     started.0.push(qemu);
 
     std::mem::take(&mut started.0);
-    Ok(VmPids { qemu, virtiofsd, vsock })
+    Ok(VmPids {
+        qemu,
+        virtiofsd,
+        vsock,
+    })
 }
 
 fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
@@ -144,7 +168,10 @@ fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
         // into QEMU's exit, and panic=-1 does the same for a kernel panic.
         "-no-reboot".into(),
         "-chardev".into(),
-        format!("file,id=console,path={},append=on", paths.console().display()),
+        format!(
+            "file,id=console,path={},append=on",
+            paths.console().display()
+        ),
         "-serial".into(),
         "chardev:console".into(),
         "-kernel".into(),
@@ -173,16 +200,32 @@ fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
 /// The host CPU's clock in kHz, from /proc/cpuinfo.
 fn host_tsc_khz() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = info.lines().find_map(|l| l.strip_prefix("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
     (mhz > 0.0).then(|| (mhz * 1000.0) as u64)
 }
 
 /// Spawns a VM process in its own process group with its output in `log`.
 fn spawn(mut cmd: Command, log: &Path, what: &'static str) -> Result<ProcId, LaunchError> {
-    let out = File::options().create(true).append(true).open(log).map_err(|e| prepare(log, e))?;
+    let out = File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| prepare(log, e))?;
     let err = out.try_clone().map_err(|e| prepare(log, e))?;
-    cmd.stdin(Stdio::null()).stdout(out).stderr(err).process_group(0);
-    let child = cmd.spawn().map_err(|source| LaunchError::Spawn { what, source })?;
+    cmd.stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0);
+    let child = cmd
+        .spawn()
+        .map_err(|source| LaunchError::Spawn { what, source })?;
     let pid = child.id() as i32;
     // The Child handle is dropped: the VM outlives it, and exits are observed (and
     // reaped) through ProcId. The start time is read at once, while the pid is

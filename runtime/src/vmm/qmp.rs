@@ -19,7 +19,9 @@ impl Qmp {
     pub async fn connect(path: &Path, timeout: Duration) -> std::io::Result<Qmp> {
         let fut = async {
             let stream = UnixStream::connect(path).await?;
-            let mut qmp = Qmp { stream: BufReader::new(stream) };
+            let mut qmp = Qmp {
+                stream: BufReader::new(stream),
+            };
             let greeting = qmp.read_value().await?;
             if greeting.get("QMP").is_none() {
                 return Err(std::io::Error::other("no QMP greeting"));
@@ -27,14 +29,17 @@ impl Qmp {
             qmp.execute("qmp_capabilities", json!({})).await?;
             Ok(qmp)
         };
-        tokio::time::timeout(timeout, fut)
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "QMP handshake timed out"))?
+        tokio::time::timeout(timeout, fut).await.map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "QMP handshake timed out")
+        })?
     }
 
     async fn read_value(&mut self) -> std::io::Result<Value> {
         let mut line = String::new();
-        let n = (&mut self.stream).take(MAX_LINE as u64).read_line(&mut line).await?;
+        let n = (&mut self.stream)
+            .take(MAX_LINE as u64)
+            .read_line(&mut line)
+            .await?;
         if n == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
@@ -52,7 +57,10 @@ impl Qmp {
                 return Ok(r.clone());
             }
             if let Some(e) = v.get("error") {
-                let desc = e.get("desc").and_then(Value::as_str).unwrap_or("unknown error");
+                let desc = e
+                    .get("desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("unknown error");
                 return Err(std::io::Error::other(format!("QMP {command}: {desc}")));
             }
             // An event ({"event": ...}): not ours, keep reading.

@@ -22,7 +22,11 @@ pub enum WaitError {
 }
 
 /// Waits until `path` exists, failing early if `creator` exits first.
-pub async fn wait_for_path(path: &Path, creator: ProcId, timeout: Duration) -> Result<(), WaitError> {
+pub async fn wait_for_path(
+    path: &Path,
+    creator: ProcId,
+    timeout: Duration,
+) -> Result<(), WaitError> {
     let name = path.display().to_string();
     let dir = path.parent().unwrap_or(Path::new("/"));
     let watch = Inotify::watch(dir).map_err(|e| WaitError::Io(name.clone(), e))?;
@@ -86,7 +90,13 @@ fn drain(fd: &OwnedFd) {
     let mut buf = [0u8; 4096];
     loop {
         // SAFETY: reads into a valid buffer of the given length.
-        let n = unsafe { libc::read(std::os::fd::AsRawFd::as_raw_fd(fd), buf.as_mut_ptr().cast(), buf.len()) };
+        let n = unsafe {
+            libc::read(
+                std::os::fd::AsRawFd::as_raw_fd(fd),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
         if n <= 0 {
             break;
         }
@@ -119,7 +129,9 @@ mod tests {
         waiter.await.unwrap().unwrap();
         drop(stdin);
         let _ = child.wait();
-        let err = wait_for_path(&t.path().join("never"), me, Duration::from_secs(10)).await.unwrap_err();
+        let err = wait_for_path(&t.path().join("never"), me, Duration::from_secs(10))
+            .await
+            .unwrap_err();
         assert!(matches!(err, WaitError::Exited(_)), "{err}");
     }
 }

@@ -8,11 +8,16 @@ use burrow::api::{DaemonStatus, EnvRequest, JobKillRequest};
 use burrow::engine::{CreateParams, WorkspaceInfo};
 use burrow::image::ImageInfo;
 use burrow::paths::StateDir;
-use burrow_proto::{DirEntry, Exec, ExecResult, FileData, FileEdit, FileRead, FileWrite, JobStart, JobStatus, MAX_FILE_CHUNK};
+use burrow_proto::{
+    DirEntry, Exec, ExecResult, FileData, FileEdit, FileRead, FileWrite, JobStart, JobStatus,
+    MAX_FILE_CHUNK,
+};
 use serde_json::{json, Value};
 
 use crate::output::{print_entries, print_info, print_job, print_list};
-use crate::{daemon, Cli, Command, DaemonCommand, EnvCommand, FileCommand, ImageCommand, JobCommand};
+use crate::{
+    daemon, Cli, Command, DaemonCommand, EnvCommand, FileCommand, ImageCommand, JobCommand,
+};
 
 /// Exit code of an exec killed by its timeout, as timeout(1) uses.
 const EXIT_TIMEOUT: i32 = 124;
@@ -58,7 +63,10 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
     let c = daemon::connect(&state, &cli.cache_dir).await?;
     match cli.command {
         Command::Create(a) => {
-            let image = a.image.clone().unwrap_or_else(|| burrow::image::DEFAULT_IMAGE.to_string());
+            let image = a
+                .image
+                .clone()
+                .unwrap_or_else(|| burrow::image::DEFAULT_IMAGE.to_string());
             ensure_image(&c, &image).await?;
             let p = CreateParams {
                 name: a.name,
@@ -78,14 +86,30 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
         Command::Job(cmd) => job(&c, cmd).await?,
         Command::Env(EnvCommand::Set { workspace, vars }) => {
             let set = parse_vars(&vars, "env")?;
-            let _: Value = c.post(&ws_path(&workspace, "/env"), &EnvRequest { set, unset: vec![] }).await?;
+            let _: Value = c
+                .post(
+                    &ws_path(&workspace, "/env"),
+                    &EnvRequest { set, unset: vec![] },
+                )
+                .await?;
         }
         Command::Env(EnvCommand::Unset { workspace, keys }) => {
-            let _: Value = c.post(&ws_path(&workspace, "/env"), &EnvRequest { set: BTreeMap::new(), unset: keys }).await?;
+            let _: Value = c
+                .post(
+                    &ws_path(&workspace, "/env"),
+                    &EnvRequest {
+                        set: BTreeMap::new(),
+                        unset: keys,
+                    },
+                )
+                .await?;
         }
         Command::File(cmd) => file(&c, cmd).await?,
         Command::Ls(a) => {
-            let q = a.state.map(|s| format!("?state={}", seg(&s))).unwrap_or_default();
+            let q = a
+                .state
+                .map(|s| format!("?state={}", seg(&s)))
+                .unwrap_or_default();
             let list: Vec<WorkspaceInfo> = c.get(&format!("/v1/workspaces{q}")).await?;
             if a.json {
                 print_json(&list);
@@ -102,8 +126,12 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
             }
         }
         Command::Logs(a) => {
-            let v: BTreeMap<String, Vec<String>> =
-                c.get(&ws_path(&a.workspace, &format!("/logs?type={}&lines={}", a.kind, a.lines))).await?;
+            let v: BTreeMap<String, Vec<String>> = c
+                .get(&ws_path(
+                    &a.workspace,
+                    &format!("/logs?type={}&lines={}", a.kind, a.lines),
+                ))
+                .await?;
             let mut out = std::io::stdout().lock();
             for l in v.get("lines").into_iter().flatten() {
                 let _ = writeln!(out, "{l}");
@@ -119,10 +147,18 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
             println!("{} {}", w.name, w.state);
         }
         Command::Destroy(a) => {
-            let _: Value = c.call(hyper::Method::DELETE, &ws_path(&a.workspace, ""), None::<&()>).await?;
+            let _: Value = c
+                .call(
+                    hyper::Method::DELETE,
+                    &ws_path(&a.workspace, ""),
+                    None::<&()>,
+                )
+                .await?;
             println!("{} destroyed", a.workspace);
         }
-        Command::Image(ImageCommand::Build { name, force }) => build_image(&c, &name, force).await?,
+        Command::Image(ImageCommand::Build { name, force }) => {
+            build_image(&c, &name, force, None).await?
+        }
         Command::Image(ImageCommand::Ls { json }) => {
             let list: Vec<ImageInfo> = c.get("/v1/images").await?;
             if json {
@@ -130,7 +166,13 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
             } else {
                 println!("{:<10} {:>10} {:>8}  BUILT", "NAME", "SIZE", "PACKAGES");
                 for i in list {
-                    println!("{:<10} {:>9}M {:>8}  {}", i.name, i.size_bytes >> 20, i.packages, crate::output::unix_time(i.built_at));
+                    println!(
+                        "{:<10} {:>9}M {:>8}  {}",
+                        i.name,
+                        i.size_bytes >> 20,
+                        i.packages,
+                        crate::output::unix_time(i.built_at)
+                    );
                 }
             }
         }
@@ -164,14 +206,31 @@ async fn ensure_image(c: &Client, name: &str) -> Result<(), Failure> {
     if list.iter().any(|i| i.name == name) {
         return Ok(());
     }
-    eprintln!("burrow: image {name} is not built yet; building it first");
-    build_image(c, name, false).await
+    build_image(
+        c,
+        name,
+        false,
+        Some(format!(
+            "burrow: image {name} is not built yet; building it first"
+        )),
+    )
+    .await
 }
 
-async fn build_image(c: &Client, name: &str, force: bool) -> Result<(), Failure> {
+/// Builds an image, showing progress. `notice` is printed before the first progress
+/// line, so that a refused build prints nothing but its error.
+async fn build_image(
+    c: &Client,
+    name: &str,
+    force: bool,
+    mut notice: Option<String>,
+) -> Result<(), Failure> {
     let mut last = String::new();
     let path = format!("/v1/images/{}/build?force={force}", seg(name));
     c.stream_lines(hyper::Method::POST, &path, |line| {
+        if let Some(n) = notice.take() {
+            eprintln!("{n}");
+        }
         if line != "ok" && !line.starts_with("error: ") {
             eprintln!("{line}");
         }
@@ -189,11 +248,17 @@ async fn exec(c: &Client, a: crate::ExecArgs) -> Result<i32, Failure> {
     let timeout_ms = match a.timeout {
         None => None,
         Some(t) if t.is_finite() && t > 0.0 && t <= 86_400.0 => Some((t * 1000.0).ceil() as u64),
-        Some(t) => return fail(format!("invalid timeout: {t} is not between 0 and 86400 seconds")),
+        Some(t) => {
+            return fail(format!(
+                "invalid timeout: {t} is not between 0 and 86400 seconds"
+            ))
+        }
     };
     let stdin = if a.interactive {
         let mut buf = Vec::new();
-        std::io::stdin().read_to_end(&mut buf).map_err(|e| format!("read stdin: {e}"))?;
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .map_err(|e| format!("read stdin: {e}"))?;
         Some(buf)
     } else {
         None
@@ -220,25 +285,53 @@ async fn exec(c: &Client, a: crate::ExecArgs) -> Result<i32, Failure> {
     }
     if r.timed_out {
         let secs = a.timeout.unwrap_or_default();
-        return Err(Failure(format!("exec timed out after {secs} s; the command was killed"), EXIT_TIMEOUT));
+        return Err(Failure(
+            format!("exec timed out after {secs} s; the command was killed"),
+            EXIT_TIMEOUT,
+        ));
     }
     Ok(r.exit_code)
 }
 
 async fn job(c: &Client, cmd: JobCommand) -> Result<(), Failure> {
     match cmd {
-        JobCommand::Start { workspace, workdir, env, argv } => {
-            let req = JobStart { argv, workdir, env: parse_vars(&env, "env")?, max_output_bytes: None };
+        JobCommand::Start {
+            workspace,
+            workdir,
+            env,
+            argv,
+        } => {
+            let req = JobStart {
+                argv,
+                workdir,
+                env: parse_vars(&env, "env")?,
+                max_output_bytes: None,
+            };
             let v: Value = c.post(&ws_path(&workspace, "/jobs"), &req).await?;
             println!("{}", v.get("job").cloned().unwrap_or(Value::Null));
         }
-        JobCommand::Poll { workspace, job, json } => {
-            let s: JobStatus = c.get(&ws_path(&workspace, &format!("/jobs/{}", seg(&job)))).await?;
+        JobCommand::Poll {
+            workspace,
+            job,
+            json,
+        } => {
+            let s: JobStatus = c
+                .get(&ws_path(&workspace, &format!("/jobs/{}", seg(&job))))
+                .await?;
             print_job(&s, json);
         }
-        JobCommand::Kill { workspace, job, signal } => {
+        JobCommand::Kill {
+            workspace,
+            job,
+            signal,
+        } => {
             let signal = parse_signal(&signal)?;
-            let _: Value = c.post(&ws_path(&workspace, &format!("/jobs/{}/kill", seg(&job))), &JobKillRequest { signal }).await?;
+            let _: Value = c
+                .post(
+                    &ws_path(&workspace, &format!("/jobs/{}/kill", seg(&job))),
+                    &JobKillRequest { signal },
+                )
+                .await?;
         }
     }
     Ok(())
@@ -262,44 +355,78 @@ fn parse_signal(s: &str) -> Result<i32, Failure> {
         "STOP" => libc::SIGSTOP,
         "CONT" => libc::SIGCONT,
         "ALRM" => libc::SIGALRM,
-        _ => return fail(format!("invalid signal: {s:?} is not a signal name or number")),
+        _ => {
+            return fail(format!(
+                "invalid signal: {s:?} is not a signal name or number"
+            ))
+        }
     };
     Ok(n)
 }
 
 async fn file(c: &Client, cmd: FileCommand) -> Result<(), Failure> {
     match cmd {
-        FileCommand::Write { workspace, path, mode } => {
+        FileCommand::Write {
+            workspace,
+            path,
+            mode,
+        } => {
             let mode = match mode {
                 None => None,
                 Some(m) => Some(
                     u32::from_str_radix(m.trim_start_matches("0o"), 8)
                         .ok()
                         .filter(|v| *v <= 0o7777)
-                        .ok_or_else(|| format!("invalid mode: {m:?} is not octal permission bits like 0644"))?,
+                        .ok_or_else(|| {
+                            format!("invalid mode: {m:?} is not octal permission bits like 0644")
+                        })?,
                 ),
             };
             let mut data = Vec::new();
-            std::io::stdin().read_to_end(&mut data).map_err(|e| format!("read stdin: {e}"))?;
+            std::io::stdin()
+                .read_to_end(&mut data)
+                .map_err(|e| format!("read stdin: {e}"))?;
             // Large contents go in chunks: the first truncates, the rest append.
             let mut chunks = data.chunks(MAX_FILE_CHUNK).peekable();
             let first = chunks.next().unwrap_or(&[]);
-            let mut req = FileWrite { path, data: first.to_vec(), mode, append: false };
+            let mut req = FileWrite {
+                path,
+                data: first.to_vec(),
+                mode,
+                append: false,
+            };
             loop {
                 let _: Value = c.post(&ws_path(&workspace, "/files/write"), &req).await?;
                 match chunks.next() {
-                    Some(next) => req = FileWrite { data: next.to_vec(), append: true, ..req },
+                    Some(next) => {
+                        req = FileWrite {
+                            data: next.to_vec(),
+                            append: true,
+                            ..req
+                        }
+                    }
                     None => break,
                 }
             }
         }
-        FileCommand::Read { workspace, path, offset, limit } => {
+        FileCommand::Read {
+            workspace,
+            path,
+            offset,
+            limit,
+        } => {
             let mut out = std::io::stdout().lock();
             let mut offset = offset;
             let mut left = limit;
             loop {
-                let chunk = left.map(|l| l.min(MAX_FILE_CHUNK as u64)).unwrap_or(MAX_FILE_CHUNK as u64);
-                let req = FileRead { path: path.clone(), offset, limit: Some(chunk) };
+                let chunk = left
+                    .map(|l| l.min(MAX_FILE_CHUNK as u64))
+                    .unwrap_or(MAX_FILE_CHUNK as u64);
+                let req = FileRead {
+                    path: path.clone(),
+                    offset,
+                    limit: Some(chunk),
+                };
                 let d: FileData = c.post(&ws_path(&workspace, "/files/read"), &req).await?;
                 let _ = out.write_all(&d.data);
                 offset += d.data.len() as u64;
@@ -312,13 +439,35 @@ async fn file(c: &Client, cmd: FileCommand) -> Result<(), Failure> {
             }
             let _ = out.flush();
         }
-        FileCommand::Edit { workspace, path, old, new, all } => {
-            let v: Value = c.post(&ws_path(&workspace, "/files/edit"), &FileEdit { path, old, new, all }).await?;
+        FileCommand::Edit {
+            workspace,
+            path,
+            old,
+            new,
+            all,
+        } => {
+            let v: Value = c
+                .post(
+                    &ws_path(&workspace, "/files/edit"),
+                    &FileEdit {
+                        path,
+                        old,
+                        new,
+                        all,
+                    },
+                )
+                .await?;
             let n = v.get("replacements").and_then(Value::as_u64).unwrap_or(0);
             eprintln!("burrow: {n} replacement{}", if n == 1 { "" } else { "s" });
         }
-        FileCommand::Ls { workspace, path, json } => {
-            let v: BTreeMap<String, Vec<DirEntry>> = c.post(&ws_path(&workspace, "/files/list"), &json!({"path": path})).await?;
+        FileCommand::Ls {
+            workspace,
+            path,
+            json,
+        } => {
+            let v: BTreeMap<String, Vec<DirEntry>> = c
+                .post(&ws_path(&workspace, "/files/list"), &json!({"path": path}))
+                .await?;
             let entries = v.get("entries").cloned().unwrap_or_default();
             if json {
                 print_json(&entries);
@@ -330,7 +479,11 @@ async fn file(c: &Client, cmd: FileCommand) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn daemon_command(cmd: &DaemonCommand, state: &StateDir, cache: &std::path::Path) -> Result<i32, Failure> {
+async fn daemon_command(
+    cmd: &DaemonCommand,
+    state: &StateDir,
+    cache: &std::path::Path,
+) -> Result<i32, Failure> {
     let c = Client::new(state.socket());
     match cmd {
         DaemonCommand::Start => match c.get::<DaemonStatus>("/v1/daemon").await {
@@ -345,13 +498,21 @@ async fn daemon_command(cmd: &DaemonCommand, state: &StateDir, cache: &std::path
             Ok(s) => {
                 let _: Value = c.post("/v1/daemon/shutdown", &json!({})).await?;
                 if let Some(p) = burrow::db::ProcId::of(s.pid as i32) {
-                    if tokio::time::timeout(std::time::Duration::from_secs(30), p.exited()).await.is_err() {
+                    if tokio::time::timeout(std::time::Duration::from_secs(30), p.exited())
+                        .await
+                        .is_err()
+                    {
                         return fail(format!("burrowd (pid {}) did not stop within 30 s", s.pid));
                     }
                 }
-                println!("burrowd stopped (pid {}); running workspaces keep running", s.pid);
+                println!(
+                    "burrowd stopped (pid {}); running workspaces keep running",
+                    s.pid
+                );
             }
-            Err(ClientError::NotRunning { .. }) => println!("burrowd is not running for {}", state.root().display()),
+            Err(ClientError::NotRunning { .. }) => {
+                println!("burrowd is not running for {}", state.root().display())
+            }
             Err(e) => return Err(e.into()),
         },
         DaemonCommand::Status { json } => match c.get::<DaemonStatus>("/v1/daemon").await {
@@ -362,7 +523,10 @@ async fn daemon_command(cmd: &DaemonCommand, state: &StateDir, cache: &std::path
                     println!("burrowd running (pid {})", s.pid);
                     println!("state dir:  {}", s.state_dir);
                     println!("cache dir:  {}", s.cache_dir);
-                    println!("accel:      {}", s.accel.as_deref().unwrap_or("(not probed yet)"));
+                    println!(
+                        "accel:      {}",
+                        s.accel.as_deref().unwrap_or("(not probed yet)")
+                    );
                     println!("workspaces: {} ({} running)", s.workspaces, s.running);
                 }
             }

@@ -21,7 +21,10 @@ pub fn burrowd_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("BURROWD") {
         return PathBuf::from(p);
     }
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
         let p = dir.join("burrowd");
         if p.exists() {
             return p;
@@ -37,7 +40,10 @@ pub async fn connect(state: &StateDir, cache_dir: &Path) -> Result<Client, Strin
         Ok(_) => Ok(client),
         Err(ClientError::NotRunning { .. }) => {
             let pid = start(state, cache_dir).await?;
-            eprintln!("burrow: started burrowd for {} (pid {pid})", state.root().display());
+            eprintln!(
+                "burrow: started burrowd for {} (pid {pid})",
+                state.root().display()
+            );
             Ok(client)
         }
         Err(e) => Err(e.to_string()),
@@ -47,14 +53,17 @@ pub async fn connect(state: &StateDir, cache_dir: &Path) -> Result<Client, Strin
 /// Starts burrowd detached (own session, output to its log) and waits for its
 /// readiness line on a pipe.
 pub async fn start(state: &StateDir, cache_dir: &Path) -> Result<u32, String> {
-    std::fs::create_dir_all(state.root()).map_err(|e| format!("create {}: {e}", state.root().display()))?;
+    std::fs::create_dir_all(state.root())
+        .map_err(|e| format!("create {}: {e}", state.root().display()))?;
     let log_path = state.daemon_log();
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
         .map_err(|e| format!("open {}: {e}", log_path.display()))?;
-    let log_err = log.try_clone().map_err(|e| format!("open {}: {e}", log_path.display()))?;
+    let log_err = log
+        .try_clone()
+        .map_err(|e| format!("open {}: {e}", log_path.display()))?;
     let (read_end, write_end) = pipe().map_err(|e| format!("pipe: {e}"))?;
     let mut cmd = Command::new(burrowd_binary());
     cmd.arg("--state-dir")
@@ -77,7 +86,9 @@ pub async fn start(state: &StateDir, cache_dir: &Path) -> Result<u32, String> {
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(|e| format!("start {}: {e}", burrowd_binary().display()))?;
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("start {}: {e}", burrowd_binary().display()))?;
     drop(write_end);
     let pid = child.id();
     // Reading blocks until the daemon writes "ready" or exits (EOF).
@@ -89,7 +100,12 @@ pub async fn start(state: &StateDir, cache_dir: &Path) -> Result<u32, String> {
     });
     let buf = tokio::time::timeout(READY_TIMEOUT, line)
         .await
-        .map_err(|_| format!("burrowd did not get ready within {READY_TIMEOUT:?}; see {}", log_path.display()))?
+        .map_err(|_| {
+            format!(
+                "burrowd did not get ready within {READY_TIMEOUT:?}; see {}",
+                log_path.display()
+            )
+        })?
         .map_err(|e| format!("waiting for burrowd: {e}"))?;
     if buf.starts_with(b"ready") {
         Ok(pid)

@@ -11,7 +11,12 @@ use burrow::paths::{DEFAULT_CACHE_DIR, DEFAULT_STATE_DIR};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "burrow", version, about = "Sandboxes that are microVMs: create, exec, files, jobs", propagate_version = true)]
+#[command(
+    name = "burrow",
+    version,
+    about = "Sandboxes that are microVMs: create, exec, files, jobs",
+    propagate_version = true
+)]
 pub struct Cli {
     /// State dir of the daemon to talk to (one daemon per state dir).
     #[arg(long, global = true, env = "BURROW_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
@@ -251,7 +256,10 @@ pub enum DaemonCommand {
 
 fn main() {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("burrow: cannot start the runtime: {e}");

@@ -9,12 +9,18 @@ use serde_json::json;
 pub fn unix_time(secs: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(secs)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| secs.to_string())
 }
 
 pub fn print_list(list: &[WorkspaceInfo]) {
-    println!("{:<12}  {:<20} {:<9} {:>5} {:>7} {:<5} {:<8} CREATED", "ID", "NAME", "STATE", "VCPUS", "MEMORY", "ACCEL", "IMAGE");
+    println!(
+        "{:<12}  {:<20} {:<9} {:>5} {:>7} {:<5} {:<8} CREATED",
+        "ID", "NAME", "STATE", "VCPUS", "MEMORY", "ACCEL", "IMAGE"
+    );
     for w in list {
         println!(
             "{:<12}  {:<20} {:<9} {:>5} {:>6}M {:<5} {:<8} {}",
@@ -42,7 +48,10 @@ pub fn print_info(w: &WorkspaceInfo) {
     println!("store:      {}", w.store);
     println!("volume:     {}", w.volume.display());
     match &w.pids {
-        Some(p) => println!("pids:       qemu={} virtiofsd={} vsock={}", p.qemu, p.virtiofsd, p.vsock),
+        Some(p) => println!(
+            "pids:       qemu={} virtiofsd={} vsock={}",
+            p.qemu, p.virtiofsd, p.vsock
+        ),
         None => println!("pids:       -"),
     }
 }
@@ -82,7 +91,16 @@ pub fn print_entries(entries: &[DirEntry]) {
             FileKind::File => '-',
             FileKind::Other => '?',
         };
-        let name = if e.kind == FileKind::Dir { format!("{}/", e.name) } else { e.name.clone() };
-        println!("{kind}{:04o} {:>10} {} {name}", e.mode, e.size, unix_time(e.modified));
+        let name = if e.kind == FileKind::Dir {
+            format!("{}/", e.name)
+        } else {
+            e.name.clone()
+        };
+        println!(
+            "{kind}{:04o} {:>10} {} {name}",
+            e.mode,
+            e.size,
+            unix_time(e.modified)
+        );
     }
 }
