@@ -170,6 +170,8 @@ pub unsafe fn pass_fd(fd: &impl AsRawFd, target: i32) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    // The children are reaped through ProcId, which is what these tests check.
+    #[allow(clippy::zombie_processes)]
     #[tokio::test]
     async fn identity_wait_and_terminate() {
         let child = std::process::Command::new("sleep")
@@ -191,6 +193,7 @@ mod tests {
         assert!(ProcId::of(p.pid).is_none(), "reaped");
     }
 
+    #[allow(clippy::zombie_processes)]
     #[tokio::test]
     async fn finds_processes_by_command_line() {
         let t = tempfile::tempdir().unwrap();

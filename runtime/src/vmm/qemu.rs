@@ -208,7 +208,7 @@ fn host_tsc_khz() -> Option<u64> {
         .trim()
         .parse()
         .ok()?;
-    (mhz > 0.0).then(|| (mhz * 1000.0) as u64)
+    (mhz > 0.0).then_some((mhz * 1000.0) as u64)
 }
 
 /// Spawns a VM process in its own process group with its output in `log`.
