@@ -1,32 +1,70 @@
 //! The plain-copy backend: each volume is a full copy of its image.
 //!
-//! Slow for large images and costly in disk, but it works on any file system and is
-//! the baseline the copy-on-write backends are measured against.
+//! A copy of a root file system takes seconds, so the store keeps one spare copy of
+//! the current image ready ([`Store::prepare`]): a create renames the spare into
+//! place, which is O(1), and the caller prepares the next spare in the background.
+//! A create that finds no spare copies. Works on any file system; the copy-on-write
+//! backends make the spare unnecessary.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 
-use crate::{validate_id, Store, StoreError, Volume};
+use crate::{validate_id, ImageSource, Store, StoreError, Volume};
 
 /// Prefix of the directory a volume is built in before it is renamed into place.
 const PARTIAL: &str = ".partial-";
-/// Prefix a volume is renamed to before its removal, so a crash mid-delete leaves
-/// nothing that looks like a live volume.
+/// Prefix of a volume being removed, so a crash mid-delete leaves nothing that
+/// looks like a live volume.
 const DOOMED: &str = ".doomed-";
+/// Prefix of the ready spare copy of an image, followed by the image key.
+const SPARE: &str = ".spare-";
 
 pub struct CopyStore {
     root: PathBuf,
+    /// One spare copy is made at a time.
+    preparing: Mutex<()>,
 }
 
 impl CopyStore {
     pub fn new(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let root = root.into();
         std::fs::create_dir_all(&root).map_err(|e| StoreError::io("create", &root, e))?;
-        Ok(CopyStore { root })
+        Ok(CopyStore { root, preparing: Mutex::new(()) })
     }
 
     fn path(&self, id: &str) -> PathBuf {
         self.root.join(id)
+    }
+
+    fn spare(&self, image: &ImageSource) -> PathBuf {
+        self.root.join(format!("{SPARE}{}", image.key))
+    }
+
+    /// Copies `image` to `dest` by way of a partial directory named `partial`.
+    fn copy(&self, image: &ImageSource, partial: &str, dest: &Path) -> Result<(), StoreError> {
+        if !image.root.is_dir() {
+            return Err(StoreError::BadImage(image.root.clone()));
+        }
+        let partial = self.root.join(format!("{PARTIAL}{partial}"));
+        remove_tree(&partial)?;
+        // `cp -a` keeps everything a root file system holds (ownership, modes,
+        // hard links, device nodes, xattrs, sparse files) and reflinks where the file
+        // system can; nothing of its output is parsed but the first error line.
+        let out = Command::new("cp")
+            .arg("-a")
+            .arg("--reflink=auto")
+            .arg(&image.root)
+            .arg(&partial)
+            .output()
+            .map_err(|e| StoreError::io("run cp for", &partial, e))?;
+        if !out.status.success() {
+            let _ = remove_tree(&partial);
+            let msg = String::from_utf8_lossy(&out.stderr);
+            let first = msg.lines().next().unwrap_or("cp failed").to_string();
+            return Err(StoreError::io("copy image into", &partial, std::io::Error::other(first)));
+        }
+        std::fs::rename(&partial, dest).map_err(|e| StoreError::io("rename", dest, e))
     }
 }
 
@@ -35,44 +73,37 @@ impl Store for CopyStore {
         "copy"
     }
 
-    fn create(&self, id: &str, image: &Path) -> Result<Volume, StoreError> {
+    fn create(&self, id: &str, image: &ImageSource) -> Result<Volume, StoreError> {
         validate_id(id)?;
-        if !image.is_dir() {
-            return Err(StoreError::BadImage(image.to_path_buf()));
-        }
         let dest = self.path(id);
         if dest.exists() {
             return Err(StoreError::Exists(id.to_string()));
         }
-        let partial = self.root.join(format!("{PARTIAL}{id}"));
-        if partial.exists() {
-            remove_tree(&partial)?;
+        // Taking the spare is one rename; if another create took it first, copy.
+        match std::fs::rename(self.spare(image), &dest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.copy(image, id, &dest)?,
+            Err(e) => return Err(StoreError::io("rename", &dest, e)),
         }
-        // `cp -a` keeps everything a root file system holds (ownership, modes,
-        // hard links, device nodes, xattrs, sparse files) and reflinks where the file
-        // system can; nothing of its output is parsed.
-        let out = Command::new("cp")
-            .arg("-a")
-            .arg("--reflink=auto")
-            .arg(image)
-            .arg(&partial)
-            .output()
-            .map_err(|e| StoreError::io("run cp for", &partial, e))?;
-        if !out.status.success() {
-            let _ = remove_tree(&partial);
-            let msg = String::from_utf8_lossy(&out.stderr);
-            let first = msg.lines().next().unwrap_or("cp failed").to_string();
-            return Err(StoreError::io(
-                "copy image into",
-                &partial,
-                std::io::Error::other(first),
-            ));
+        Ok(Volume { id: id.to_string(), path: dest })
+    }
+
+    fn prepare(&self, image: &ImageSource) -> Result<(), StoreError> {
+        let _one = self.preparing.lock().unwrap_or_else(|p| p.into_inner());
+        let spare = self.spare(image);
+        let want = spare.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let rd = std::fs::read_dir(&self.root).map_err(|e| StoreError::io("read", &self.root, e))?;
+        for entry in rd.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(SPARE) && name != want {
+                remove_tree(&entry.path())?;
+            }
         }
-        std::fs::rename(&partial, &dest).map_err(|e| StoreError::io("rename", &dest, e))?;
-        Ok(Volume {
-            id: id.to_string(),
-            path: dest,
-        })
+        if spare.exists() {
+            return Ok(());
+        }
+        validate_id(&image.key)?;
+        self.copy(image, &format!("spare-{}", image.key), &spare)
     }
 
     fn delete(&self, id: &str) -> Result<(), StoreError> {
@@ -89,26 +120,19 @@ impl Store for CopyStore {
     fn get(&self, id: &str) -> Option<Volume> {
         validate_id(id).ok()?;
         let path = self.path(id);
-        path.is_dir().then(|| Volume {
-            id: id.to_string(),
-            path,
-        })
+        path.is_dir().then(|| Volume { id: id.to_string(), path })
     }
 
     fn list(&self) -> Result<Vec<Volume>, StoreError> {
         let mut out = Vec::new();
-        let rd =
-            std::fs::read_dir(&self.root).map_err(|e| StoreError::io("read", &self.root, e))?;
+        let rd = std::fs::read_dir(&self.root).map_err(|e| StoreError::io("read", &self.root, e))?;
         for entry in rd {
             let entry = entry.map_err(|e| StoreError::io("read", &self.root, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') || validate_id(&name).is_err() {
                 continue;
             }
-            out.push(Volume {
-                id: name,
-                path: entry.path(),
-            });
+            out.push(Volume { id: name, path: entry.path() });
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
@@ -116,8 +140,7 @@ impl Store for CopyStore {
 
     fn reconcile(&self) -> Result<Vec<PathBuf>, StoreError> {
         let mut removed = Vec::new();
-        let rd =
-            std::fs::read_dir(&self.root).map_err(|e| StoreError::io("read", &self.root, e))?;
+        let rd = std::fs::read_dir(&self.root).map_err(|e| StoreError::io("read", &self.root, e))?;
         for entry in rd {
             let entry = entry.map_err(|e| StoreError::io("read", &self.root, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -144,18 +167,14 @@ mod tests {
 
     use super::*;
 
-    fn image(dir: &Path) -> PathBuf {
+    fn image(dir: &Path) -> ImageSource {
         let img = dir.join("image");
         std::fs::create_dir_all(img.join("etc")).unwrap();
         std::fs::write(img.join("etc/hostname"), "x\n").unwrap();
-        std::fs::set_permissions(
-            img.join("etc/hostname"),
-            std::fs::Permissions::from_mode(0o600),
-        )
-        .unwrap();
+        std::fs::set_permissions(img.join("etc/hostname"), std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::hard_link(img.join("etc/hostname"), img.join("etc/link")).unwrap();
         symlink("hostname", img.join("etc/sym")).unwrap();
-        img
+        ImageSource { key: "img-1".into(), root: img }
     }
 
     #[test]
@@ -168,20 +187,33 @@ mod tests {
         let meta = std::fs::metadata(a.path.join("etc/hostname")).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o600);
         assert_eq!(meta.nlink(), 2, "hard links survive the copy");
-        assert_eq!(
-            std::fs::read_link(a.path.join("etc/sym")).unwrap(),
-            PathBuf::from("hostname")
-        );
+        assert_eq!(std::fs::read_link(a.path.join("etc/sym")).unwrap(), PathBuf::from("hostname"));
         std::fs::write(a.path.join("etc/hostname"), "changed").unwrap();
-        assert_eq!(
-            std::fs::read_to_string(b.path.join("etc/hostname")).unwrap(),
-            "x\n"
-        );
-        assert_eq!(
-            std::fs::read_to_string(img.join("etc/hostname")).unwrap(),
-            "x\n"
-        );
+        assert_eq!(std::fs::read_to_string(b.path.join("etc/hostname")).unwrap(), "x\n");
+        assert_eq!(std::fs::read_to_string(img.root.join("etc/hostname")).unwrap(), "x\n");
         assert_eq!(store.list().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_prepared_spare_is_taken_once_and_stale_spares_are_dropped() {
+        let t = tempfile::tempdir().unwrap();
+        let img = image(t.path());
+        let root = t.path().join("vols");
+        let store = CopyStore::new(&root).unwrap();
+        store.prepare(&img).unwrap();
+        assert!(root.join(".spare-img-1").is_dir());
+        assert!(store.list().unwrap().is_empty(), "a spare is not a volume");
+        let a = store.create("a", &img).unwrap();
+        assert!(!root.join(".spare-img-1").exists(), "the spare became the volume");
+        assert_eq!(std::fs::read_to_string(a.path.join("etc/hostname")).unwrap(), "x\n");
+        // No spare left: the next create copies.
+        store.create("b", &img).unwrap();
+        // A rebuilt image (new key) drops the old spare.
+        store.prepare(&img).unwrap();
+        let newer = ImageSource { key: "img-2".into(), ..img.clone() };
+        store.prepare(&newer).unwrap();
+        assert!(!root.join(".spare-img-1").exists());
+        assert!(root.join(".spare-img-2").is_dir());
     }
 
     #[test]
@@ -190,19 +222,12 @@ mod tests {
         let img = image(t.path());
         let store = CopyStore::new(t.path().join("vols")).unwrap();
         store.create("a", &img).unwrap();
-        assert!(matches!(
-            store.create("a", &img),
-            Err(StoreError::Exists(_))
-        ));
-        assert!(matches!(
-            store.create("../x", &img),
-            Err(StoreError::InvalidId(_))
-        ));
-        assert!(matches!(
-            store.create("c", &t.path().join("nope")),
-            Err(StoreError::BadImage(_))
-        ));
+        assert!(matches!(store.create("a", &img), Err(StoreError::Exists(_))));
+        assert!(matches!(store.create("../x", &img), Err(StoreError::InvalidId(_))));
+        let missing = ImageSource { key: "k".into(), root: t.path().join("nope") };
+        assert!(matches!(store.create("c", &missing), Err(StoreError::BadImage(_))));
         assert_eq!(store.list().unwrap().len(), 1);
+        assert_eq!(std::fs::read_dir(t.path().join("vols")).unwrap().count(), 1);
     }
 
     #[test]
@@ -217,10 +242,7 @@ mod tests {
         assert!(store.get("a").is_none());
         std::fs::create_dir_all(root.join(".partial-b/etc")).unwrap();
         std::fs::create_dir_all(root.join(".doomed-c")).unwrap();
-        assert!(
-            store.list().unwrap().is_empty(),
-            "half-made volumes are not listed"
-        );
+        assert!(store.list().unwrap().is_empty(), "half-made volumes are not listed");
         assert_eq!(store.reconcile().unwrap().len(), 2);
         assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
     }

@@ -40,6 +40,14 @@ impl StoreError {
     }
 }
 
+/// The image a volume is made from: its root directory, and a key that changes
+/// whenever the image is rebuilt (so nothing made from an old build is reused).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageSource {
+    pub key: String,
+    pub root: PathBuf,
+}
+
 /// A volume as a store reports it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Volume {
@@ -55,8 +63,14 @@ pub struct Volume {
 pub trait Store: Send + Sync {
     /// Short backend name shown to users (`copy`, later `btrfs`, `fuse`).
     fn kind(&self) -> &'static str;
-    /// Makes a new volume `id` whose contents are those of the image root `image`.
-    fn create(&self, id: &str, image: &Path) -> Result<Volume, StoreError>;
+    /// Makes a new volume `id` whose contents are those of `image`.
+    fn create(&self, id: &str, image: &ImageSource) -> Result<Volume, StoreError>;
+    /// Does ahead of time whatever makes the next [`Store::create`] from `image`
+    /// fast, and drops what was prepared for other images. Backends whose create is
+    /// already O(1) do nothing.
+    fn prepare(&self, _image: &ImageSource) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Removes volume `id`. Removing a volume that does not exist is not an error.
     fn delete(&self, id: &str) -> Result<(), StoreError>;
     /// The directory of volume `id`, if it exists.

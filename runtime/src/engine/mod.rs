@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use burrow_fs::{CopyStore, Store};
+use burrow_fs::{CopyStore, ImageSource, Store};
 use burrow_proto::{Op, READY_PORT};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
@@ -130,6 +130,9 @@ impl Engine {
             watchers: Mutex::new(HashMap::new()),
         });
         engine.reconcile().await?;
+        if let Some(source) = engine.image_source(DEFAULT_IMAGE) {
+            engine.prepare_volume(source);
+        }
         Ok(engine)
     }
 
@@ -209,9 +212,9 @@ impl Engine {
         if self.db.resolve(&name).is_ok_and(|r| r.name == name) {
             return Err(Error::NameTaken(name));
         }
-        if self.images.info(&image).is_none() {
+        let Some(source) = self.image_source(&image) else {
             return Err(Error::ImageNotFound(image));
-        }
+        };
         let rec = WorkspaceRecord {
             id: id.clone(),
             name,
@@ -231,11 +234,12 @@ impl Engine {
         let span = tracing::info_span!("create", workspace = %id, name = %rec.name);
         let made = async {
             let store = self.store.clone();
-            let rootfs = self.images.rootfs(&image);
             let vid = id.clone();
-            tokio::task::spawn_blocking(move || store.create(&vid, &rootfs))
+            let src = source.clone();
+            tokio::task::spawn_blocking(move || store.create(&vid, &src))
                 .await
                 .map_err(|e| Error::Vmm(format!("volume task: {e}")))??;
+            self.prepare_volume(source);
             self.db.set_state(&id, State::Stopped)?;
             self.start_locked(&rec, boot_timeout, progress).await
         }
@@ -251,6 +255,21 @@ impl Engine {
                 Err(e)
             }
         }
+    }
+
+    fn image_source(&self, image: &str) -> Option<ImageSource> {
+        let info = self.images.info(image)?;
+        Some(ImageSource { key: format!("{}-{}", info.name, info.built_at), root: info.path })
+    }
+
+    /// Lets the store get the next create from `source` ready, in the background.
+    fn prepare_volume(&self, source: ImageSource) {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.prepare(&source) {
+                tracing::warn!("preparing a volume of {}: {e}", source.key);
+            }
+        });
     }
 
     pub async fn start(
