@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""burrow's spine benchmark. Prints medians over repeated runs, in one invocation:
+
+  (a) floor: raw qemu-system-x86_64 boot of the same kernel + initramfs to /init
+      (same machine type, memory and accelerator as a workspace; the initramfs's
+      `burrow.floor=1` hook reboots as soon as /init runs, and -no-reboot makes QEMU exit)
+  (b) `burrow create` until the agent is ready (the CLI returns only then)
+  (c) `burrow exec ws -- true` round trip
+  (d) `docker exec` of `true` on runc, when a Docker engine answers
+
+Usage: bench.py BIN_DIR [--runs N] [--exec-runs N]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def ms(t0):
+    return (time.monotonic() - t0) * 1000.0
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+class Burrow:
+    def __init__(self, bin_dir, state):
+        self.bin = os.path.join(bin_dir, "burrow")
+        self.state = state
+        self.env = dict(os.environ, BURROWD=os.path.join(bin_dir, "burrowd"),
+                        BURROW_AGENT=os.path.join(bin_dir, "burrow-agent"))
+
+    def __call__(self, *args):
+        return run([self.bin, "--state-dir", self.state, *args], env=self.env).stdout
+
+    def spare_ready(self):
+        vols = os.path.join(self.state, "volumes")
+        return any(n.startswith(".spare-") for n in os.listdir(vols)) if os.path.isdir(vols) else False
+
+    def wait_spare(self, timeout=120):
+        deadline = time.monotonic() + timeout
+        while not self.spare_ready():
+            if time.monotonic() > deadline:
+                raise SystemExit("the store's spare volume did not appear")
+            time.sleep(0.1)
+
+
+def floor_boot(qemu_argv, runs):
+    """Boots QEMU with the workspace's own kernel, initramfs, machine and memory but
+    no devices beyond the console, to /init and straight out again."""
+    out = []
+    for _ in range(runs):
+        d = tempfile.mkdtemp(prefix="burrow-floor-")
+        console = os.path.join(d, "console.log")
+        argv, i = [qemu_argv[0]], 1
+        while i < len(qemu_argv):
+            a = qemu_argv[i]
+            v = qemu_argv[i + 1] if i + 1 < len(qemu_argv) else ""
+            if a in ("-chardev", "-device", "-mon", "-name"):
+                # Devices and control sockets go; the console stays, in a file of ours.
+                if a == "-chardev" and v.startswith("file,id=console"):
+                    argv += [a, f"file,id=console,path={console}"]
+                i += 2
+            elif a == "-append":
+                argv += [a, v + " burrow.floor=1"]
+                i += 2
+            else:
+                argv.append(a)
+                i += 1
+        t0 = time.monotonic()
+        p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
+        elapsed = ms(t0)
+        text = open(console, errors="replace").read() if os.path.exists(console) else ""
+        shutil.rmtree(d, ignore_errors=True)
+        if "BURROW-FLOOR" not in text:
+            raise SystemExit(f"floor boot did not reach /init (rc={p.returncode}): {p.stderr.decode()[-300:]} {text[-300:]}")
+        out.append(elapsed)
+    return out
+
+
+def docker_exec(runs):
+    if shutil.which("docker") is None:
+        return None, "docker is not installed"
+    if subprocess.run(["docker", "info"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode != 0:
+        return None, "no Docker engine answers (docker info failed)"
+    images = run(["docker", "images", "--format", "{{.Repository}}:{{.Tag}}"]).stdout.split()
+    image = os.environ.get("BENCH_DOCKER_IMAGE") or (images[0] if images else None)
+    if image is None:
+        return None, "the Docker engine has no image (set BENCH_DOCKER_IMAGE)"
+    name = f"burrow-bench-{os.getpid()}"
+    run(["docker", "run", "-d", "--name", name, image, "sleep", "3600"])
+    try:
+        run(["docker", "exec", name, "true"])
+        times = []
+        for _ in range(runs):
+            t0 = time.monotonic()
+            run(["docker", "exec", name, "true"])
+            times.append(ms(t0))
+        return times, f"image {image}"
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("bin_dir")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--exec-runs", type=int, default=30)
+    args = ap.parse_args()
+    bin_dir = os.path.abspath(args.bin_dir)
+    state = tempfile.mkdtemp(prefix="burrow-bench-", dir="/tmp")
+    b = Burrow(bin_dir, state)
+    results = {}
+    try:
+        b("image", "build", "debian")
+        b("daemon", "start")
+        # Warm-up create: builds the initramfs for this agent, probes the accelerator.
+        b.wait_spare()
+        b("create", "--name", "warm")
+        info = json.loads(b("info", "warm", "--json"))
+        qemu_pid = info["pids"]["qemu"]
+        qemu_argv = open(f"/proc/{qemu_pid}/cmdline", "rb").read().rstrip(b"\0").split(b"\0")
+        qemu_argv = [a.decode() for a in qemu_argv]
+
+        creates, creates_cold = [], []
+        for i in range(args.runs):
+            b.wait_spare()
+            t0 = time.monotonic()
+            b("create", "--name", f"bench-{i}")
+            creates.append(ms(t0))
+            b("destroy", f"bench-{i}")
+        # One create with no spare ready: what back-to-back creates cost on the copy store.
+        b.wait_spare()
+        b("create", "--name", "take-spare")
+        t0 = time.monotonic()
+        b("create", "--name", "cold")
+        creates_cold.append(ms(t0))
+        for n in ("take-spare", "cold"):
+            b("destroy", n)
+
+        execs = []
+        for _ in range(args.exec_runs):
+            t0 = time.monotonic()
+            b("exec", "warm", "--", "true")
+            execs.append(ms(t0))
+        b("destroy", "warm")
+
+        floors = floor_boot(qemu_argv, args.runs)
+        docker, docker_note = docker_exec(args.exec_runs)
+
+        results = {
+            "accel": info["accel"],
+            "floor_boot_ms": med(floors),
+            "create_ms": med(creates),
+            "create_without_spare_ms": creates_cold[0],
+            "exec_ms": med(execs),
+            "docker_exec_ms": med(docker) if docker else None,
+        }
+        print(f"burrow spine benchmark ({info['accel']}, {os.cpu_count()} host CPUs, medians)")
+        print(f"  (a) floor: qemu boot to /init         {med(floors):8.0f} ms   (runs: {', '.join(f'{x:.0f}' for x in floors)})")
+        print(f"  (b) burrow create to agent-ready      {med(creates):8.0f} ms   = {med(creates) / med(floors):.2f} x floor (target <= 1.30)")
+        print(f"      create with no spare volume ready {creates_cold[0]:8.0f} ms   (plain copy of the image)")
+        print(f"  (c) burrow exec ws -- true            {med(execs):8.0f} ms   (min {min(execs):.0f}, max {max(execs):.0f})")
+        if docker:
+            print(f"  (d) docker exec c true (runc)         {med(docker):8.0f} ms   -> exec = {med(execs) / med(docker):.2f} x docker exec (target <= 1.00)")
+        else:
+            print(f"  (d) docker exec: skipped, {docker_note}")
+        print("JSON " + json.dumps(results))
+    finally:
+        try:
+            for w in json.loads(b("ls", "--json")):
+                b("destroy", w["id"])
+        except Exception as e:  # noqa: BLE001 - best effort clean-up, report and go on
+            print(f"clean-up: {e}", file=sys.stderr)
+        subprocess.run([b.bin, "--state-dir", state, "daemon", "stop"], env=b.env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
