@@ -72,6 +72,24 @@ fn workspace_lifecycle_end_to_end() {
             >= 2
     );
 
+    // A guest that does not come up in time: one line with the console tail, and
+    // nothing of the attempt is left.
+    let (_, err) = b.fails(&["create", "--name", "slow", "--boot-timeout", "1"]);
+    assert!(
+        err.contains("did not come up within 1 s; console tail:"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(b.fails(&["info", "slow"]).1.contains("not found"));
+    assert_eq!(b.json(&["ls", "--json"]).as_array().map(Vec::len), Some(1));
+    let volumes: Vec<String> = std::fs::read_dir(b.state.join("volumes"))
+        .expect("volumes dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert_eq!(volumes, vec![id.clone()]);
+
     // destroy: nothing left.
     assert!(b.ok(&["destroy", "dev"]).contains("destroyed"));
     b.assert_gone(&id);

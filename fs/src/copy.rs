@@ -30,7 +30,10 @@ impl CopyStore {
     pub fn new(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let root = root.into();
         std::fs::create_dir_all(&root).map_err(|e| StoreError::io("create", &root, e))?;
-        Ok(CopyStore { root, preparing: Mutex::new(()) })
+        Ok(CopyStore {
+            root,
+            preparing: Mutex::new(()),
+        })
     }
 
     fn path(&self, id: &str) -> PathBuf {
@@ -62,7 +65,11 @@ impl CopyStore {
             let _ = remove_tree(&partial);
             let msg = String::from_utf8_lossy(&out.stderr);
             let first = msg.lines().next().unwrap_or("cp failed").to_string();
-            return Err(StoreError::io("copy image into", &partial, std::io::Error::other(first)));
+            return Err(StoreError::io(
+                "copy image into",
+                &partial,
+                std::io::Error::other(first),
+            ));
         }
         std::fs::rename(&partial, dest).map_err(|e| StoreError::io("rename", dest, e))
     }
@@ -85,14 +92,21 @@ impl Store for CopyStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.copy(image, id, &dest)?,
             Err(e) => return Err(StoreError::io("rename", &dest, e)),
         }
-        Ok(Volume { id: id.to_string(), path: dest })
+        Ok(Volume {
+            id: id.to_string(),
+            path: dest,
+        })
     }
 
     fn prepare(&self, image: &ImageSource) -> Result<(), StoreError> {
         let _one = self.preparing.lock().unwrap_or_else(|p| p.into_inner());
         let spare = self.spare(image);
-        let want = spare.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let rd = std::fs::read_dir(&self.root).map_err(|e| StoreError::io("read", &self.root, e))?;
+        let want = spare
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let rd =
+            std::fs::read_dir(&self.root).map_err(|e| StoreError::io("read", &self.root, e))?;
         for entry in rd.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with(SPARE) && name != want {
@@ -120,19 +134,26 @@ impl Store for CopyStore {
     fn get(&self, id: &str) -> Option<Volume> {
         validate_id(id).ok()?;
         let path = self.path(id);
-        path.is_dir().then(|| Volume { id: id.to_string(), path })
+        path.is_dir().then(|| Volume {
+            id: id.to_string(),
+            path,
+        })
     }
 
     fn list(&self) -> Result<Vec<Volume>, StoreError> {
         let mut out = Vec::new();
-        let rd = std::fs::read_dir(&self.root).map_err(|e| StoreError::io("read", &self.root, e))?;
+        let rd =
+            std::fs::read_dir(&self.root).map_err(|e| StoreError::io("read", &self.root, e))?;
         for entry in rd {
             let entry = entry.map_err(|e| StoreError::io("read", &self.root, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') || validate_id(&name).is_err() {
                 continue;
             }
-            out.push(Volume { id: name, path: entry.path() });
+            out.push(Volume {
+                id: name,
+                path: entry.path(),
+            });
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
@@ -140,7 +161,8 @@ impl Store for CopyStore {
 
     fn reconcile(&self) -> Result<Vec<PathBuf>, StoreError> {
         let mut removed = Vec::new();
-        let rd = std::fs::read_dir(&self.root).map_err(|e| StoreError::io("read", &self.root, e))?;
+        let rd =
+            std::fs::read_dir(&self.root).map_err(|e| StoreError::io("read", &self.root, e))?;
         for entry in rd {
             let entry = entry.map_err(|e| StoreError::io("read", &self.root, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -171,10 +193,17 @@ mod tests {
         let img = dir.join("image");
         std::fs::create_dir_all(img.join("etc")).unwrap();
         std::fs::write(img.join("etc/hostname"), "x\n").unwrap();
-        std::fs::set_permissions(img.join("etc/hostname"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(
+            img.join("etc/hostname"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
         std::fs::hard_link(img.join("etc/hostname"), img.join("etc/link")).unwrap();
         symlink("hostname", img.join("etc/sym")).unwrap();
-        ImageSource { key: "img-1".into(), root: img }
+        ImageSource {
+            key: "img-1".into(),
+            root: img,
+        }
     }
 
     #[test]
@@ -187,10 +216,19 @@ mod tests {
         let meta = std::fs::metadata(a.path.join("etc/hostname")).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o600);
         assert_eq!(meta.nlink(), 2, "hard links survive the copy");
-        assert_eq!(std::fs::read_link(a.path.join("etc/sym")).unwrap(), PathBuf::from("hostname"));
+        assert_eq!(
+            std::fs::read_link(a.path.join("etc/sym")).unwrap(),
+            PathBuf::from("hostname")
+        );
         std::fs::write(a.path.join("etc/hostname"), "changed").unwrap();
-        assert_eq!(std::fs::read_to_string(b.path.join("etc/hostname")).unwrap(), "x\n");
-        assert_eq!(std::fs::read_to_string(img.root.join("etc/hostname")).unwrap(), "x\n");
+        assert_eq!(
+            std::fs::read_to_string(b.path.join("etc/hostname")).unwrap(),
+            "x\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(img.root.join("etc/hostname")).unwrap(),
+            "x\n"
+        );
         assert_eq!(store.list().unwrap().len(), 2);
     }
 
@@ -204,13 +242,22 @@ mod tests {
         assert!(root.join(".spare-img-1").is_dir());
         assert!(store.list().unwrap().is_empty(), "a spare is not a volume");
         let a = store.create("a", &img).unwrap();
-        assert!(!root.join(".spare-img-1").exists(), "the spare became the volume");
-        assert_eq!(std::fs::read_to_string(a.path.join("etc/hostname")).unwrap(), "x\n");
+        assert!(
+            !root.join(".spare-img-1").exists(),
+            "the spare became the volume"
+        );
+        assert_eq!(
+            std::fs::read_to_string(a.path.join("etc/hostname")).unwrap(),
+            "x\n"
+        );
         // No spare left: the next create copies.
         store.create("b", &img).unwrap();
         // A rebuilt image (new key) drops the old spare.
         store.prepare(&img).unwrap();
-        let newer = ImageSource { key: "img-2".into(), ..img.clone() };
+        let newer = ImageSource {
+            key: "img-2".into(),
+            ..img.clone()
+        };
         store.prepare(&newer).unwrap();
         assert!(!root.join(".spare-img-1").exists());
         assert!(root.join(".spare-img-2").is_dir());
@@ -222,10 +269,22 @@ mod tests {
         let img = image(t.path());
         let store = CopyStore::new(t.path().join("vols")).unwrap();
         store.create("a", &img).unwrap();
-        assert!(matches!(store.create("a", &img), Err(StoreError::Exists(_))));
-        assert!(matches!(store.create("../x", &img), Err(StoreError::InvalidId(_))));
-        let missing = ImageSource { key: "k".into(), root: t.path().join("nope") };
-        assert!(matches!(store.create("c", &missing), Err(StoreError::BadImage(_))));
+        assert!(matches!(
+            store.create("a", &img),
+            Err(StoreError::Exists(_))
+        ));
+        assert!(matches!(
+            store.create("../x", &img),
+            Err(StoreError::InvalidId(_))
+        ));
+        let missing = ImageSource {
+            key: "k".into(),
+            root: t.path().join("nope"),
+        };
+        assert!(matches!(
+            store.create("c", &missing),
+            Err(StoreError::BadImage(_))
+        ));
         assert_eq!(store.list().unwrap().len(), 1);
         assert_eq!(std::fs::read_dir(t.path().join("vols")).unwrap().count(), 1);
     }
@@ -242,7 +301,10 @@ mod tests {
         assert!(store.get("a").is_none());
         std::fs::create_dir_all(root.join(".partial-b/etc")).unwrap();
         std::fs::create_dir_all(root.join(".doomed-c")).unwrap();
-        assert!(store.list().unwrap().is_empty(), "half-made volumes are not listed");
+        assert!(
+            store.list().unwrap().is_empty(),
+            "half-made volumes are not listed"
+        );
         assert_eq!(store.reconcile().unwrap().len(), 2);
         assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
     }

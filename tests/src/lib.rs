@@ -47,6 +47,9 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
+/// Process names (as /proc/PID/comm shows them) of a VM's processes.
+const VM_COMMANDS: &[&str] = &["qemu-system-x86", "virtiofsd", "vhost-device-vs"];
+
 pub struct Burrow {
     _tmp: tempfile::TempDir,
     pub state: PathBuf,
@@ -162,6 +165,12 @@ impl Burrow {
             let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
                 continue;
             };
+            // The VM's processes only, not the store's helpers (a `cp` preparing the
+            // next volume).
+            let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            if !VM_COMMANDS.contains(&comm.trim()) {
+                continue;
+            }
             if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
                 if needles
                     .iter()

@@ -259,7 +259,10 @@ impl Engine {
 
     fn image_source(&self, image: &str) -> Option<ImageSource> {
         let info = self.images.info(image)?;
-        Some(ImageSource { key: format!("{}-{}", info.name, info.built_at), root: info.path })
+        Some(ImageSource {
+            key: format!("{}-{}", info.name, info.built_at),
+            root: info.path,
+        })
     }
 
     /// Lets the store get the next create from `source` ready, in the background.

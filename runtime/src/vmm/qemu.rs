@@ -144,7 +144,9 @@ fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
     }
     vec![
         "-name".into(),
-        format!("burrow-{},process=burrow-{}", spec.id, spec.id),
+        // Only the guest name: the process keeps its own name, so that tools that
+        // look for qemu-system-x86 by name still see it.
+        format!("burrow-{}", spec.id),
         // microvm: no PCI, no firmware, virtio-mmio only; the fastest QEMU machine to
         // boot. isa-serial stays on for the console. Both vhost-user devices need the
         // guest RAM shared with their back ends, hence the memfd backend.
