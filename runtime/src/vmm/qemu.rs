@@ -83,10 +83,12 @@ pub async fn launch(spec: &VmSpec) -> Result<VmPids, LaunchError> {
     cmd.arg(format!("--fd={PASSED_FD}"))
         .arg("--shared-dir")
         .arg(&spec.root)
-        // The guest owns this tree and the host only reads it while the VM is
-        // stopped or through the agent, so guest-side caching is safe and fast.
+        // The guest is the only writer of its root while it runs (the host goes
+        // through the agent), so the guest may cache entries, attributes and pages
+        // for good. With --cache=auto every open() dropped the page cache and every
+        // exec re-read libc over FUSE: 65 ms to spawn `true` under TCG; 7 ms now.
         .args([
-            "--cache=auto",
+            "--cache=always",
             "--sandbox=none",
             "--xattr",
             "--announce-submounts",
