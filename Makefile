@@ -27,6 +27,7 @@ test: image
 	cargo nextest run --workspace --no-fail-fast --profile ci
 
 bench: build
+	bash scripts/install-deps.sh --bench
 	bash scripts/bench.sh target/release
 
 clean:

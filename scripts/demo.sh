@@ -4,10 +4,19 @@
 set -euo pipefail
 bin=$(realpath "${1:?usage: demo.sh BIN_DIR}")
 export BURROWD="$bin/burrowd" BURROW_AGENT="$bin/burrow-agent"
-export BURROW_STATE_DIR=${BURROW_STATE_DIR:-$(mktemp -d /tmp/burrow-demo.XXXXXX)}
+own_state=
+if [ -z "${BURROW_STATE_DIR:-}" ]; then
+  BURROW_STATE_DIR=$(mktemp -d /tmp/burrow-demo.XXXXXX)
+  own_state=$BURROW_STATE_DIR
+fi
+export BURROW_STATE_DIR
 burrow() { "$bin/burrow" "$@"; }
 name=demo-$$
-cleanup() { burrow destroy "$name" >/dev/null 2>&1 || true; burrow daemon stop >/dev/null 2>&1 || true; }
+cleanup() {
+  burrow destroy "$name" >/dev/null 2>&1 || true
+  burrow daemon stop >/dev/null 2>&1 || true
+  [ -z "$own_state" ] || rm -rf "$own_state"
+}
 trap cleanup EXIT
 
 set -x

@@ -20,7 +20,9 @@ if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.
 fi
 
 pkgs=(busybox-static cpio socat debootstrap libseccomp-dev libcap-ng-dev pkg-config
-      iproute2 kmod zstd xz-utils python3 sqlite3)
+      iproute2 kmod zstd xz-utils python3 sqlite3 curl)
+# The benchmark compares exec with `docker exec` on runc: it needs a Docker engine.
+[ "${1:-}" = --bench ] && pkgs+=(docker.io)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
