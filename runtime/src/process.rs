@@ -168,6 +168,8 @@ pub unsafe fn pass_fd(fd: &impl AsRawFd, target: i32) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::process::CommandExt;
+
     use super::*;
 
     // The children are reaped through ProcId, which is what these tests check.
@@ -202,6 +204,9 @@ mod tests {
             .arg("-c")
             .arg("sleep 30; : $0")
             .arg(&marker)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
             .spawn()
             .unwrap();
         // The child's command line is readable once it has exec'd; under a loaded
@@ -218,6 +223,8 @@ mod tests {
             found.iter().map(|p| p.pid).collect::<Vec<_>>(),
             vec![child.id() as i32]
         );
+        // SAFETY: kill has no memory effects; the group is the test's own child's.
+        unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
         found[0].kill().await;
     }
 }
