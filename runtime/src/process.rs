@@ -39,11 +39,16 @@ impl ProcId {
         start_time(self.pid) == Some(self.start_time) && state_letter(self.pid) != Some('Z')
     }
 
-    /// Sends `signal` if this is still the same process.
+    /// Sends `signal` if this is still the same process; to its whole process group
+    /// when it leads one, as every VM process does, so that helpers it forked (the
+    /// sandboxed child of virtiofsd) go with it.
     pub fn signal(&self, signal: i32) {
         if start_time(self.pid) == Some(self.start_time) {
+            // SAFETY: getpgid has no memory effects.
+            let leader = unsafe { libc::getpgid(self.pid) } == self.pid;
+            let target = if leader { -self.pid } else { self.pid };
             // SAFETY: kill has no memory effects; the pid was checked to be ours.
-            unsafe { libc::kill(self.pid, signal) };
+            unsafe { libc::kill(target, signal) };
         }
     }
 

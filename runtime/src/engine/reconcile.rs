@@ -94,7 +94,11 @@ impl Engine {
         }
         let volumes = self.state.volumes();
         for p in crate::process::processes_mentioning(&[&run_root, &volumes]) {
-            if !keep.contains(&p.pid) {
+            // A helper forked by an adopted process (virtiofsd's sandboxed child)
+            // shares its process group: it belongs to that VM.
+            // SAFETY: getpgid has no memory effects.
+            let group = unsafe { libc::getpgid(p.pid) };
+            if !keep.contains(&p.pid) && !keep.contains(&group) {
                 tracing::info!(pid = p.pid, "reconcile: killing orphaned VM process");
                 p.kill().await;
             }
