@@ -4,7 +4,7 @@
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 
 use serde::{Deserialize, Serialize};
@@ -251,19 +251,8 @@ impl ImageCache {
 /// Where the agent binary is: `BURROW_AGENT`, else next to the running executable,
 /// else the install location.
 pub fn find_agent() -> PathBuf {
-    if let Some(p) = std::env::var_os("BURROW_AGENT") {
-        return PathBuf::from(p);
-    }
-    if let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf))
-    {
-        let p = dir.join("burrow-agent");
-        if p.exists() {
-            return p;
-        }
-    }
-    PathBuf::from("/usr/local/lib/burrow/burrow-agent")
+    crate::paths::companion_binary("BURROW_AGENT", "burrow-agent")
+        .unwrap_or_else(|| PathBuf::from("/usr/local/lib/burrow/burrow-agent"))
 }
 
 fn say(progress: Option<&Progress>, line: String) {

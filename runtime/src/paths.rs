@@ -87,3 +87,14 @@ impl CacheDir {
         self.root.join("accel-probe.json")
     }
 }
+
+/// A companion binary: the path in env var `env` if set, else `name` next to the
+/// running executable if it is there.
+pub fn companion_binary(env: &str, name: &str) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
+        return Some(PathBuf::from(p));
+    }
+    let dir = std::env::current_exe().ok()?.parent()?.to_path_buf();
+    let p = dir.join(name);
+    p.exists().then_some(p)
+}

@@ -185,4 +185,53 @@ mod tests {
             Err(FrameError::TooLarge { .. })
         ));
     }
+
+    /// Random streams, some with plausible length prefixes and JSON fragments: the
+    /// reader never panics, never buffers past the cap, and always reaches the end.
+    #[tokio::test]
+    async fn random_streams_never_panic() {
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let pieces: [&[u8]; 6] = [
+            br#"{"id":1,"op":"ping"}"#,
+            br#"{"id":"#,
+            b"\xff\xfe",
+            br#""op":"exec","argv":[1]"#,
+            b"{}",
+            br#"{"id":2,"op":"file_read","path":"/x","offset":-1}"#,
+        ];
+        for _ in 0..500 {
+            let mut stream = Vec::new();
+            for _ in 0..(next() % 8) {
+                let body: Vec<u8> = match next() % 3 {
+                    0 => pieces[(next() % 6) as usize].to_vec(),
+                    1 => (0..next() % 64).map(|_| next() as u8).collect(),
+                    _ => Vec::new(),
+                };
+                let len = if next() % 5 == 0 {
+                    (next() % (2 * MAX_FRAME as u64)) as u32
+                } else {
+                    body.len() as u32
+                };
+                stream.extend_from_slice(&len.to_be_bytes());
+                stream.extend_from_slice(&body);
+            }
+            let mut r = stream.as_slice();
+            let mut frames = 0;
+            loop {
+                match read_message::<Request, _>(&mut r).await {
+                    Ok(_) => {}
+                    Err(e) if e.is_recoverable() => {}
+                    Err(_) => break,
+                }
+                frames += 1;
+                assert!(frames <= 8, "the reader did not advance");
+            }
+        }
+    }
 }

@@ -33,6 +33,11 @@ pub const DEFAULT_VCPUS: u32 = 1;
 pub const DEFAULT_MEMORY_MIB: u32 = 512;
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 const MIN_MEMORY_MIB: u32 = 128;
+/// The guest writes the console log, so it is capped: past CONSOLE_MAX bytes only
+/// the last CONSOLE_KEEP are kept, checked every CONSOLE_TRIM_EVERY.
+const CONSOLE_MAX: u64 = 16 << 20;
+const CONSOLE_KEEP: u64 = 4 << 20;
+const CONSOLE_TRIM_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CreateParams {
@@ -151,6 +156,21 @@ impl Engine {
     fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         locks.entry(id.to_string()).or_default().clone()
+    }
+
+    /// Resolves `reference` and takes the workspace's lock. The record is read again
+    /// under the lock: whoever held it before may have changed or removed it.
+    async fn lock_workspace(
+        &self,
+        reference: &str,
+    ) -> Result<(tokio::sync::OwnedMutexGuard<()>, WorkspaceRecord)> {
+        let id = self.db.resolve(reference)?.id;
+        let held = self.lock_for(&id).lock_owned().await;
+        let rec = self
+            .db
+            .get(&id)?
+            .ok_or_else(|| Error::WorkspaceNotFound(reference.to_string()))?;
+        Ok((held, rec))
     }
 
     fn paths(&self, id: &str) -> VmPaths {
@@ -281,10 +301,7 @@ impl Engine {
         boot_timeout_secs: Option<u64>,
     ) -> Result<WorkspaceInfo> {
         let boot_timeout = boot_timeout(boot_timeout_secs)?;
-        let rec = self.db.resolve(reference)?;
-        let lock = self.lock_for(&rec.id);
-        let _held = lock.lock().await;
-        let rec = self.db.resolve(&rec.id)?;
+        let (_held, rec) = self.lock_workspace(reference).await?;
         match rec.state {
             State::Running => return self.info(&rec.id),
             State::Stopped => {}
@@ -295,10 +312,7 @@ impl Engine {
     }
 
     pub async fn stop(self: &Arc<Self>, reference: &str) -> Result<WorkspaceInfo> {
-        let rec = self.db.resolve(reference)?;
-        let lock = self.lock_for(&rec.id);
-        let _held = lock.lock().await;
-        let rec = self.db.resolve(&rec.id)?;
+        let (_held, rec) = self.lock_workspace(reference).await?;
         match rec.state {
             State::Stopped => return self.info(&rec.id),
             State::Running => {}
@@ -310,10 +324,7 @@ impl Engine {
 
     /// Stops the VM if it runs and removes the workspace: volume, run dir, logs, record.
     pub async fn destroy(self: &Arc<Self>, reference: &str) -> Result<()> {
-        let rec = self.db.resolve(reference)?;
-        let lock = self.lock_for(&rec.id);
-        let _held = lock.lock().await;
-        let rec = self.db.resolve(&rec.id)?;
+        let (_held, rec) = self.lock_workspace(reference).await?;
         self.db.set_state(&rec.id, State::Destroying)?;
         self.remove_locked(&rec).await?;
         self.locks
@@ -484,12 +495,23 @@ impl Engine {
     fn watch(self: &Arc<Self>, id: String, pids: VmPids) {
         let engine = Arc::downgrade(self);
         let wid = id.clone();
+        let console = self.paths(&id).console();
         let task = tokio::spawn(async move {
             let [a, b, c] = pids.all();
-            let which = tokio::select! {
-                _ = a.exited() => "qemu",
-                _ = b.exited() => "virtiofsd",
-                _ = c.exited() => "vhost-device-vsock",
+            let (qa, qb, qc) = (a.exited(), b.exited(), c.exited());
+            tokio::pin!(qa, qb, qc);
+            let mut trim = tokio::time::interval(CONSOLE_TRIM_EVERY);
+            let which = loop {
+                tokio::select! {
+                    _ = &mut qa => break "qemu",
+                    _ = &mut qb => break "virtiofsd",
+                    _ = &mut qc => break "vhost-device-vsock",
+                    _ = trim.tick() => {
+                        if let Err(e) = vmm::trim_log(&console, CONSOLE_MAX, CONSOLE_KEEP) {
+                            tracing::warn!("trim {}: {e}", console.display());
+                        }
+                    }
+                }
             };
             let Some(engine) = engine.upgrade() else {
                 return;

@@ -105,3 +105,49 @@ pub fn console_tail_one_line(path: &std::path::Path) -> String {
         lines.join(" | ")
     }
 }
+
+/// Keeps a log file a guest appends to under `max` bytes: once over, only its last
+/// `keep` bytes stay, after a line saying so. Writers must append (O_APPEND), as
+/// QEMU's console chardev does, so they carry on at the new end.
+pub fn trim_log(path: &std::path::Path, max: u64, keep: u64) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let len = f.metadata()?.len();
+    if len <= max {
+        return Ok(false);
+    }
+    let keep = keep.min(len);
+    f.seek(SeekFrom::Start(len - keep))?;
+    let mut tail = Vec::with_capacity(keep as usize);
+    Read::by_ref(&mut f).take(keep).read_to_end(&mut tail)?;
+    let marker = format!(
+        "--- burrow: {} earlier bytes of this log dropped ---\n",
+        len - keep
+    );
+    f.seek(SeekFrom::Start(0))?;
+    f.write_all(marker.as_bytes())?;
+    f.write_all(&tail)?;
+    f.set_len(marker.len() as u64 + tail.len() as u64)?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trim_keeps_the_tail() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("console.log");
+        std::fs::write(&p, "a".repeat(100) + "tail-line\n").unwrap();
+        assert!(!trim_log(&p, 1000, 10).unwrap());
+        assert!(trim_log(&p, 50, 10).unwrap());
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.starts_with("--- burrow: 100 earlier bytes"), "{text}");
+        assert!(text.ends_with("tail-line\n"));
+        assert_eq!(tail_lines(&p, 1), vec!["tail-line".to_string()]);
+    }
+}

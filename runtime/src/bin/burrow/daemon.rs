@@ -17,20 +17,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(180);
 /// The fd the readiness pipe is handed over on.
 const READY_FD: i32 = 3;
 
+/// `BURROWD`, else `burrowd` next to this binary, else `burrowd` on the PATH.
 pub fn burrowd_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("BURROWD") {
-        return PathBuf::from(p);
-    }
-    if let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf))
-    {
-        let p = dir.join("burrowd");
-        if p.exists() {
-            return p;
-        }
-    }
-    PathBuf::from("burrowd")
+    burrow::paths::companion_binary("BURROWD", "burrowd")
+        .unwrap_or_else(|| PathBuf::from("burrowd"))
 }
 
 /// A client for the state dir's daemon, starting the daemon first if none serves it.
