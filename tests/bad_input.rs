@@ -95,3 +95,33 @@ fn daemon_start_status_stop() {
     assert!(!b.state.join("burrowd.sock").exists());
     assert_eq!(b.run(&["daemon", "status"]).status.code(), Some(3));
 }
+
+#[test]
+fn images_are_listed_and_a_build_of_a_built_image_is_quick() {
+    require_root!();
+    let b = Burrow::new();
+    b.ok(&["daemon", "start"]);
+    // `make test` builds the image before the tests: building again only checks.
+    let started = std::time::Instant::now();
+    b.ok(&["image", "build"]);
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    let list = b.json(&["image", "ls", "--json"]);
+    let debian = list
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|i| i["name"] == "debian")
+        .expect("debian listed");
+    assert!(
+        debian["size_bytes"].as_u64().expect("size") > 50 << 20,
+        "{debian}"
+    );
+    assert!(
+        debian["packages"].as_u64().expect("packages") > 50,
+        "{debian}"
+    );
+    assert!(std::path::Path::new(debian["path"].as_str().expect("path"))
+        .join("usr/bin/git")
+        .exists());
+    assert!(b.ok(&["image", "ls"]).contains("debian"));
+}
