@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
-use crate::{validate_id, ImageSource, Store, StoreError, Volume};
+use crate::{
+    validate_id, validate_snapshot_name, ImageSource, Snapshot, Store, StoreError, Volume,
+};
 
 /// Prefix of the directory a volume is built in before it is renamed into place.
 const PARTIAL: &str = ".partial-";
@@ -19,6 +21,11 @@ const PARTIAL: &str = ".partial-";
 const DOOMED: &str = ".doomed-";
 /// Prefix of the ready spare copy of an image, followed by the image key.
 const SPARE: &str = ".spare-";
+/// Directory of snapshots, one subdirectory per volume.
+const SNAPSHOTS: &str = ".snapshots";
+/// Prefix of a volume's restored contents, complete and about to replace it: a
+/// crash between the two renames of a restore is finished by `reconcile`.
+const RESTORED: &str = ".restored-";
 
 pub struct CopyStore {
     root: PathBuf,
@@ -44,12 +51,15 @@ impl CopyStore {
         self.root.join(format!("{SPARE}{}", image.key))
     }
 
-    /// Copies `image` to `dest` by way of a partial directory named `partial`.
-    fn copy(&self, image: &ImageSource, partial: &str, dest: &Path) -> Result<(), StoreError> {
-        if !image.root.is_dir() {
-            return Err(StoreError::BadImage(image.root.clone()));
-        }
-        let partial = self.root.join(format!("{PARTIAL}{partial}"));
+    fn snapshot_dir(&self, volume: &str) -> PathBuf {
+        self.root.join(SNAPSHOTS).join(volume)
+    }
+
+    /// Copies the tree `src` to `dest` by way of a partial directory named `partial`
+    /// next to `dest`, so that `dest` appears whole or not at all.
+    fn copy_tree(&self, src: &Path, partial: &str, dest: &Path) -> Result<(), StoreError> {
+        let parent = dest.parent().unwrap_or(&self.root);
+        let partial = parent.join(format!("{PARTIAL}{partial}"));
         remove_tree(&partial)?;
         // `cp -a` keeps everything a root file system holds (ownership, modes,
         // hard links, device nodes, xattrs, sparse files) and reflinks where the file
@@ -57,7 +67,7 @@ impl CopyStore {
         let out = Command::new("cp")
             .arg("-a")
             .arg("--reflink=auto")
-            .arg(&image.root)
+            .arg(src)
             .arg(&partial)
             .output()
             .map_err(|e| StoreError::io("run cp for", &partial, e))?;
@@ -66,12 +76,33 @@ impl CopyStore {
             let msg = String::from_utf8_lossy(&out.stderr);
             let first = msg.lines().next().unwrap_or("cp failed").to_string();
             return Err(StoreError::io(
-                "copy image into",
+                "copy into",
                 &partial,
                 std::io::Error::other(first),
             ));
         }
         std::fs::rename(&partial, dest).map_err(|e| StoreError::io("rename", dest, e))
+    }
+
+    fn copy(&self, image: &ImageSource, partial: &str, dest: &Path) -> Result<(), StoreError> {
+        if !image.root.is_dir() {
+            return Err(StoreError::BadImage(image.root.clone()));
+        }
+        self.copy_tree(&image.root, partial, dest)
+    }
+
+    fn existing_snapshot(&self, volume: &str, name: &str) -> Result<PathBuf, StoreError> {
+        validate_id(volume)?;
+        validate_snapshot_name(name)?;
+        let path = self.snapshot_dir(volume).join(name);
+        if path.is_dir() {
+            Ok(path)
+        } else {
+            Err(StoreError::SnapshotNotFound {
+                volume: volume.to_string(),
+                name: name.to_string(),
+            })
+        }
     }
 }
 
@@ -159,16 +190,110 @@ impl Store for CopyStore {
         Ok(out)
     }
 
+    fn snapshot(&self, volume: &str, name: &str) -> Result<Snapshot, StoreError> {
+        validate_snapshot_name(name)?;
+        let src = self
+            .get(volume)
+            .ok_or_else(|| StoreError::NotFound(volume.to_string()))?;
+        let dir = self.snapshot_dir(volume);
+        let path = dir.join(name);
+        if path.exists() {
+            return Err(StoreError::SnapshotExists {
+                volume: volume.to_string(),
+                name: name.to_string(),
+            });
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create", &dir, e))?;
+        self.copy_tree(&src.path, name, &path)?;
+        Ok(Snapshot {
+            volume: volume.to_string(),
+            name: name.to_string(),
+            path,
+        })
+    }
+
+    fn restore(&self, volume: &str, name: &str) -> Result<(), StoreError> {
+        let snap = self.existing_snapshot(volume, name)?;
+        let dest = self
+            .get(volume)
+            .ok_or_else(|| StoreError::NotFound(volume.to_string()))?
+            .path;
+        let fresh = self.root.join(format!("{RESTORED}{volume}"));
+        self.copy_tree(&snap, &format!("restore-{volume}"), &fresh)?;
+        let doomed = self.root.join(format!("{DOOMED}{volume}"));
+        std::fs::rename(&dest, &doomed).map_err(|e| StoreError::io("rename", &dest, e))?;
+        std::fs::rename(&fresh, &dest).map_err(|e| StoreError::io("rename", &fresh, e))?;
+        remove_tree(&doomed)
+    }
+
+    fn clone_snapshot(&self, volume: &str, name: &str, id: &str) -> Result<Volume, StoreError> {
+        validate_id(id)?;
+        let snap = self.existing_snapshot(volume, name)?;
+        let dest = self.path(id);
+        if dest.exists() {
+            return Err(StoreError::Exists(id.to_string()));
+        }
+        self.copy_tree(&snap, id, &dest)?;
+        Ok(Volume {
+            id: id.to_string(),
+            path: dest,
+        })
+    }
+
+    fn delete_snapshot(&self, volume: &str, name: &str) -> Result<(), StoreError> {
+        let snap = self.existing_snapshot(volume, name)?;
+        let doomed = self.snapshot_dir(volume).join(format!("{DOOMED}{name}"));
+        std::fs::rename(&snap, &doomed).map_err(|e| StoreError::io("rename", &snap, e))?;
+        remove_tree(&doomed)
+    }
+
+    fn snapshots(&self, volume: &str) -> Result<Vec<Snapshot>, StoreError> {
+        validate_id(volume)?;
+        let dir = self.snapshot_dir(volume);
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if validate_snapshot_name(&name).is_ok() {
+                out.push(Snapshot {
+                    volume: volume.to_string(),
+                    name,
+                    path: entry.path(),
+                });
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
     fn reconcile(&self) -> Result<Vec<PathBuf>, StoreError> {
         let mut removed = Vec::new();
-        let rd =
-            std::fs::read_dir(&self.root).map_err(|e| StoreError::io("read", &self.root, e))?;
-        for entry in rd {
-            let entry = entry.map_err(|e| StoreError::io("read", &self.root, e))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(PARTIAL) || name.starts_with(DOOMED) {
-                remove_tree(&entry.path())?;
-                removed.push(entry.path());
+        let mut dirs = vec![self.root.clone()];
+        let snaps = self.root.join(SNAPSHOTS);
+        dirs.extend(
+            std::fs::read_dir(&snaps)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path()),
+        );
+        for dir in dirs {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if let Some(volume) = name.strip_prefix(RESTORED) {
+                    let dest = self.root.join(volume);
+                    if !dest.exists() {
+                        std::fs::rename(entry.path(), &dest)
+                            .map_err(|e| StoreError::io("rename", &dest, e))?;
+                        continue;
+                    }
+                }
+                if name.starts_with(PARTIAL)
+                    || name.starts_with(DOOMED)
+                    || name.starts_with(RESTORED)
+                {
+                    remove_tree(&entry.path())?;
+                    removed.push(entry.path());
+                }
             }
         }
         Ok(removed)

@@ -6,11 +6,15 @@
 //! backend, [`CopyStore`], a full copy of the image per volume; copy-on-write
 //! backends (Btrfs subvolumes, a FUSE layer) slot in behind the same trait.
 
+mod btrfs;
 mod copy;
+mod loop_image;
 
 use std::path::{Path, PathBuf};
 
+pub use btrfs::BtrfsStore;
 pub use copy::CopyStore;
+pub use loop_image::BtrfsImage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -22,6 +26,18 @@ pub enum StoreError {
     InvalidId(String),
     #[error("image root {0} is not a directory")]
     BadImage(PathBuf),
+    #[error("snapshot {name:?} of volume {volume} already exists")]
+    SnapshotExists { volume: String, name: String },
+    #[error("snapshot {name:?} of volume {volume} not found")]
+    SnapshotNotFound { volume: String, name: String },
+    #[error("invalid snapshot name {0:?}: use letters, digits, '-', '_' and '.', at most 64")]
+    InvalidSnapshotName(String),
+    #[error("btrfs {op} {path}: {message}")]
+    Btrfs {
+        op: &'static str,
+        path: PathBuf,
+        message: String,
+    },
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -46,6 +62,14 @@ impl StoreError {
 pub struct ImageSource {
     pub key: String,
     pub root: PathBuf,
+}
+
+/// A read-only, point-in-time copy of a volume.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Snapshot {
+    pub volume: String,
+    pub name: String,
+    pub path: PathBuf,
 }
 
 /// A volume as a store reports it.
@@ -76,8 +100,34 @@ pub trait Store: Send + Sync {
     /// The directory of volume `id`, if it exists.
     fn get(&self, id: &str) -> Option<Volume>;
     fn list(&self) -> Result<Vec<Volume>, StoreError>;
+    /// Freezes volume `volume` as snapshot `name`. The caller makes the contents
+    /// consistent first (a running guest flushes its writes).
+    fn snapshot(&self, volume: &str, name: &str) -> Result<Snapshot, StoreError>;
+    /// Makes volume `volume` exactly what snapshot `name` holds. The snapshot stays.
+    fn restore(&self, volume: &str, name: &str) -> Result<(), StoreError>;
+    /// A new, independent volume `id` starting from snapshot `name` of `volume`.
+    fn clone_snapshot(&self, volume: &str, name: &str, id: &str) -> Result<Volume, StoreError>;
+    fn delete_snapshot(&self, volume: &str, name: &str) -> Result<(), StoreError>;
+    /// Snapshots of `volume`, by name.
+    fn snapshots(&self, volume: &str) -> Result<Vec<Snapshot>, StoreError>;
     /// Removes half-made volumes left by a crash. Returns what it removed.
     fn reconcile(&self) -> Result<Vec<PathBuf>, StoreError>;
+}
+
+/// Snapshot names become directory names: `[A-Za-z0-9._-]{1,64}`, not `.` or `..`,
+/// not starting with `.` (the stores' own entries do).
+pub fn validate_snapshot_name(name: &str) -> Result<(), StoreError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidSnapshotName(name.to_string()))
+    }
 }
 
 /// Volume ids become directory names: keep them to a safe alphabet.

@@ -1,0 +1,347 @@
+//! The Btrfs backend: volumes are subvolumes, snapshots are read-only subvolume
+//! snapshots, forks are writable snapshots of a snapshot. Every one of those is a
+//! single Btrfs transaction, O(1) in the size of the volume.
+//!
+//! Layout under the store's root (a directory on a mounted Btrfs):
+//! - `images/<key>`: an image imported once, read-only;
+//! - `volumes/<id>`: a workspace's volume, a writable snapshot of its image;
+//! - `snapshots/<id>/<name>`: read-only snapshots of volume `<id>`.
+//!
+//! Entries whose names start with `.` are the store's own in-between states
+//! (`.partial-`, `.doomed-`, `.restored-`); `reconcile` finishes or removes them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use libbtrfsutil::{CreateSnapshotOptions, DeleteSubvolumeOptions};
+
+use crate::{
+    validate_id, validate_snapshot_name, ImageSource, Snapshot, Store, StoreError, Volume,
+};
+
+const PARTIAL: &str = ".partial-";
+const DOOMED: &str = ".doomed-";
+const RESTORED: &str = ".restored-";
+
+pub struct BtrfsStore {
+    root: PathBuf,
+}
+
+fn btrfs_err(op: &'static str, path: &Path, e: libbtrfsutil::Error) -> StoreError {
+    StoreError::Btrfs {
+        op,
+        path: path.to_path_buf(),
+        message: e.os_error().to_string(),
+    }
+}
+
+impl BtrfsStore {
+    /// A store in `root`, which must be on Btrfs.
+    pub fn new(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let root = root.into();
+        for d in ["images", "volumes", "snapshots"] {
+            let dir = root.join(d);
+            std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create", &dir, e))?;
+        }
+        if !is_btrfs(&root)? {
+            return Err(StoreError::Btrfs {
+                op: "open",
+                path: root,
+                message: "not on a Btrfs file system".into(),
+            });
+        }
+        Ok(BtrfsStore { root })
+    }
+
+    fn volumes(&self) -> PathBuf {
+        self.root.join("volumes")
+    }
+
+    fn volume_path(&self, id: &str) -> PathBuf {
+        self.volumes().join(id)
+    }
+
+    fn image_path(&self, image: &ImageSource) -> PathBuf {
+        self.root.join("images").join(&image.key)
+    }
+
+    fn snapshot_path(&self, volume: &str, name: &str) -> PathBuf {
+        self.root.join("snapshots").join(volume).join(name)
+    }
+
+    /// Imports `image` as a read-only subvolume if it is not there yet: a copy into a
+    /// new subvolume (reflinked where the image lives on the same Btrfs), frozen by a
+    /// read-only snapshot under the final name.
+    fn import(&self, image: &ImageSource) -> Result<PathBuf, StoreError> {
+        validate_id(&image.key)?;
+        let dest = self.image_path(image);
+        if dest.exists() {
+            return Ok(dest);
+        }
+        if !image.root.is_dir() {
+            return Err(StoreError::BadImage(image.root.clone()));
+        }
+        let partial = self
+            .root
+            .join("images")
+            .join(format!("{PARTIAL}{}", image.key));
+        delete_subvolume_if_any(&partial)?;
+        libbtrfsutil::create_subvolume(&partial)
+            .map_err(|e| btrfs_err("create subvolume", &partial, e))?;
+        // Copy the image's contents (not the directory itself) into the subvolume.
+        let out = Command::new("cp")
+            .arg("-a")
+            .arg("--reflink=auto")
+            .arg(image.root.join("."))
+            .arg(&partial)
+            .output()
+            .map_err(|e| StoreError::io("run cp for", &partial, e))?;
+        if !out.status.success() {
+            let _ = delete_subvolume_if_any(&partial);
+            let msg = String::from_utf8_lossy(&out.stderr);
+            let first = msg.lines().next().unwrap_or("cp failed").to_string();
+            return Err(StoreError::io(
+                "import image into",
+                &partial,
+                std::io::Error::other(first),
+            ));
+        }
+        snapshot(&partial, &dest, true)?;
+        delete_subvolume_if_any(&partial)?;
+        Ok(dest)
+    }
+
+    fn existing_snapshot(&self, volume: &str, name: &str) -> Result<PathBuf, StoreError> {
+        validate_id(volume)?;
+        validate_snapshot_name(name)?;
+        let path = self.snapshot_path(volume, name);
+        if path.is_dir() {
+            Ok(path)
+        } else {
+            Err(StoreError::SnapshotNotFound {
+                volume: volume.to_string(),
+                name: name.to_string(),
+            })
+        }
+    }
+}
+
+impl Store for BtrfsStore {
+    fn kind(&self) -> &'static str {
+        "btrfs"
+    }
+
+    fn create(&self, id: &str, image: &ImageSource) -> Result<Volume, StoreError> {
+        validate_id(id)?;
+        let dest = self.volume_path(id);
+        if dest.exists() {
+            return Err(StoreError::Exists(id.to_string()));
+        }
+        let base = self.import(image)?;
+        snapshot(&base, &dest, false)?;
+        Ok(Volume {
+            id: id.to_string(),
+            path: dest,
+        })
+    }
+
+    fn prepare(&self, image: &ImageSource) -> Result<(), StoreError> {
+        self.import(image).map(|_| ())
+    }
+
+    fn delete(&self, id: &str) -> Result<(), StoreError> {
+        validate_id(id)?;
+        let path = self.volume_path(id);
+        if !path.exists() {
+            return Ok(());
+        }
+        let doomed = self.volumes().join(format!("{DOOMED}{id}"));
+        std::fs::rename(&path, &doomed).map_err(|e| StoreError::io("rename", &path, e))?;
+        delete_subvolume_if_any(&doomed)
+    }
+
+    fn get(&self, id: &str) -> Option<Volume> {
+        validate_id(id).ok()?;
+        let path = self.volume_path(id);
+        path.is_dir().then(|| Volume {
+            id: id.to_string(),
+            path,
+        })
+    }
+
+    fn list(&self) -> Result<Vec<Volume>, StoreError> {
+        let dir = self.volumes();
+        let rd = std::fs::read_dir(&dir).map_err(|e| StoreError::io("read", &dir, e))?;
+        let mut out: Vec<Volume> = rd
+            .flatten()
+            .filter_map(|e| {
+                let id = e.file_name().to_string_lossy().into_owned();
+                validate_id(&id).ok().map(|_| Volume { id, path: e.path() })
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    fn snapshot(&self, volume: &str, name: &str) -> Result<Snapshot, StoreError> {
+        validate_snapshot_name(name)?;
+        let src = self
+            .get(volume)
+            .ok_or_else(|| StoreError::NotFound(volume.to_string()))?;
+        let path = self.snapshot_path(volume, name);
+        if path.exists() {
+            return Err(StoreError::SnapshotExists {
+                volume: volume.to_string(),
+                name: name.to_string(),
+            });
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::io("create", dir, e))?;
+        }
+        snapshot(&src.path, &path, true)?;
+        Ok(Snapshot {
+            volume: volume.to_string(),
+            name: name.to_string(),
+            path,
+        })
+    }
+
+    fn restore(&self, volume: &str, name: &str) -> Result<(), StoreError> {
+        let snap = self.existing_snapshot(volume, name)?;
+        let dest = self
+            .get(volume)
+            .ok_or_else(|| StoreError::NotFound(volume.to_string()))?
+            .path;
+        let fresh = self.volumes().join(format!("{RESTORED}{volume}"));
+        delete_subvolume_if_any(&fresh)?;
+        snapshot(&snap, &fresh, false)?;
+        let doomed = self.volumes().join(format!("{DOOMED}{volume}"));
+        std::fs::rename(&dest, &doomed).map_err(|e| StoreError::io("rename", &dest, e))?;
+        std::fs::rename(&fresh, &dest).map_err(|e| StoreError::io("rename", &fresh, e))?;
+        delete_subvolume_if_any(&doomed)
+    }
+
+    fn clone_snapshot(&self, volume: &str, name: &str, id: &str) -> Result<Volume, StoreError> {
+        validate_id(id)?;
+        let snap = self.existing_snapshot(volume, name)?;
+        let dest = self.volume_path(id);
+        if dest.exists() {
+            return Err(StoreError::Exists(id.to_string()));
+        }
+        snapshot(&snap, &dest, false)?;
+        Ok(Volume {
+            id: id.to_string(),
+            path: dest,
+        })
+    }
+
+    fn delete_snapshot(&self, volume: &str, name: &str) -> Result<(), StoreError> {
+        let snap = self.existing_snapshot(volume, name)?;
+        let doomed = self
+            .root
+            .join("snapshots")
+            .join(volume)
+            .join(format!("{DOOMED}{name}"));
+        std::fs::rename(&snap, &doomed).map_err(|e| StoreError::io("rename", &snap, e))?;
+        delete_subvolume_if_any(&doomed)
+    }
+
+    fn snapshots(&self, volume: &str) -> Result<Vec<Snapshot>, StoreError> {
+        validate_id(volume)?;
+        let dir = self.root.join("snapshots").join(volume);
+        let mut out: Vec<Snapshot> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                validate_snapshot_name(&name).ok().map(|_| Snapshot {
+                    volume: volume.to_string(),
+                    name,
+                    path: e.path(),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn reconcile(&self) -> Result<Vec<PathBuf>, StoreError> {
+        let mut removed = Vec::new();
+        let mut dirs = vec![self.root.join("images"), self.volumes()];
+        dirs.extend(
+            std::fs::read_dir(self.root.join("snapshots"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path()),
+        );
+        for dir in dirs {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if let Some(volume) = name.strip_prefix(RESTORED) {
+                    // A restore got as far as moving the old volume away: finish it.
+                    let dest = dir.join(volume);
+                    if !dest.exists() {
+                        std::fs::rename(entry.path(), &dest)
+                            .map_err(|e| StoreError::io("rename", &dest, e))?;
+                        continue;
+                    }
+                }
+                if name.starts_with(PARTIAL)
+                    || name.starts_with(DOOMED)
+                    || name.starts_with(RESTORED)
+                {
+                    delete_subvolume_if_any(&entry.path())?;
+                    removed.push(entry.path());
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+fn snapshot(src: &Path, dest: &Path, read_only: bool) -> Result<(), StoreError> {
+    CreateSnapshotOptions::new()
+        .readonly(read_only)
+        .create(src, dest)
+        .map_err(|e| btrfs_err("snapshot", dest, e))
+}
+
+/// Deletes the subvolume (or plain directory, for debris of a failed create) at
+/// `path`, if there is one.
+fn delete_subvolume_if_any(path: &Path) -> Result<(), StoreError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    match libbtrfsutil::is_subvolume(path) {
+        Ok(true) => {
+            // A read-only subvolume must be made writable before it can go when the
+            // caller lacks CAP_SYS_ADMIN; as root deletion works either way.
+            DeleteSubvolumeOptions::new()
+                .recursive(true)
+                .delete(path)
+                .map_err(|e| btrfs_err("delete subvolume", path, e))
+        }
+        _ => std::fs::remove_dir_all(path).map_err(|e| StoreError::io("remove", path, e)),
+    }
+}
+
+/// Whether `path` is on a Btrfs file system.
+pub fn is_btrfs(path: &Path) -> Result<bool, StoreError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| StoreError::io("statfs", path, std::io::Error::other(e)))?;
+    // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(StoreError::io(
+            "statfs",
+            path,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    const BTRFS_SUPER_MAGIC: i64 = 0x9123_683E;
+    Ok(st.f_type as i64 == BTRFS_SUPER_MAGIC)
+}

@@ -1,0 +1,244 @@
+//! One conformance suite, run against every `Store` backend: volume and snapshot
+//! semantics, independence of forks, restore exactness, and bad input.
+
+// Test helpers outside #[test] functions: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use burrow_fs::{BtrfsImage, BtrfsStore, CopyStore, ImageSource, Store, StoreError};
+
+/// What a tree holds, entry by entry: kind, mode, size and contents (or target).
+fn tree(root: &Path) -> BTreeMap<PathBuf, String> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, String>) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let p = e.path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().to_path_buf();
+            let desc = if m.file_type().is_symlink() {
+                format!("link {:?}", std::fs::read_link(&p).unwrap())
+            } else if m.is_dir() {
+                walk(root, &p, out);
+                format!("dir {:o}", m.mode() & 0o7777)
+            } else {
+                let data = std::fs::read(&p).unwrap();
+                format!(
+                    "file {:o} {} {:x}",
+                    m.mode() & 0o7777,
+                    data.len(),
+                    fnv(&data)
+                )
+            };
+            out.insert(rel, desc);
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn fnv(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+fn make_image(dir: &Path) -> ImageSource {
+    let root = dir.join("image-root");
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::create_dir_all(root.join("work/deep")).unwrap();
+    std::fs::write(root.join("etc/hostname"), "base\n").unwrap();
+    std::fs::write(root.join("work/deep/data.bin"), vec![7u8; 100_000]).unwrap();
+    std::fs::set_permissions(
+        root.join("etc/hostname"),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
+    symlink("../etc/hostname", root.join("work/link")).unwrap();
+    std::fs::hard_link(root.join("etc/hostname"), root.join("etc/hostname.hard")).unwrap();
+    ImageSource {
+        key: "test-1".into(),
+        root,
+    }
+}
+
+fn conformance(store: &dyn Store, image: &ImageSource) {
+    let base = tree(&image.root);
+
+    // Volumes start as the image and are independent of each other and of it.
+    let a = store.create("a", image).unwrap();
+    let b = store.create("b", image).unwrap();
+    assert_eq!(tree(&a.path), base);
+    std::fs::write(a.path.join("etc/hostname"), "changed in a\n").unwrap();
+    assert_eq!(tree(&b.path), base);
+    assert_eq!(tree(&image.root), base);
+    assert!(matches!(
+        store.create("a", image),
+        Err(StoreError::Exists(_))
+    ));
+    assert_eq!(
+        store
+            .list()
+            .unwrap()
+            .iter()
+            .map(|v| v.id.as_str())
+            .collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+
+    // A snapshot freezes the volume as it was.
+    let s1 = store.snapshot("a", "s1").unwrap();
+    let at_s1 = tree(&a.path);
+    assert_eq!(tree(&s1.path), at_s1);
+    std::fs::write(a.path.join("new.txt"), "after s1").unwrap();
+    std::fs::remove_file(a.path.join("work/deep/data.bin")).unwrap();
+    std::fs::set_permissions(
+        a.path.join("etc/hostname"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    // A hard link pair modified through one name after the snapshot.
+    std::fs::write(a.path.join("etc/hostname.hard"), "through the other link\n").unwrap();
+    assert_eq!(
+        tree(&s1.path),
+        at_s1,
+        "the snapshot changed with its volume"
+    );
+    assert_eq!(
+        std::fs::metadata(s1.path.join("etc/hostname"))
+            .unwrap()
+            .nlink(),
+        2
+    );
+    assert_eq!(
+        store
+            .snapshots("a")
+            .unwrap()
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>(),
+        ["s1"]
+    );
+    assert!(store.snapshots("b").unwrap().is_empty());
+
+    // Bad snapshot input.
+    assert!(matches!(
+        store.snapshot("a", "s1"),
+        Err(StoreError::SnapshotExists { .. })
+    ));
+    for bad in ["", "has space", "a/b", "..", ".hidden", &"x".repeat(65)] {
+        assert!(
+            matches!(
+                store.snapshot("a", bad),
+                Err(StoreError::InvalidSnapshotName(_))
+            ),
+            "{bad:?}"
+        );
+    }
+    assert!(matches!(
+        store.snapshot("nope", "s"),
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.restore("a", "nope"),
+        Err(StoreError::SnapshotNotFound { .. })
+    ));
+    assert!(matches!(
+        store.clone_snapshot("a", "nope", "c"),
+        Err(StoreError::SnapshotNotFound { .. })
+    ));
+
+    // A fork is the snapshot, then goes its own way.
+    let c = store.clone_snapshot("a", "s1", "c").unwrap();
+    assert_eq!(tree(&c.path), at_s1);
+    std::fs::write(c.path.join("only-in-c"), "c").unwrap();
+    assert!(!a.path.join("only-in-c").exists());
+    assert!(!s1.path.join("only-in-c").exists());
+    assert!(matches!(
+        store.clone_snapshot("a", "s1", "c"),
+        Err(StoreError::Exists(_))
+    ));
+
+    // Restore makes the volume exactly the snapshot again; the snapshot stays.
+    store.restore("a", "s1").unwrap();
+    assert_eq!(tree(&store.get("a").unwrap().path), at_s1);
+    assert_eq!(
+        tree(&c.path)[Path::new("only-in-c")].split(' ').next(),
+        Some("file"),
+        "restore touched a fork"
+    );
+    assert_eq!(store.snapshots("a").unwrap().len(), 1);
+
+    // Deleting.
+    store.delete_snapshot("a", "s1").unwrap();
+    assert!(matches!(
+        store.delete_snapshot("a", "s1"),
+        Err(StoreError::SnapshotNotFound { .. })
+    ));
+    assert_eq!(
+        tree(&c.path).len(),
+        at_s1.len() + 1,
+        "a fork outlives its snapshot"
+    );
+    for id in ["a", "b", "c"] {
+        store.delete(id).unwrap();
+    }
+    store.delete("a").unwrap();
+    assert!(store.list().unwrap().is_empty());
+    assert!(
+        store.reconcile().unwrap().is_empty(),
+        "clean operations leave no debris"
+    );
+}
+
+#[test]
+fn copy_store_conforms() {
+    let t = tempfile::tempdir().unwrap();
+    let image = make_image(t.path());
+    let store = CopyStore::new(t.path().join("store")).unwrap();
+    conformance(&store, &image);
+}
+
+/// Unmounts the test's Btrfs even when the test fails.
+struct Mounted(BtrfsImage);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = self.0.unmount();
+    }
+}
+
+#[test]
+fn btrfs_store_conforms() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: loop-mounting a Btrfs image needs root");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let image = make_image(t.path());
+    let fs = Mounted(
+        BtrfsImage::ensure(&t.path().join("btrfs.img"), &t.path().join("mnt"), 1 << 30).unwrap(),
+    );
+    assert!(fs.0.is_mounted());
+    let store = BtrfsStore::new(t.path().join("mnt/store")).unwrap();
+    conformance(&store, &image);
+    // Creating from an imported image is a snapshot: no second import.
+    store.create("x", &image).unwrap();
+    store.create("y", &image).unwrap();
+    assert_eq!(
+        std::fs::read_dir(t.path().join("mnt/store/images"))
+            .unwrap()
+            .count(),
+        1
+    );
+    // A store refuses a root that is not on Btrfs.
+    assert!(matches!(
+        BtrfsStore::new(t.path().join("plain")),
+        Err(StoreError::Btrfs { .. })
+    ));
+}
