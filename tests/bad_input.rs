@@ -53,15 +53,7 @@ fn bad_input_is_refused_and_changes_nothing() {
         );
     }
     assert_eq!(b.json(&["ls", "--json"]), serde_json::json!([]));
-    // Hidden entries are the store's own (a spare copy prepared ahead).
-    let vols: Vec<String> = std::fs::read_dir(b.state.join("volumes"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| !n.starts_with('.'))
-                .collect()
-        })
-        .unwrap_or_default();
+    let vols = b.volumes();
     assert!(vols.is_empty(), "a refused create left a volume: {vols:?}");
 }
 
@@ -76,6 +68,7 @@ fn daemon_start_status_stop() {
     assert!(b.ok(&["daemon", "start"]).contains("already runs"));
     let st = b.json(&["daemon", "status", "--json"]);
     assert_eq!(st["workspaces"], 0);
+    assert_eq!(st["store"], "btrfs");
     let pid = st["pid"].as_i64().expect("pid") as i32;
     assert_eq!(b.daemon_pid(), Some(pid));
     // A second daemon on the same state dir is refused.

@@ -25,6 +25,8 @@ const RESTORED: &str = ".restored-";
 
 pub struct BtrfsStore {
     root: PathBuf,
+    /// One image import at a time: a create and a background prepare may both ask.
+    importing: std::sync::Mutex<()>,
 }
 
 fn btrfs_err(op: &'static str, path: &Path, e: libbtrfsutil::Error) -> StoreError {
@@ -50,15 +52,14 @@ impl BtrfsStore {
                 message: "not on a Btrfs file system".into(),
             });
         }
-        Ok(BtrfsStore { root })
+        Ok(BtrfsStore {
+            root,
+            importing: std::sync::Mutex::new(()),
+        })
     }
 
     fn volumes(&self) -> PathBuf {
         self.root.join("volumes")
-    }
-
-    fn volume_path(&self, id: &str) -> PathBuf {
-        self.volumes().join(id)
     }
 
     fn image_path(&self, image: &ImageSource) -> PathBuf {
@@ -75,6 +76,10 @@ impl BtrfsStore {
     fn import(&self, image: &ImageSource) -> Result<PathBuf, StoreError> {
         validate_id(&image.key)?;
         let dest = self.image_path(image);
+        if dest.exists() {
+            return Ok(dest);
+        }
+        let _one = self.importing.lock().unwrap_or_else(|p| p.into_inner());
         if dest.exists() {
             return Ok(dest);
         }
@@ -131,9 +136,17 @@ impl Store for BtrfsStore {
         "btrfs"
     }
 
+    fn volume_path(&self, id: &str) -> PathBuf {
+        self.volumes().join(id)
+    }
+
+    fn volumes_dir(&self) -> PathBuf {
+        self.volumes()
+    }
+
     fn create(&self, id: &str, image: &ImageSource) -> Result<Volume, StoreError> {
         validate_id(id)?;
-        let dest = self.volume_path(id);
+        let dest = self.volumes().join(id);
         if dest.exists() {
             return Err(StoreError::Exists(id.to_string()));
         }
@@ -151,7 +164,7 @@ impl Store for BtrfsStore {
 
     fn delete(&self, id: &str) -> Result<(), StoreError> {
         validate_id(id)?;
-        let path = self.volume_path(id);
+        let path = self.volumes().join(id);
         if !path.exists() {
             return Ok(());
         }
@@ -162,7 +175,7 @@ impl Store for BtrfsStore {
 
     fn get(&self, id: &str) -> Option<Volume> {
         validate_id(id).ok()?;
-        let path = self.volume_path(id);
+        let path = self.volumes().join(id);
         path.is_dir().then(|| Volume {
             id: id.to_string(),
             path,
@@ -224,7 +237,7 @@ impl Store for BtrfsStore {
     fn clone_snapshot(&self, volume: &str, name: &str, id: &str) -> Result<Volume, StoreError> {
         validate_id(id)?;
         let snap = self.existing_snapshot(volume, name)?;
-        let dest = self.volume_path(id);
+        let dest = self.volumes().join(id);
         if dest.exists() {
             return Err(StoreError::Exists(id.to_string()));
         }

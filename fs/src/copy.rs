@@ -111,6 +111,14 @@ impl Store for CopyStore {
         "copy"
     }
 
+    fn volume_path(&self, id: &str) -> PathBuf {
+        self.path(id)
+    }
+
+    fn volumes_dir(&self) -> PathBuf {
+        self.root.clone()
+    }
+
     fn create(&self, id: &str, image: &ImageSource) -> Result<Volume, StoreError> {
         validate_id(id)?;
         let dest = self.path(id);

@@ -12,7 +12,7 @@ mod loop_image;
 
 use std::path::{Path, PathBuf};
 
-pub use btrfs::BtrfsStore;
+pub use btrfs::{is_btrfs, BtrfsStore};
 pub use copy::CopyStore;
 pub use loop_image::BtrfsImage;
 
@@ -87,6 +87,10 @@ pub struct Volume {
 pub trait Store: Send + Sync {
     /// Short backend name shown to users (`copy`, later `btrfs`, `fuse`).
     fn kind(&self) -> &'static str;
+    /// Where volume `id` lives (or will), so it can be recorded before it is made.
+    fn volume_path(&self, id: &str) -> PathBuf;
+    /// The directory holding all volumes; VM processes name paths under it.
+    fn volumes_dir(&self) -> PathBuf;
     /// Makes a new volume `id` whose contents are those of `image`.
     fn create(&self, id: &str, image: &ImageSource) -> Result<Volume, StoreError>;
     /// Does ahead of time whatever makes the next [`Store::create`] from `image`

@@ -12,6 +12,7 @@ pub mod image;
 pub mod names;
 pub mod paths;
 pub mod process;
+pub mod storage;
 pub mod vmm;
 
 pub use error::{Error, Result};

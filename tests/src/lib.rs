@@ -146,13 +146,35 @@ impl Burrow {
             .ok()
     }
 
+    /// Where the state dir's store may keep volumes: `volumes/` (copy store),
+    /// `btrfs/store/volumes/` (loop-mounted Btrfs), `store/volumes/` (Btrfs state dir).
+    pub fn volume_dirs(&self) -> Vec<PathBuf> {
+        ["volumes", "btrfs/store/volumes", "store/volumes"]
+            .iter()
+            .map(|d| self.state.join(d))
+            .collect()
+    }
+
+    /// The volumes of this state dir (not the store's own hidden entries).
+    pub fn volumes(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .volume_dirs()
+            .iter()
+            .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        out.sort();
+        out
+    }
+
     pub fn run_root(&self) -> PathBuf {
         self.state.join("run")
     }
 
-    /// Pids of processes that name this state dir's run dirs or volumes (VM processes).
+    /// Pids of VM processes (by name) that name a path in this state dir.
     pub fn vm_processes(&self) -> Vec<i32> {
-        let needles: Vec<Vec<u8>> = [self.run_root(), self.state.join("volumes")]
+        let needles: Vec<Vec<u8>> = [self.state.clone()]
             .into_iter()
             .map(|d| {
                 let mut n = d.into_os_string().into_encoded_bytes();
@@ -189,8 +211,10 @@ impl Burrow {
     pub fn assert_gone(&self, id: &str) {
         let run = self.run_root().join(id);
         assert!(!run.exists(), "run dir {} left behind", run.display());
-        let vol = self.state.join("volumes").join(id);
-        assert!(!vol.exists(), "volume {} left behind", vol.display());
+        for dir in self.volume_dirs() {
+            let vol = dir.join(id);
+            assert!(!vol.exists(), "volume {} left behind", vol.display());
+        }
         let logs = self.state.join("logs").join(id);
         assert!(!logs.exists(), "logs {} left behind", logs.display());
         let procs: Vec<i32> = self.vm_processes();
@@ -223,7 +247,25 @@ impl Drop for Burrow {
             // SAFETY: kill has no memory effects.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
+        // A daemon that stops cleanly unmounts its loop-mounted store; one that a
+        // failed test left dead does not. The mount is this test's: detach it.
+        let mnt = self.state.join("btrfs");
+        if is_mountpoint(&mnt) {
+            if let Ok(c) = std::ffi::CString::new(mnt.into_os_string().into_encoded_bytes()) {
+                // SAFETY: umount2 with a NUL-terminated path.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
     }
+}
+
+/// Whether `path` is a mount point (field 5 of /proc/self/mountinfo).
+pub fn is_mountpoint(path: &Path) -> bool {
+    let want = path.to_string_lossy().replace(' ', "\\040");
+    std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|info| {
+        info.lines()
+            .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+    })
 }
 
 fn cmdline_mentions(pid: i32, dir: &Path) -> bool {

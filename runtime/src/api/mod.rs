@@ -44,6 +44,8 @@ pub struct DaemonStatus {
     pub cache_dir: String,
     /// The accelerator chosen at the first boot, if a VM has booted yet.
     pub accel: Option<String>,
+    /// The volume store: `btrfs` or `copy`.
+    pub store: String,
     pub workspaces: usize,
     pub running: usize,
 }

@@ -131,6 +131,7 @@ async fn daemon_status(State(s): State<AppState>) -> ApiResult<DaemonStatus> {
         state_dir: s.engine.state_dir().root().display().to_string(),
         cache_dir: s.cache_dir.clone(),
         accel: s.engine.accel().map(|a| a.as_str().to_string()),
+        store: s.engine.store_kind().to_string(),
         workspaces: all.len(),
         running: all.iter().filter(|w| w.state == WsState::Running).count(),
     })

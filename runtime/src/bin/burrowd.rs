@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use burrow::api::server::{router, AppState};
 use burrow::engine::Engine;
 use burrow::paths::{CacheDir, StateDir, DEFAULT_CACHE_DIR, DEFAULT_STATE_DIR};
+use burrow::storage::StoreKind;
 use clap::Parser;
 
 #[derive(Parser)]
@@ -29,6 +30,10 @@ struct Args {
     ready_fd: Option<i32>,
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     log_format: String,
+    /// Volume store: auto (Btrfs if the state dir is on it, else a loop-mounted
+    /// Btrfs image as root, else copies), btrfs, or copy.
+    #[arg(long, env = "BURROW_STORE", default_value = "auto")]
+    store: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -74,7 +79,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let agent = burrow::image::find_agent();
     tracing::info!(state_dir = %state.root().display(), agent = %agent.display(), "burrowd starting");
-    let engine = Engine::open(state.clone(), cache.clone(), agent)
+    let store = StoreKind::parse(&args.store)?;
+    let engine = Engine::open(state.clone(), cache.clone(), agent, store)
         .await
         .context("open state")?;
 
@@ -84,7 +90,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("bind {}", sock.display()))?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let app = router(AppState {
-        engine,
+        engine: engine.clone(),
         shutdown: tx,
         cache_dir: cache.root().display().to_string(),
     });
@@ -108,6 +114,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;
+    engine.close().await;
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(&pid_path);
     Ok(())

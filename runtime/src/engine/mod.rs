@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use burrow_fs::{CopyStore, ImageSource, Store};
+use burrow_fs::{BtrfsImage, ImageSource, Store};
 use burrow_proto::{Op, READY_PORT};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
@@ -27,6 +27,7 @@ use crate::guest::{GuestClient, ReadyListener};
 use crate::image::{ImageCache, Progress, DEFAULT_IMAGE};
 use crate::names::{new_id, validate_name};
 use crate::paths::{CacheDir, StateDir};
+use crate::storage::{self, StoreKind};
 use crate::vmm::{self, Accel, VmPaths, VmSpec};
 
 pub const DEFAULT_VCPUS: u32 = 1;
@@ -104,6 +105,10 @@ pub struct Engine {
     state: StateDir,
     db: Db,
     store: Arc<dyn Store>,
+    /// The loop-mounted Btrfs the store lives on, if it has one.
+    mount: Option<BtrfsImage>,
+    /// Background preparations of the store, awaited before the daemon exits.
+    prepares: Mutex<Vec<JoinHandle<()>>>,
     images: ImageCache,
     accel: tokio::sync::OnceCell<Accel>,
     /// One lock per workspace id, held for the length of any operation on it.
@@ -114,7 +119,12 @@ pub struct Engine {
 
 impl Engine {
     /// Opens the state dir and reconciles it with the processes that really run.
-    pub async fn open(state: StateDir, cache: CacheDir, agent: PathBuf) -> Result<Arc<Engine>> {
+    pub async fn open(
+        state: StateDir,
+        cache: CacheDir,
+        agent: PathBuf,
+        store: StoreKind,
+    ) -> Result<Arc<Engine>> {
         for dir in [
             state.root().to_path_buf(),
             state.run_root(),
@@ -124,11 +134,19 @@ impl Engine {
                 .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         }
         let db = Db::open(&state.database())?;
-        let store: Arc<dyn Store> = Arc::new(CopyStore::new(state.volumes())?);
+        let opened = {
+            let state = state.clone();
+            tokio::task::spawn_blocking(move || storage::open(&state, store))
+                .await
+                .map_err(|e| Error::Vmm(format!("store task: {e}")))??
+        };
+        tracing::info!(store = opened.store.kind(), "volume store");
         let engine = Arc::new(Engine {
             state,
             db,
-            store,
+            store: opened.store,
+            mount: opened.mount,
+            prepares: Mutex::new(Vec::new()),
             images: ImageCache::new(cache, agent),
             accel: tokio::sync::OnceCell::new(),
             locks: Mutex::new(HashMap::new()),
@@ -245,7 +263,7 @@ impl Engine {
             created_at: now_rfc3339(),
             accel: None,
             store: self.store.kind().to_string(),
-            volume: self.state.volumes().join(&id),
+            volume: self.store.volume_path(&id),
             pids: None,
         };
         let lock = self.lock_for(&id);
@@ -288,11 +306,45 @@ impl Engine {
     /// Lets the store get the next create from `source` ready, in the background.
     fn prepare_volume(&self, source: ImageSource) {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
+        let task = tokio::task::spawn_blocking(move || {
             if let Err(e) = store.prepare(&source) {
                 tracing::warn!("preparing a volume of {}: {e}", source.key);
             }
         });
+        let mut prepares = self.prepares.lock().unwrap_or_else(|p| p.into_inner());
+        prepares.retain(|t| !t.is_finished());
+        prepares.push(task);
+    }
+
+    /// Called as the daemon exits: lets background work finish and, when no VM
+    /// needs it, unmounts the store's loop-mounted Btrfs (the next start mounts it
+    /// again), so that a stopped daemon leaves no mount behind.
+    pub async fn close(&self) {
+        let tasks: Vec<_> =
+            std::mem::take(&mut *self.prepares.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            let _ = t.await;
+        }
+        let Some(mount) = &self.mount else { return };
+        let busy = self
+            .db
+            .list()
+            .map(|l| l.iter().any(|w| w.pids.is_some()))
+            .unwrap_or(true);
+        if busy {
+            tracing::info!(
+                "VMs run on {}: it stays mounted",
+                mount.mountpoint.display()
+            );
+            return;
+        }
+        if let Err(e) = mount.unmount() {
+            tracing::warn!("unmount {}: {e}", mount.mountpoint.display());
+        }
+    }
+
+    pub fn store_kind(&self) -> &'static str {
+        self.store.kind()
     }
 
     pub async fn start(

@@ -92,7 +92,7 @@ impl Engine {
                 }
             }
         }
-        let volumes = self.state.volumes();
+        let volumes = self.store.volumes_dir();
         for p in crate::process::processes_mentioning(&[&run_root, &volumes]) {
             // A helper forked by an adopted process (virtiofsd's sandboxed child)
             // shares its process group: it belongs to that VM.

@@ -527,6 +527,7 @@ async fn daemon_command(
                         "accel:      {}",
                         s.accel.as_deref().unwrap_or("(not probed yet)")
                     );
+                    println!("store:      {}", s.store);
                     println!("workspaces: {} ({} running)", s.workspaces, s.running);
                 }
             }

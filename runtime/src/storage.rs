@@ -1,0 +1,127 @@
+//! Choosing and opening a state dir's volume store.
+//!
+//! - `auto` (default): a state dir on Btrfs gets the Btrfs store in place; else, as
+//!   root, a sparse Btrfs image in the state dir, loop-mounted; else the copy store.
+//! - `btrfs`: as `auto`, but failing instead of falling back.
+//! - `copy`: full copies (any file system, no privileges).
+//!
+//! A state dir keeps the store it started with (recorded in `$STATE/store`): its
+//! volumes live there.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use burrow_fs::{is_btrfs, BtrfsImage, BtrfsStore, CopyStore, Store};
+
+use crate::error::{Error, Result};
+use crate::paths::StateDir;
+
+/// Largest loop image made: it is sparse, so this bounds growth, not use.
+const MAX_IMAGE: u64 = 1 << 40;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    Auto,
+    Btrfs,
+    Copy,
+}
+
+impl StoreKind {
+    pub fn parse(s: &str) -> Result<StoreKind> {
+        match s {
+            "auto" => Ok(StoreKind::Auto),
+            "btrfs" => Ok(StoreKind::Btrfs),
+            "copy" => Ok(StoreKind::Copy),
+            other => Err(Error::invalid(
+                "store",
+                format!("{other:?} is not one of auto, btrfs, copy"),
+            )),
+        }
+    }
+}
+
+/// An open store, and the loop mount it lives on if it has one.
+pub struct OpenStore {
+    pub store: Arc<dyn Store>,
+    pub mount: Option<BtrfsImage>,
+}
+
+pub fn open(state: &StateDir, wanted: StoreKind) -> Result<OpenStore> {
+    let record = state.root().join("store");
+    let recorded = std::fs::read_to_string(&record)
+        .ok()
+        .map(|s| s.trim().to_string());
+    let kind = match (recorded.as_deref(), wanted) {
+        (Some("btrfs"), StoreKind::Auto | StoreKind::Btrfs) => StoreKind::Btrfs,
+        (Some("copy"), StoreKind::Auto | StoreKind::Copy) => StoreKind::Copy,
+        (Some(r), w) => {
+            return Err(Error::invalid(
+                "store",
+                format!(
+                    "{} holds volumes of the {r} store; it cannot switch to {w:?}",
+                    state.root().display()
+                ),
+            ))
+        }
+        (None, w) => w,
+    };
+    let opened = match kind {
+        StoreKind::Copy => copy(state)?,
+        StoreKind::Btrfs => btrfs(state)?,
+        StoreKind::Auto => match btrfs(state) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("no Btrfs store ({e}); using full copies");
+                copy(state)?
+            }
+        },
+    };
+    if recorded.is_none() {
+        std::fs::write(&record, format!("{}\n", opened.store.kind()))
+            .map_err(|e| Error::io(format!("write {}", record.display()), e))?;
+    }
+    Ok(opened)
+}
+
+fn copy(state: &StateDir) -> Result<OpenStore> {
+    Ok(OpenStore {
+        store: Arc::new(CopyStore::new(state.volumes())?),
+        mount: None,
+    })
+}
+
+fn btrfs(state: &StateDir) -> Result<OpenStore> {
+    if is_btrfs(state.root())? {
+        return Ok(OpenStore {
+            store: Arc::new(BtrfsStore::new(state.root().join("store"))?),
+            mount: None,
+        });
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Error::invalid("store", "a loop-mounted Btrfs needs root"));
+    }
+    let mountpoint = state.root().join("btrfs");
+    let image = state.root().join("btrfs.img");
+    let size = free_bytes(state.root()).min(MAX_IMAGE);
+    let mount = BtrfsImage::ensure(&image, &mountpoint, size)?;
+    let store = BtrfsStore::new(mountpoint.join("store"))?;
+    Ok(OpenStore {
+        store: Arc::new(store),
+        mount: Some(mount),
+    })
+}
+
+fn free_bytes(path: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return 0;
+    };
+    // SAFETY: statvfs writes into the zeroed struct we own.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the path is NUL-terminated.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return 0;
+    }
+    st.f_bavail * st.f_frsize
+}
