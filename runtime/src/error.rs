@@ -18,6 +18,12 @@ pub enum Error {
         action: &'static str,
         wanted: &'static str,
     },
+    #[error("snapshot {name:?} of workspace {workspace} not found")]
+    SnapshotNotFound { workspace: String, name: String },
+    #[error("snapshot {name:?} of workspace {workspace} already exists")]
+    SnapshotExists { workspace: String, name: String },
+    #[error("snapshot {snapshot:?} has forks that depend on it: {forks}")]
+    HasDependents { snapshot: String, forks: String },
     #[error("image {0:?} not found: build it with `burrow image build {0}`")]
     ImageNotFound(String),
     #[error("image build failed: {0}")]
@@ -81,8 +87,13 @@ impl Error {
 
     pub fn class(&self) -> ErrorClass {
         match self {
-            Error::WorkspaceNotFound(_) | Error::ImageNotFound(_) => ErrorClass::NotFound,
-            Error::NameTaken(_) | Error::WrongState { .. } => ErrorClass::Conflict,
+            Error::WorkspaceNotFound(_)
+            | Error::ImageNotFound(_)
+            | Error::SnapshotNotFound { .. } => ErrorClass::NotFound,
+            Error::NameTaken(_)
+            | Error::WrongState { .. }
+            | Error::SnapshotExists { .. }
+            | Error::HasDependents { .. } => ErrorClass::Conflict,
             Error::Invalid { .. } => ErrorClass::Invalid,
             Error::Guest(e) => match e.kind {
                 AgentErrorKind::NotFound => ErrorClass::NotFound,

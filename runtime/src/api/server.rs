@@ -52,6 +52,20 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/workspaces/{ws}/files/edit", post(file_edit))
         .route("/v1/workspaces/{ws}/files/list", post(file_list))
         .route("/v1/workspaces/{ws}/logs", get(logs))
+        .route(
+            "/v1/workspaces/{ws}/snapshots",
+            get(snapshot_list).post(snapshot_create),
+        )
+        .route(
+            "/v1/workspaces/{ws}/snapshots/{name}",
+            axum::routing::delete(snapshot_delete),
+        )
+        .route(
+            "/v1/workspaces/{ws}/snapshots/{name}/restore",
+            post(snapshot_restore),
+        )
+        .route("/v1/workspaces/{ws}/fork", post(fork))
+        .route("/v1/workspaces/{ws}/diff/{name}", get(diff))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -335,4 +349,54 @@ async fn logs(
         .engine
         .logs(&ws, q.r#type.unwrap_or_default(), q.lines.unwrap_or(100))?;
     ok(BTreeMap::from([("lines", lines)]))
+}
+
+#[derive(Deserialize)]
+struct SnapshotRequest {
+    name: String,
+}
+
+async fn snapshot_create(
+    State(s): State<AppState>,
+    Path(ws): Path<String>,
+    ApiJson(r): ApiJson<SnapshotRequest>,
+) -> ApiResult<crate::engine::SnapshotInfo> {
+    ok(s.engine.snapshot_create(&ws, &r.name).await?)
+}
+
+async fn snapshot_list(
+    State(s): State<AppState>,
+    Path(ws): Path<String>,
+) -> ApiResult<Vec<crate::engine::SnapshotInfo>> {
+    ok(s.engine.snapshot_list(&ws)?)
+}
+
+async fn snapshot_restore(
+    State(s): State<AppState>,
+    Path((ws, name)): Path<(String, String)>,
+) -> ApiResult<crate::engine::WorkspaceInfo> {
+    ok(s.engine.snapshot_restore(&ws, &name).await?)
+}
+
+async fn snapshot_delete(
+    State(s): State<AppState>,
+    Path((ws, name)): Path<(String, String)>,
+) -> ApiResult<serde_json::Value> {
+    s.engine.snapshot_delete(&ws, &name).await?;
+    ok(json!({"deleted": name}))
+}
+
+async fn fork(
+    State(s): State<AppState>,
+    Path(ws): Path<String>,
+    ApiJson(p): ApiJson<crate::engine::ForkParams>,
+) -> ApiResult<Vec<crate::engine::WorkspaceInfo>> {
+    ok(s.engine.fork(&ws, p).await?)
+}
+
+async fn diff(
+    State(s): State<AppState>,
+    Path((ws, name)): Path<(String, String)>,
+) -> ApiResult<crate::engine::Diff> {
+    ok(s.engine.diff(&ws, &name).await?)
 }

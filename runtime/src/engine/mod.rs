@@ -7,6 +7,7 @@
 
 mod guest_ops;
 mod reconcile;
+mod snapshots;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -20,8 +21,9 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 pub use guest_ops::LogKind;
+pub use snapshots::{Diff, ForkParams, SnapshotInfo, MAX_FORKS};
 
-use crate::db::{Db, ProcId, State, VmPids, WorkspaceRecord};
+use crate::db::{Db, ForkedFrom, ProcId, State, VmPids, WorkspaceRecord};
 use crate::error::{Error, Result};
 use crate::guest::{GuestClient, ReadyListener};
 use crate::image::{ImageCache, Progress, DEFAULT_IMAGE};
@@ -70,6 +72,9 @@ pub struct WorkspaceInfo {
     pub volume: PathBuf,
     /// Host processes of the running VM.
     pub pids: Option<PidsInfo>,
+    /// The snapshot this workspace was forked from.
+    #[serde(default)]
+    pub forked_from: Option<ForkedFrom>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -97,8 +102,16 @@ impl From<WorkspaceRecord> for WorkspaceInfo {
                 virtiofsd: p.virtiofsd.pid,
                 vsock: p.vsock.pid,
             }),
+            forked_from: r.forked_from,
         }
     }
+}
+
+/// What a new volume starts from.
+#[derive(Debug, Clone)]
+pub(super) enum VolumeSource {
+    Image(ImageSource),
+    Snapshot { workspace_id: String, name: String },
 }
 
 pub struct Engine {
@@ -265,7 +278,22 @@ impl Engine {
             store: self.store.kind().to_string(),
             volume: self.store.volume_path(&id),
             pids: None,
+            forked_from: None,
         };
+        self.materialize(rec, VolumeSource::Image(source), boot_timeout, progress)
+            .await
+    }
+
+    /// Records `rec`, makes its volume from `source` and boots it. On any failure
+    /// nothing is left behind.
+    pub(super) async fn materialize(
+        self: &Arc<Self>,
+        rec: WorkspaceRecord,
+        source: VolumeSource,
+        boot_timeout: Duration,
+        progress: Option<&Progress>,
+    ) -> Result<WorkspaceInfo> {
+        let id = rec.id.clone();
         let lock = self.lock_for(&id);
         let _held = lock.lock().await;
         self.db.insert(&rec)?;
@@ -274,10 +302,17 @@ impl Engine {
             let store = self.store.clone();
             let vid = id.clone();
             let src = source.clone();
-            tokio::task::spawn_blocking(move || store.create(&vid, &src))
-                .await
-                .map_err(|e| Error::Vmm(format!("volume task: {e}")))??;
-            self.prepare_volume(source);
+            tokio::task::spawn_blocking(move || match src {
+                VolumeSource::Image(image) => store.create(&vid, &image),
+                VolumeSource::Snapshot { workspace_id, name } => {
+                    store.clone_snapshot(&workspace_id, &name, &vid)
+                }
+            })
+            .await
+            .map_err(|e| Error::Vmm(format!("volume task: {e}")))??;
+            if let VolumeSource::Image(image) = source {
+                self.prepare_volume(image);
+            }
             self.db.set_state(&id, State::Stopped)?;
             self.start_locked(&rec, boot_timeout, progress).await
         }
@@ -388,6 +423,9 @@ impl Engine {
 
     async fn remove_locked(&self, rec: &WorkspaceRecord) -> Result<()> {
         self.cancel_watcher(&rec.id);
+        for snap in self.db.snapshots(Some(&rec.id))? {
+            self.delete_snapshot_locked(&rec.id, &snap.name).await?;
+        }
         if let Some(pids) = self.db.get(&rec.id)?.and_then(|r| r.pids) {
             self.shutdown_vm(rec, &pids).await;
         }

@@ -33,6 +33,14 @@ impl Engine {
             Ok(Err(e)) => tracing::warn!("reconcile volumes: {e}"),
             Err(e) => tracing::warn!("reconcile volumes: {e}"),
         }
+        // Snapshots a crash caught half made or half deleted go.
+        for snap in self.db.snapshots(None)? {
+            if snap.state != crate::db::SnapshotState::Ready {
+                tracing::info!(workspace = %snap.workspace_id, "reconcile: removing unfinished snapshot {}", snap.name);
+                self.delete_snapshot_locked(&snap.workspace_id, &snap.name)
+                    .await?;
+            }
+        }
         let mut adopted: HashSet<String> = HashSet::new();
         for rec in self.db.list()? {
             match rec.state {

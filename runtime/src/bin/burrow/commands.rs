@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 
 use burrow::api::client::{seg, Client, ClientError};
 use burrow::api::{DaemonStatus, EnvRequest, JobKillRequest};
-use burrow::engine::{CreateParams, WorkspaceInfo};
+use burrow::engine::{CreateParams, Diff, ForkParams, SnapshotInfo, WorkspaceInfo};
 use burrow::image::ImageInfo;
 use burrow::paths::StateDir;
 use burrow_proto::{
@@ -15,6 +15,7 @@ use burrow_proto::{
 use serde_json::{json, Value};
 
 use crate::output::{print_entries, print_info, print_job, print_list};
+use crate::SnapshotCommand;
 use crate::{
     daemon, Cli, Command, DaemonCommand, EnvCommand, FileCommand, ImageCommand, JobCommand,
 };
@@ -173,6 +174,41 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
                         i.packages,
                         crate::output::unix_time(i.built_at)
                     );
+                }
+            }
+        }
+        Command::Snapshot(cmd) => snapshot(&c, cmd).await?,
+        Command::Fork(a) => {
+            let p = ForkParams {
+                snapshot: a.snapshot,
+                name: a.name,
+                count: a.count,
+                name_prefix: a.name_prefix,
+                boot_timeout_secs: None,
+            };
+            let forks: Vec<WorkspaceInfo> = c.post(&ws_path(&a.workspace, "/fork"), &p).await?;
+            if a.json {
+                print_json(&forks);
+            } else {
+                for w in forks {
+                    println!("{} {}", w.id, w.name);
+                }
+            }
+        }
+        Command::Diff(a) => {
+            let d: Diff = c
+                .get(&ws_path(
+                    &a.workspace,
+                    &format!("/diff/{}", seg(&a.snapshot)),
+                ))
+                .await?;
+            if a.json {
+                print_json(&d);
+            } else {
+                for (mark, paths) in [("A", &d.added), ("M", &d.modified), ("D", &d.deleted)] {
+                    for p in paths {
+                        println!("{mark} {p}");
+                    }
                 }
             }
         }
@@ -543,4 +579,42 @@ async fn daemon_command(
         },
     }
     Ok(0)
+}
+
+async fn snapshot(c: &Client, cmd: SnapshotCommand) -> Result<(), Failure> {
+    match cmd {
+        SnapshotCommand::Create { workspace, name } => {
+            let s: SnapshotInfo = c
+                .post(&ws_path(&workspace, "/snapshots"), &json!({"name": name}))
+                .await?;
+            println!("{} {}", s.workspace, s.name);
+        }
+        SnapshotCommand::Ls { workspace, json } => {
+            let list: Vec<SnapshotInfo> = c.get(&ws_path(&workspace, "/snapshots")).await?;
+            if json {
+                print_json(&list);
+            } else {
+                println!("{:<24} {:<22} FORKS", "NAME", "CREATED");
+                for s in list {
+                    println!(
+                        "{:<24} {:<22} {}",
+                        s.name,
+                        s.created_at,
+                        s.dependents.join(",")
+                    );
+                }
+            }
+        }
+        SnapshotCommand::Restore { workspace, name } => {
+            let path = ws_path(&workspace, &format!("/snapshots/{}/restore", seg(&name)));
+            let w: WorkspaceInfo = c.post(&path, &json!({})).await?;
+            println!("{} restored to {name} ({})", w.name, w.state);
+        }
+        SnapshotCommand::Delete { workspace, name } => {
+            let path = ws_path(&workspace, &format!("/snapshots/{}", seg(&name)));
+            let _: Value = c.call(hyper::Method::DELETE, &path, None::<&()>).await?;
+            println!("{name} deleted");
+        }
+    }
+    Ok(())
 }

@@ -55,6 +55,13 @@ pub enum Command {
     Stop(Ws),
     /// Stop and remove a workspace, its files and logs.
     Destroy(Ws),
+    /// Snapshots of a workspace's disk.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// New workspaces from a snapshot, booted and independent.
+    Fork(ForkArgs),
+    /// Paths added, modified and deleted since a snapshot.
+    Diff(DiffArgs),
     /// Guest images.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -222,6 +229,47 @@ pub struct StartArgs {
     pub workspace: String,
     #[arg(long)]
     pub boot_timeout: Option<u64>,
+}
+
+#[derive(Subcommand)]
+pub enum SnapshotCommand {
+    /// Freeze the disk as it is now (a running guest flushes its writes first).
+    Create { workspace: String, name: String },
+    /// List snapshots with the forks that depend on each.
+    Ls {
+        workspace: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the disk exactly the snapshot; a running workspace restarts on it.
+    Restore { workspace: String, name: String },
+    /// Delete a snapshot (refused while forks depend on it).
+    Delete { workspace: String, name: String },
+}
+
+#[derive(Args)]
+pub struct ForkArgs {
+    pub workspace: String,
+    pub snapshot: String,
+    /// Name of the fork (one fork).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// How many forks, made in parallel.
+    #[arg(long)]
+    pub count: Option<u32>,
+    /// Forks are named PREFIX-1 … PREFIX-COUNT.
+    #[arg(long)]
+    pub name_prefix: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct DiffArgs {
+    pub workspace: String,
+    pub snapshot: String,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Subcommand)]

@@ -54,6 +54,9 @@ pub fn print_info(w: &WorkspaceInfo) {
         ),
         None => println!("pids:       -"),
     }
+    if let Some(f) = &w.forked_from {
+        println!("forked_from: {} @ {}", f.workspace, f.snapshot);
+    }
 }
 
 pub fn print_job(s: &JobStatus, as_json: bool) {

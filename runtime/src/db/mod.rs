@@ -91,7 +91,21 @@ pub struct WorkspaceRecord {
     pub store: String,
     pub volume: PathBuf,
     pub pids: Option<VmPids>,
+    /// The snapshot this workspace was forked from.
+    pub forked_from: Option<ForkedFrom>,
 }
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkedFrom {
+    pub workspace_id: String,
+    /// The source's name when the fork was made.
+    pub workspace: String,
+    pub snapshot: String,
+}
+
+mod snapshots;
+
+pub use snapshots::{SnapshotRecord, SnapshotState};
 
 pub struct Db {
     conn: Mutex<Connection>,
@@ -109,12 +123,20 @@ CREATE TABLE IF NOT EXISTS workspaces (
     accel TEXT,
     store TEXT NOT NULL,
     volume TEXT NOT NULL,
-    pids TEXT
+    pids TEXT,
+    forked_from TEXT
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    workspace_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    state TEXT NOT NULL,
+    PRIMARY KEY (workspace_id, name)
 );
 ";
 
 const COLUMNS: &str =
-    "id, name, state, vcpus, memory_mib, image, created_at, accel, store, volume, pids";
+    "id, name, state, vcpus, memory_mib, image, created_at, accel, store, volume, pids, forked_from";
 
 impl Db {
     pub fn open(path: &Path) -> Result<Db> {
@@ -125,12 +147,19 @@ impl Db {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        // State dirs made before forks existed lack the column.
+        let has_fork_column = conn
+            .prepare("SELECT forked_from FROM workspaces LIMIT 0")
+            .is_ok();
+        if !has_fork_column {
+            conn.execute_batch("ALTER TABLE workspaces ADD COLUMN forked_from TEXT")?;
+        }
         Ok(Db {
             conn: Mutex::new(conn),
         })
     }
 
-    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+    pub(crate) fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
         // A poisoned lock only means another thread panicked mid-call; SQLite's own
         // transaction state is still consistent, so keep going.
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
@@ -140,9 +169,13 @@ impl Db {
     /// Inserts a new record; a name already in use is [`Error::NameTaken`].
     pub fn insert(&self, w: &WorkspaceRecord) -> Result<()> {
         let pids = pids_json(w.pids.as_ref());
+        let forked_from = w
+            .forked_from
+            .as_ref()
+            .and_then(|f| serde_json::to_string(f).ok());
         let res = self.with(|c| {
             c.execute(
-                &format!("INSERT INTO workspaces ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+                &format!("INSERT INTO workspaces ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
                 params![
                     w.id,
                     w.name,
@@ -154,7 +187,8 @@ impl Db {
                     w.accel,
                     w.store,
                     w.volume.to_string_lossy(),
-                    pids
+                    pids,
+                    forked_from
                 ],
             )
         });
@@ -247,6 +281,7 @@ fn row(r: &Row<'_>) -> rusqlite::Result<WorkspaceRecord> {
     let state: String = r.get(2)?;
     let pids: Option<String> = r.get(10)?;
     let volume: String = r.get(9)?;
+    let forked_from: Option<String> = r.get(11)?;
     Ok(WorkspaceRecord {
         id: r.get(0)?,
         name: r.get(1)?,
@@ -261,6 +296,7 @@ fn row(r: &Row<'_>) -> rusqlite::Result<WorkspaceRecord> {
         store: r.get(8)?,
         volume: PathBuf::from(volume),
         pids: pids.and_then(|s| serde_json::from_str(&s).ok()),
+        forked_from: forked_from.and_then(|s| serde_json::from_str(&s).ok()),
     })
 }
 
@@ -281,6 +317,7 @@ mod tests {
             store: "copy".into(),
             volume: "/v/a".into(),
             pids: None,
+            forked_from: None,
         }
     }
 

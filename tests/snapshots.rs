@@ -1,0 +1,212 @@
+//! Snapshots, restore, forks and diff on real VMs: a snapshot taken while the guest
+//! writes, a restore that brings the disk back exactly, three forks that do not see
+//! each other's writes, and the bad inputs.
+
+use std::time::Duration;
+
+use burrow_tests::{require_root, text, wait_until, Burrow};
+
+#[test]
+fn snapshot_restore_fork_and_diff() {
+    require_root!();
+    let b = Burrow::new();
+    let id = b
+        .ok(&["create", "--name", "src"])
+        .split_whitespace()
+        .next()
+        .expect("id")
+        .to_string();
+    b.run_with_stdin(&["file", "write", "src", "/work/a.txt"], b"v1\n");
+    b.ok(&[
+        "exec",
+        "src",
+        "--",
+        "sh",
+        "-c",
+        "rm /etc/motd; chmod 600 /etc/issue",
+    ]);
+    // A writer keeps appending while the snapshot is taken.
+    let job = b
+        .ok(&[
+            "job",
+            "start",
+            "src",
+            "--",
+            "sh",
+            "-c",
+            "i=0; while [ $i -lt 400 ]; do echo line-$i >> /work/log; i=$((i+1)); done",
+        ])
+        .trim()
+        .to_string();
+    b.ok(&["snapshot", "create", "src", "after-install"]);
+    wait_until("writer to finish", Duration::from_secs(60), || {
+        b.json(&["job", "poll", "src", &job, "--json"])["running"] == false
+    });
+    let snapshots = b.json(&["snapshot", "ls", "src", "--json"]);
+    assert_eq!(snapshots[0]["name"], "after-install");
+    assert_eq!(snapshots[0]["dependents"], serde_json::json!([]));
+
+    // Changes since the snapshot, as diff reports them.
+    b.run_with_stdin(&["file", "write", "src", "/work/a.txt"], b"v2\n");
+    b.run_with_stdin(&["file", "write", "src", "/work/b.txt"], b"new\n");
+    b.ok(&["exec", "src", "--", "rm", "/etc/hostname"]);
+    let d = b.json(&["diff", "src", "after-install", "--json"]);
+    let has = |k: &str, p: &str| d[k].as_array().expect("array").iter().any(|x| x == p);
+    assert!(has("added", "/work/b.txt"), "{d}");
+    assert!(has("modified", "/work/a.txt"), "{d}");
+    assert!(has("deleted", "/etc/hostname"), "{d}");
+    assert!(!has("modified", "/etc/passwd"), "{d}");
+    assert!(b
+        .ok(&["diff", "src", "after-install"])
+        .contains("A /work/b.txt"));
+
+    // Restore: the disk is exactly the snapshot again, and the VM runs on it.
+    let out = b.ok(&["snapshot", "restore", "src", "after-install"]);
+    assert!(out.contains("running"), "{out}");
+    assert_eq!(b.ok(&["file", "read", "src", "/work/a.txt"]), "v1\n");
+    assert!(b
+        .ok(&["exec", "src", "--", "ls", "/work"])
+        .split_whitespace()
+        .all(|f| f != "b.txt"));
+    assert!(b
+        .ok(&["exec", "src", "--", "test", "-f", "/etc/hostname"])
+        .is_empty());
+    assert_eq!(
+        b.ok(&["exec", "src", "--", "stat", "-c", "%a", "/etc/issue"])
+            .trim(),
+        "600"
+    );
+    // The writer ran during the snapshot: the restored log is a prefix of its lines,
+    // whole and in order.
+    let log = b.run(&["file", "read", "src", "/work/log"]);
+    for (i, line) in text(&log.stdout).lines().enumerate() {
+        assert_eq!(
+            line,
+            format!("line-{i}"),
+            "torn or reordered write in the snapshot"
+        );
+    }
+    let d = b.json(&["diff", "src", "after-install", "--json"]);
+    assert_eq!(d["added"], serde_json::json!([]), "{d}");
+    assert_eq!(d["deleted"], serde_json::json!([]), "{d}");
+
+    // Three forks, made in parallel, each running and on its own disk.
+    let out = b.ok(&[
+        "fork",
+        "src",
+        "after-install",
+        "--count",
+        "3",
+        "--name-prefix",
+        "worker",
+    ]);
+    assert_eq!(out.lines().count(), 3, "{out}");
+    for w in ["worker-1", "worker-2", "worker-3"] {
+        let info = b.info(w);
+        assert_eq!(info["state"], "running");
+        assert_eq!(info["forked_from"]["workspace"], "src");
+        assert_eq!(info["forked_from"]["snapshot"], "after-install");
+        assert_eq!(b.ok(&["file", "read", w, "/work/a.txt"]), "v1\n");
+    }
+    b.run_with_stdin(
+        &["file", "write", "worker-1", "/work/a.txt"],
+        b"only in worker-1\n",
+    );
+    b.run_with_stdin(&["file", "write", "src", "/work/src-only"], b"x");
+    for w in ["worker-2", "worker-3", "src"] {
+        assert_eq!(
+            b.ok(&["file", "read", w, "/work/a.txt"]),
+            "v1\n",
+            "{w} sees worker-1's write"
+        );
+    }
+    for w in ["worker-1", "worker-2", "worker-3"] {
+        assert!(b
+            .fails(&["file", "read", w, "/work/src-only"])
+            .1
+            .contains("no such file"));
+    }
+    let one = b.ok(&["fork", "src", "after-install", "--name", "approach-a"]);
+    assert!(one.contains("approach-a"));
+
+    // A snapshot with forks cannot go; the error names them.
+    let (_, err) = b.fails(&["snapshot", "delete", "src", "after-install"]);
+    for w in ["worker-1", "worker-2", "worker-3", "approach-a"] {
+        assert!(err.contains(w), "{err}");
+    }
+    assert_eq!(err.trim().lines().count(), 1);
+
+    // Bad input: clear one-line errors, nothing changed.
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["snapshot", "create", "src", "bad name"],
+            "invalid snapshot",
+        ),
+        (&["snapshot", "create", "src", "a/b"], "invalid snapshot"),
+        (
+            &["snapshot", "create", "src", "after-install"],
+            "already exists",
+        ),
+        (&["snapshot", "restore", "src", "nope"], "not found"),
+        (&["snapshot", "delete", "src", "nope"], "not found"),
+        (&["diff", "src", "nope"], "not found"),
+        (&["fork", "src", "nope"], "not found"),
+        (
+            &[
+                "fork",
+                "src",
+                "after-install",
+                "--count",
+                "0",
+                "--name-prefix",
+                "z",
+            ],
+            "invalid count",
+        ),
+        (
+            &[
+                "fork",
+                "src",
+                "after-install",
+                "--count",
+                "99",
+                "--name-prefix",
+                "z",
+            ],
+            "invalid count",
+        ),
+        (
+            &["fork", "src", "after-install", "--name", "worker-1"],
+            "taken",
+        ),
+        (&["snapshot", "ls", "nope"], "not found"),
+    ];
+    for (args, want) in cases {
+        let (_, err) = b.fails(args);
+        assert!(
+            err.contains(want),
+            "burrow {args:?}: expected {want:?} in {err:?}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    assert_eq!(b.json(&["ls", "--json"]).as_array().map(Vec::len), Some(5));
+    assert_eq!(
+        b.json(&["snapshot", "ls", "src", "--json"])
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+
+    // Once the forks are gone the snapshot can go; destroying leaves nothing.
+    for w in ["worker-1", "worker-2", "worker-3", "approach-a"] {
+        b.ok(&["destroy", w]);
+    }
+    b.ok(&["snapshot", "delete", "src", "after-install"]);
+    assert_eq!(
+        b.json(&["snapshot", "ls", "src", "--json"]),
+        serde_json::json!([])
+    );
+    b.ok(&["destroy", "src"]);
+    b.assert_gone(&id);
+    assert!(b.volumes().is_empty(), "{:?}", b.volumes());
+}
