@@ -195,12 +195,143 @@ fn conformance(store: &dyn Store, image: &ImageSource) {
     );
 }
 
+/// What agents do to a workspace's files, done to a volume, then snapshot, modify,
+/// restore: the restored tree is exactly the snapshot's.
+fn posix_torture(store: &dyn Store, image: &ImageSource) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let v = store.create("t", image).unwrap();
+    let w = v.path.join("work");
+
+    // rename over an existing file
+    std::fs::write(w.join("old"), "old").unwrap();
+    std::fs::write(w.join("new"), "new").unwrap();
+    std::fs::rename(w.join("new"), w.join("old")).unwrap();
+    assert_eq!(std::fs::read_to_string(w.join("old")).unwrap(), "new");
+
+    // an unlinked file that is still open stays usable and is in no snapshot
+    let mut open = std::fs::File::options()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(w.join("ghost"))
+        .unwrap();
+    std::fs::remove_file(w.join("ghost")).unwrap();
+    open.write_all(b"still here").unwrap();
+
+    // a 1 GiB sparse file with data at both ends
+    let sparse = w.join("sparse.img");
+    let mut f = std::fs::File::create(&sparse).unwrap();
+    f.write_all(b"head").unwrap();
+    f.set_len(1 << 30).unwrap();
+    f.seek(SeekFrom::End(-4)).unwrap();
+    f.write_all(b"tail").unwrap();
+    drop(f);
+
+    // a git repository of 2 000 files with one commit
+    let repo = w.join("repo");
+    for i in 0..2000 {
+        let dir = repo.join(format!("d{}", i % 40));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("f{i}.txt")), format!("file {i}\n")).unwrap();
+    }
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "-c",
+                "init.defaultBranch=main",
+            ])
+            .args(args)
+            .current_dir(&repo)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    git(&["init", "-q"]);
+    git(&["add", "."]);
+    git(&["commit", "-q", "-m", "first"]);
+
+    let s = store.snapshot("t", "torture").unwrap();
+    let frozen = tree(&s.path);
+    assert!(!s.path.join("work/ghost").exists());
+    let mut back = String::new();
+    open.seek(SeekFrom::Start(0)).unwrap();
+    open.read_to_string(&mut back).unwrap();
+    assert_eq!(back, "still here");
+    let meta = std::fs::metadata(s.path.join("work/sparse.img")).unwrap();
+    assert_eq!(meta.len(), 1 << 30);
+    assert!(
+        meta.blocks() * 512 < 64 << 20,
+        "the sparse file was filled in: {} blocks",
+        meta.blocks()
+    );
+
+    // modify: edits, a second commit, deletions
+    for i in 0..100 {
+        std::fs::write(repo.join(format!("d{}/f{i}.txt", i % 40)), "changed\n").unwrap();
+    }
+    git(&["commit", "-q", "-am", "second"]);
+    std::fs::remove_file(w.join("sparse.img")).unwrap();
+    std::fs::remove_dir_all(repo.join("d7")).unwrap();
+
+    store.restore("t", "torture").unwrap();
+    let v = store.get("t").unwrap();
+    assert_eq!(tree(&v.path), frozen, "restore is not exact");
+    let repo = v.path.join("work/repo");
+    let out = std::process::Command::new("git")
+        .args(["log", "--oneline"])
+        .current_dir(&repo)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+    let out = std::process::Command::new("git")
+        .args(["status", "--porcelain"])
+        .current_dir(&repo)
+        .output()
+        .unwrap();
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = std::process::Command::new("git")
+        .args(["fsck", "--no-progress"])
+        .current_dir(&repo)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut f = std::fs::File::open(v.path.join("work/sparse.img")).unwrap();
+    let mut head = [0u8; 4];
+    f.read_exact(&mut head).unwrap();
+    f.seek(SeekFrom::End(-4)).unwrap();
+    let mut tail = [0u8; 4];
+    f.read_exact(&mut tail).unwrap();
+    assert_eq!((&head, &tail), (b"head", b"tail"));
+
+    store.delete_snapshot("t", "torture").unwrap();
+    store.delete("t").unwrap();
+}
+
 #[test]
 fn copy_store_conforms() {
     let t = tempfile::tempdir().unwrap();
     let image = make_image(t.path());
     let store = CopyStore::new(t.path().join("store")).unwrap();
     conformance(&store, &image);
+    posix_torture(&store, &image);
 }
 
 /// Unmounts the test's Btrfs even when the test fails.
@@ -227,6 +358,7 @@ fn btrfs_store_conforms() {
     assert!(fs.0.is_mounted());
     let store = BtrfsStore::new(t.path().join("mnt/store")).unwrap();
     conformance(&store, &image);
+    posix_torture(&store, &image);
     // Creating from an imported image is a snapshot: no second import.
     store.create("x", &image).unwrap();
     store.create("y", &image).unwrap();
