@@ -29,6 +29,7 @@ test: image
 bench: build
 	bash scripts/install-deps.sh --bench
 	bash scripts/bench.sh target/release
+	python3 scripts/bench_volumes.py target/release
 
 clean:
 	cargo clean
