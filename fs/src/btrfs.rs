@@ -15,13 +15,12 @@ use std::process::Command;
 
 use libbtrfsutil::{CreateSnapshotOptions, DeleteSubvolumeOptions};
 
+use crate::layout::{
+    list_snapshots, list_volumes, reconcile_dirs, subdirs, DOOMED, PARTIAL, RESTORED,
+};
 use crate::{
     validate_id, validate_snapshot_name, ImageSource, Snapshot, Store, StoreError, Volume,
 };
-
-const PARTIAL: &str = ".partial-";
-const DOOMED: &str = ".doomed-";
-const RESTORED: &str = ".restored-";
 
 pub struct BtrfsStore {
     root: PathBuf,
@@ -183,17 +182,7 @@ impl Store for BtrfsStore {
     }
 
     fn list(&self) -> Result<Vec<Volume>, StoreError> {
-        let dir = self.volumes();
-        let rd = std::fs::read_dir(&dir).map_err(|e| StoreError::io("read", &dir, e))?;
-        let mut out: Vec<Volume> = rd
-            .flatten()
-            .filter_map(|e| {
-                let id = e.file_name().to_string_lossy().into_owned();
-                validate_id(&id).ok().map(|_| Volume { id, path: e.path() })
-            })
-            .collect();
-        out.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(out)
+        list_volumes(&self.volumes())
     }
 
     fn snapshot(&self, volume: &str, name: &str) -> Result<Snapshot, StoreError> {
@@ -260,57 +249,13 @@ impl Store for BtrfsStore {
     }
 
     fn snapshots(&self, volume: &str) -> Result<Vec<Snapshot>, StoreError> {
-        validate_id(volume)?;
-        let dir = self.root.join("snapshots").join(volume);
-        let mut out: Vec<Snapshot> = std::fs::read_dir(&dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                validate_snapshot_name(&name).ok().map(|_| Snapshot {
-                    volume: volume.to_string(),
-                    name,
-                    path: e.path(),
-                })
-            })
-            .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        list_snapshots(&self.root.join("snapshots").join(volume), volume)
     }
 
     fn reconcile(&self) -> Result<Vec<PathBuf>, StoreError> {
-        let mut removed = Vec::new();
         let mut dirs = vec![self.root.join("images"), self.volumes()];
-        dirs.extend(
-            std::fs::read_dir(self.root.join("snapshots"))
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|e| e.path()),
-        );
-        for dir in dirs {
-            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if let Some(volume) = name.strip_prefix(RESTORED) {
-                    // A restore got as far as moving the old volume away: finish it.
-                    let dest = dir.join(volume);
-                    if !dest.exists() {
-                        std::fs::rename(entry.path(), &dest)
-                            .map_err(|e| StoreError::io("rename", &dest, e))?;
-                        continue;
-                    }
-                }
-                if name.starts_with(PARTIAL)
-                    || name.starts_with(DOOMED)
-                    || name.starts_with(RESTORED)
-                {
-                    delete_subvolume_if_any(&entry.path())?;
-                    removed.push(entry.path());
-                }
-            }
-        }
-        Ok(removed)
+        dirs.extend(subdirs(&self.root.join("snapshots")));
+        reconcile_dirs(&dirs, delete_subvolume_if_any)
     }
 }
 

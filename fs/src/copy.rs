@@ -10,22 +10,17 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
+use crate::layout::{
+    list_snapshots, list_volumes, reconcile_dirs, subdirs, DOOMED, PARTIAL, RESTORED,
+};
 use crate::{
     validate_id, validate_snapshot_name, ImageSource, Snapshot, Store, StoreError, Volume,
 };
 
-/// Prefix of the directory a volume is built in before it is renamed into place.
-const PARTIAL: &str = ".partial-";
-/// Prefix of a volume being removed, so a crash mid-delete leaves nothing that
-/// looks like a live volume.
-const DOOMED: &str = ".doomed-";
 /// Prefix of the ready spare copy of an image, followed by the image key.
 const SPARE: &str = ".spare-";
 /// Directory of snapshots, one subdirectory per volume.
 const SNAPSHOTS: &str = ".snapshots";
-/// Prefix of a volume's restored contents, complete and about to replace it: a
-/// crash between the two renames of a restore is finished by `reconcile`.
-const RESTORED: &str = ".restored-";
 
 pub struct CopyStore {
     root: PathBuf,
@@ -180,22 +175,7 @@ impl Store for CopyStore {
     }
 
     fn list(&self) -> Result<Vec<Volume>, StoreError> {
-        let mut out = Vec::new();
-        let rd =
-            std::fs::read_dir(&self.root).map_err(|e| StoreError::io("read", &self.root, e))?;
-        for entry in rd {
-            let entry = entry.map_err(|e| StoreError::io("read", &self.root, e))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') || validate_id(&name).is_err() {
-                continue;
-            }
-            out.push(Volume {
-                id: name,
-                path: entry.path(),
-            });
-        }
-        out.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(out)
+        list_volumes(&self.root)
     }
 
     fn snapshot(&self, volume: &str, name: &str) -> Result<Snapshot, StoreError> {
@@ -256,55 +236,13 @@ impl Store for CopyStore {
     }
 
     fn snapshots(&self, volume: &str) -> Result<Vec<Snapshot>, StoreError> {
-        validate_id(volume)?;
-        let dir = self.snapshot_dir(volume);
-        let mut out = Vec::new();
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if validate_snapshot_name(&name).is_ok() {
-                out.push(Snapshot {
-                    volume: volume.to_string(),
-                    name,
-                    path: entry.path(),
-                });
-            }
-        }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        list_snapshots(&self.snapshot_dir(volume), volume)
     }
 
     fn reconcile(&self) -> Result<Vec<PathBuf>, StoreError> {
-        let mut removed = Vec::new();
         let mut dirs = vec![self.root.clone()];
-        let snaps = self.root.join(SNAPSHOTS);
-        dirs.extend(
-            std::fs::read_dir(&snaps)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|e| e.path()),
-        );
-        for dir in dirs {
-            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if let Some(volume) = name.strip_prefix(RESTORED) {
-                    let dest = self.root.join(volume);
-                    if !dest.exists() {
-                        std::fs::rename(entry.path(), &dest)
-                            .map_err(|e| StoreError::io("rename", &dest, e))?;
-                        continue;
-                    }
-                }
-                if name.starts_with(PARTIAL)
-                    || name.starts_with(DOOMED)
-                    || name.starts_with(RESTORED)
-                {
-                    remove_tree(&entry.path())?;
-                    removed.push(entry.path());
-                }
-            }
-        }
-        Ok(removed)
+        dirs.extend(subdirs(&self.root.join(SNAPSHOTS)));
+        reconcile_dirs(&dirs, remove_tree)
     }
 }
 

@@ -8,6 +8,7 @@
 
 mod btrfs;
 mod copy;
+mod layout;
 mod loop_image;
 
 use std::path::{Path, PathBuf};
