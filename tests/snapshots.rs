@@ -45,6 +45,15 @@ fn snapshot_restore_fork_and_diff() {
     let snapshots = b.json(&["snapshot", "ls", "src", "--json"]);
     assert_eq!(snapshots[0]["name"], "after-install");
     assert_eq!(snapshots[0]["dependents"], serde_json::json!([]));
+    assert!(snapshots[0]["parent"].is_null());
+    // What it costs: it refers to the whole root file system, and owns next to
+    // nothing of it while it shares everything with the volume.
+    let referenced = snapshots[0]["referenced_bytes"]
+        .as_u64()
+        .expect("referenced_bytes");
+    let used = snapshots[0]["used_bytes"].as_u64().expect("used_bytes");
+    assert!(referenced > 100 << 20, "{snapshots}");
+    assert!(used < referenced / 10, "{snapshots}");
 
     // Changes since the snapshot, as diff reports them.
     b.run_with_stdin(&["file", "write", "src", "/work/a.txt"], b"v2\n");
@@ -90,6 +99,18 @@ fn snapshot_restore_fork_and_diff() {
     assert_eq!(d["added"], serde_json::json!([]), "{d}");
     assert_eq!(d["deleted"], serde_json::json!([]), "{d}");
 
+    // Lineage: a snapshot taken after the restore sits on the restored one.
+    b.ok(&["snapshot", "create", "src", "second"]);
+    let list = b.json(&["snapshot", "ls", "src", "--json"]);
+    let second = list
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|x| x["name"] == "second")
+        .expect("second listed");
+    assert_eq!(second["parent"], "after-install");
+    b.ok(&["snapshot", "delete", "src", "second"]);
+
     // Three forks, made in parallel, each running and on its own disk.
     let out = b.ok(&[
         "fork",
@@ -111,6 +132,11 @@ fn snapshot_restore_fork_and_diff() {
     b.run_with_stdin(
         &["file", "write", "worker-1", "/work/a.txt"],
         b"only in worker-1\n",
+    );
+    b.ok(&["snapshot", "create", "worker-1", "w1"]);
+    assert_eq!(
+        b.json(&["snapshot", "ls", "worker-1", "--json"])[0]["parent"],
+        "src@after-install"
     );
     b.run_with_stdin(&["file", "write", "src", "/work/src-only"], b"x");
     for w in ["worker-2", "worker-3", "src"] {

@@ -10,12 +10,14 @@ mod btrfs;
 mod copy;
 mod layout;
 mod loop_image;
+mod usage;
 
 use std::path::{Path, PathBuf};
 
 pub use btrfs::{is_btrfs, BtrfsStore};
 pub use copy::CopyStore;
 pub use loop_image::BtrfsImage;
+pub use usage::{usage, Usage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

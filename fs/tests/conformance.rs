@@ -334,6 +334,16 @@ fn copy_store_conforms() {
     posix_torture(&store, &image);
 }
 
+/// Flushes the file system so that new data has extents to map.
+fn sync_fs(path: &Path) {
+    assert!(std::process::Command::new("sync")
+        .arg("-f")
+        .arg(path)
+        .status()
+        .unwrap()
+        .success());
+}
+
 /// Unmounts the test's Btrfs even when the test fails.
 struct Mounted(BtrfsImage);
 
@@ -359,9 +369,32 @@ fn btrfs_store_conforms() {
     let store = BtrfsStore::new(t.path().join("mnt/store")).unwrap();
     conformance(&store, &image);
     posix_torture(&store, &image);
+    // Sizes: a fresh snapshot shares everything with its volume; what the volume
+    // writes afterwards is its own.
+    let v = store.create("sized", &image).unwrap();
+    let s = store.snapshot("sized", "s").unwrap();
+    std::fs::write(v.path.join("new.bin"), vec![9u8; 1 << 20]).unwrap();
+    sync_fs(&v.path);
+    let snap = burrow_fs::usage(&s.path).unwrap();
+    let vol = burrow_fs::usage(&v.path).unwrap();
+    assert!(snap.referenced_bytes >= 100_000, "{snap:?}");
+    assert!(
+        snap.exclusive_bytes < 64 * 1024,
+        "a fresh snapshot owns next to nothing: {snap:?}"
+    );
+    assert!(
+        vol.exclusive_bytes >= 1 << 20 && vol.exclusive_bytes < 2 << 20,
+        "{vol:?}"
+    );
     // Creating from an imported image is a snapshot: no second import.
     store.create("x", &image).unwrap();
     store.create("y", &image).unwrap();
+    assert_eq!(
+        std::fs::read_dir(t.path().join("mnt/store/volumes"))
+            .unwrap()
+            .count(),
+        3
+    );
     assert_eq!(
         std::fs::read_dir(t.path().join("mnt/store/images"))
             .unwrap()

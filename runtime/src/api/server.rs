@@ -368,7 +368,7 @@ async fn snapshot_list(
     State(s): State<AppState>,
     Path(ws): Path<String>,
 ) -> ApiResult<Vec<crate::engine::SnapshotInfo>> {
-    ok(s.engine.snapshot_list(&ws)?)
+    ok(s.engine.snapshot_list(&ws).await?)
 }
 
 async fn snapshot_restore(

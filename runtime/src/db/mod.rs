@@ -124,13 +124,15 @@ CREATE TABLE IF NOT EXISTS workspaces (
     store TEXT NOT NULL,
     volume TEXT NOT NULL,
     pids TEXT,
-    forked_from TEXT
+    forked_from TEXT,
+    head TEXT
 );
 CREATE TABLE IF NOT EXISTS snapshots (
     workspace_id TEXT NOT NULL,
     name TEXT NOT NULL,
     created_at TEXT NOT NULL,
     state TEXT NOT NULL,
+    parent TEXT,
     PRIMARY KEY (workspace_id, name)
 );
 ";
@@ -147,12 +149,18 @@ impl Db {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        // State dirs made before forks existed lack the column.
-        let has_fork_column = conn
-            .prepare("SELECT forked_from FROM workspaces LIMIT 0")
-            .is_ok();
-        if !has_fork_column {
-            conn.execute_batch("ALTER TABLE workspaces ADD COLUMN forked_from TEXT")?;
+        // Columns added after the first release: state dirs made before lack them.
+        for (table, column) in [
+            ("workspaces", "forked_from"),
+            ("workspaces", "head"),
+            ("snapshots", "parent"),
+        ] {
+            if conn
+                .prepare(&format!("SELECT {column} FROM {table} LIMIT 0"))
+                .is_err()
+            {
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} TEXT"))?;
+            }
         }
         Ok(Db {
             conn: Mutex::new(conn),
@@ -262,6 +270,29 @@ impl Db {
             c.execute(
                 "UPDATE workspaces SET accel = ?2 WHERE id = ?1",
                 params![id, accel],
+            )
+        })?;
+        Ok(())
+    }
+
+    /// The snapshot the workspace's disk last came from or was frozen as
+    /// (`name`, or `workspace@name` for the snapshot a fork started from).
+    pub fn head(&self, id: &str) -> Result<Option<String>> {
+        Ok(self
+            .with(|c| {
+                c.query_row("SELECT head FROM workspaces WHERE id = ?1", [id], |r| {
+                    r.get(0)
+                })
+                .optional()
+            })?
+            .flatten())
+    }
+
+    pub fn set_head(&self, id: &str, head: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE workspaces SET head = ?2 WHERE id = ?1",
+                params![id, head],
             )
         })?;
         Ok(())

@@ -41,6 +41,8 @@ pub struct SnapshotRecord {
     pub name: String,
     pub created_at: String,
     pub state: SnapshotState,
+    /// The snapshot this one was taken on top of, if any.
+    pub parent: Option<String>,
 }
 
 fn row(r: &Row<'_>) -> rusqlite::Result<SnapshotRecord> {
@@ -50,18 +52,25 @@ fn row(r: &Row<'_>) -> rusqlite::Result<SnapshotRecord> {
         name: r.get(1)?,
         created_at: r.get(2)?,
         state: SnapshotState::parse(&state),
+        parent: r.get(4)?,
     })
 }
 
-const COLUMNS: &str = "workspace_id, name, created_at, state";
+const COLUMNS: &str = "workspace_id, name, created_at, state, parent";
 
 impl Db {
     /// Records a snapshot about to be made. False if the name is taken.
     pub fn insert_snapshot(&self, s: &SnapshotRecord) -> Result<bool> {
         let n = self.with(|c| {
             c.execute(
-                &format!("INSERT OR IGNORE INTO snapshots ({COLUMNS}) VALUES (?1, ?2, ?3, ?4)"),
-                params![s.workspace_id, s.name, s.created_at, s.state.as_str()],
+                &format!("INSERT OR IGNORE INTO snapshots ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"),
+                params![
+                    s.workspace_id,
+                    s.name,
+                    s.created_at,
+                    s.state.as_str(),
+                    s.parent
+                ],
             )
         })?;
         Ok(n == 1)
@@ -141,6 +150,7 @@ mod tests {
             name: "s1".into(),
             created_at: "2026-01-01T00:00:00Z".into(),
             state: SnapshotState::Creating,
+            parent: None,
         };
         assert!(db.insert_snapshot(&s).unwrap());
         assert!(!db.insert_snapshot(&s).unwrap(), "a name is taken once");

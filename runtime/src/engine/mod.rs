@@ -310,8 +310,13 @@ impl Engine {
             })
             .await
             .map_err(|e| Error::Vmm(format!("volume task: {e}")))??;
-            if let VolumeSource::Image(image) = source {
-                self.prepare_volume(image);
+            match source {
+                VolumeSource::Image(image) => self.prepare_volume(image),
+                VolumeSource::Snapshot { name, .. } => {
+                    if let Some(f) = &rec.forked_from {
+                        self.db.set_head(&id, &format!("{}@{name}", f.workspace))?;
+                    }
+                }
             }
             self.db.set_state(&id, State::Stopped)?;
             self.start_locked(&rec, boot_timeout, progress).await

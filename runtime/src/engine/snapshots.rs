@@ -22,6 +22,13 @@ pub struct SnapshotInfo {
     pub workspace: String,
     pub name: String,
     pub created_at: String,
+    /// The snapshot this one was taken on top of: a snapshot of the same
+    /// workspace, or `workspace@snapshot` for the one a fork started from.
+    pub parent: Option<String>,
+    /// Bytes only this snapshot holds: what deleting it frees.
+    pub used_bytes: u64,
+    /// Bytes of data the snapshot refers to, shared or not.
+    pub referenced_bytes: u64,
     /// Names of the workspaces forked from this snapshot.
     pub dependents: Vec<String>,
 }
@@ -66,19 +73,42 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 }
 
 impl Engine {
-    fn snapshot_info(&self, rec: &WorkspaceRecord, s: &SnapshotRecord) -> Result<SnapshotInfo> {
+    /// A snapshot as users see it. Its sizes come from walking its extent maps:
+    /// call from a blocking context when `path` is given.
+    fn snapshot_info(
+        &self,
+        rec: &WorkspaceRecord,
+        s: &SnapshotRecord,
+        path: Option<&Path>,
+    ) -> Result<SnapshotInfo> {
         let dependents = self
             .db
             .forks_of(&rec.id, &s.name)?
             .into_iter()
             .map(|w| w.name)
             .collect();
+        let usage = path
+            .and_then(|p| burrow_fs::usage(p).ok())
+            .unwrap_or_default();
         Ok(SnapshotInfo {
             workspace: rec.name.clone(),
             name: s.name.clone(),
             created_at: s.created_at.clone(),
+            parent: s.parent.clone(),
+            used_bytes: usage.exclusive_bytes,
+            referenced_bytes: usage.referenced_bytes,
             dependents,
         })
+    }
+
+    fn snapshot_paths(&self, rec: &WorkspaceRecord) -> Result<BTreeMap<String, PathBuf>> {
+        Ok(self
+            .store
+            .snapshots(&rec.id)
+            .map_err(store_err)?
+            .into_iter()
+            .map(|s| (s.name, s.path))
+            .collect())
     }
 
     fn ready_snapshot(&self, rec: &WorkspaceRecord, name: &str) -> Result<SnapshotRecord> {
@@ -124,6 +154,7 @@ impl Engine {
             name: name.to_string(),
             created_at: now_rfc3339(),
             state: SnapshotState::Creating,
+            parent: self.db.head(&rec.id)?,
         };
         if !self.db.insert_snapshot(&srec)? {
             return Err(Error::SnapshotExists {
@@ -137,7 +168,8 @@ impl Engine {
             let (id, n) = (rec.id.clone(), name.to_string());
             blocking(move || store.snapshot(&id, &n).map_err(store_err)).await?;
             self.db
-                .set_snapshot_state(&rec.id, name, SnapshotState::Ready)
+                .set_snapshot_state(&rec.id, name, SnapshotState::Ready)?;
+            self.db.set_head(&rec.id, name)
         }
         .await;
         if let Err(e) = made {
@@ -145,17 +177,31 @@ impl Engine {
             return Err(e);
         }
         let s = self.db.snapshot(&rec.id, name)?.unwrap_or(srec);
-        self.snapshot_info(&rec, &s)
+        // A fresh snapshot shares every byte with its volume: only what it refers
+        // to needs a walk.
+        let mut info = self.snapshot_info(&rec, &s, None)?;
+        if let Some(p) = self.snapshot_paths(&rec)?.remove(name) {
+            info.referenced_bytes = blocking(move || Ok(burrow_fs::usage(&p).unwrap_or_default()))
+                .await?
+                .referenced_bytes;
+        }
+        Ok(info)
     }
 
-    pub fn snapshot_list(&self, reference: &str) -> Result<Vec<SnapshotInfo>> {
+    pub async fn snapshot_list(self: &Arc<Self>, reference: &str) -> Result<Vec<SnapshotInfo>> {
         let rec = self.db.resolve(reference)?;
-        self.db
-            .snapshots(Some(&rec.id))?
-            .iter()
-            .filter(|s| s.state == SnapshotState::Ready)
-            .map(|s| self.snapshot_info(&rec, s))
-            .collect()
+        let engine = self.clone();
+        blocking(move || {
+            let paths = engine.snapshot_paths(&rec)?;
+            engine
+                .db
+                .snapshots(Some(&rec.id))?
+                .iter()
+                .filter(|s| s.state == SnapshotState::Ready)
+                .map(|s| engine.snapshot_info(&rec, s, paths.get(&s.name).map(PathBuf::as_path)))
+                .collect()
+        })
+        .await
     }
 
     /// Makes the workspace's disk exactly the snapshot; a running VM is restarted on it.
@@ -177,6 +223,7 @@ impl Engine {
         let store = self.store.clone();
         let (id, n) = (rec.id.clone(), name.to_string());
         blocking(move || store.restore(&id, &n).map_err(store_err)).await?;
+        self.db.set_head(&rec.id, name)?;
         if was_running {
             let rec = self
                 .db

@@ -594,12 +594,18 @@ async fn snapshot(c: &Client, cmd: SnapshotCommand) -> Result<(), Failure> {
             if json {
                 print_json(&list);
             } else {
-                println!("{:<24} {:<22} FORKS", "NAME", "CREATED");
+                println!(
+                    "{:<20} {:<21} {:<20} {:>9} {:>10}  FORKS",
+                    "NAME", "CREATED", "PARENT", "USED", "REFERENCED"
+                );
                 for s in list {
                     println!(
-                        "{:<24} {:<22} {}",
+                        "{:<20} {:<21} {:<20} {:>8}K {:>9}K  {}",
                         s.name,
                         s.created_at,
+                        s.parent.as_deref().unwrap_or("-"),
+                        s.used_bytes >> 10,
+                        s.referenced_bytes >> 10,
                         s.dependents.join(",")
                     );
                 }
