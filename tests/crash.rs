@@ -108,3 +108,70 @@ fn kill9_of_daemon_and_of_qemu() {
     b.ok(&["destroy", "idle"]);
     b.assert_gone(&id);
 }
+
+/// kill -9 of the daemon while it makes three forks: afterwards every workspace
+/// the next daemon reports has its volume, every volume belongs to a workspace, and
+/// only running workspaces have processes.
+#[test]
+fn kill9_during_fork_leaves_whole_workspaces_or_none() {
+    require_root!();
+    let b = Burrow::new();
+    b.ok(&["create", "--name", "src"]);
+    b.ok(&["snapshot", "create", "src", "s"]);
+    let daemon = b.daemon_pid().expect("daemon pid");
+    let mut fork = b
+        .command()
+        .args(["fork", "src", "s", "--count", "3", "--name-prefix", "f"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn fork");
+    // The forks are under way once one of them has a run dir next to src's.
+    wait_until("a fork to start booting", Duration::from_secs(60), || {
+        std::fs::read_dir(b.run_root())
+            .map(|d| d.count())
+            .unwrap_or(0)
+            > 1
+    });
+    kill9(daemon);
+    let _ = fork.wait();
+    wait_until("daemon to die", Duration::from_secs(10), || {
+        !process_exists(daemon)
+    });
+
+    let list = b.json(&["ls", "--json"]);
+    let list = list.as_array().expect("array");
+    let mut ids: Vec<String> = Vec::new();
+    let mut running_pids: Vec<i64> = Vec::new();
+    for w in list {
+        let state = w["state"].as_str().expect("state");
+        assert!(state == "running" || state == "stopped", "{w}");
+        let volume = std::path::Path::new(w["volume"].as_str().expect("volume")).to_path_buf();
+        assert!(
+            volume.join("etc").is_dir(),
+            "workspace without its volume: {w}"
+        );
+        if state == "running" {
+            for p in ["qemu", "virtiofsd", "vsock"] {
+                running_pids.push(w["pids"][p].as_i64().expect("pid"));
+            }
+        }
+        ids.push(w["id"].as_str().expect("id").to_string());
+    }
+    ids.sort();
+    assert_eq!(b.volumes(), ids, "volumes and workspaces differ");
+    for pid in b.vm_processes() {
+        // A virtiofsd's sandboxed child shares its leader's process group.
+        // SAFETY: getpgid has no memory effects.
+        let group = unsafe { libc::getpgid(pid) } as i64;
+        assert!(
+            running_pids.contains(&(pid as i64)) || running_pids.contains(&group),
+            "stray VM process {pid}"
+        );
+    }
+    for id in &ids {
+        b.ok(&["destroy", id]);
+    }
+    assert!(b.volumes().is_empty());
+    assert!(b.vm_processes().is_empty(), "{:?}", b.vm_processes());
+}
