@@ -236,3 +236,51 @@ fn snapshot_restore_fork_and_diff() {
     b.assert_gone(&id);
     assert!(b.volumes().is_empty(), "{:?}", b.volumes());
 }
+
+/// A full disk: writes fail with "No space left on device", the workspace keeps
+/// working, and once space is freed writes and snapshots succeed again.
+#[test]
+fn a_full_store_reports_enospc_and_recovers() {
+    require_root!();
+    let b = Burrow::new().with_env("BURROW_STORE_SIZE_MIB", "1024");
+    b.ok(&["create", "--name", "small"]);
+    let out = b.run(&[
+        "exec",
+        "small",
+        "--timeout",
+        "300",
+        "--",
+        "sh",
+        "-c",
+        "dd if=/dev/zero of=/work/fill bs=1M count=4000 2>&1; sync",
+    ]);
+    assert!(
+        text(&out.stdout).contains("No space left on device"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = b.run_with_stdin(
+        &["file", "write", "small", "/work/more.bin"],
+        &vec![1u8; 8 << 20],
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("No space left on device") && err.contains("/work/more.bin"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // Still alive, and it recovers once space is freed.
+    assert_eq!(
+        b.ok(&["exec", "small", "--", "echo", "alive"]).trim(),
+        "alive"
+    );
+    b.ok(&["exec", "small", "--", "sh", "-c", "rm /work/fill; sync"]);
+    let out = b.run_with_stdin(
+        &["file", "write", "small", "/work/more.bin"],
+        &vec![1u8; 8 << 20],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    b.ok(&["snapshot", "create", "small", "after"]);
+    b.ok(&["destroy", "small"]);
+}

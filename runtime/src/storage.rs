@@ -103,7 +103,19 @@ fn btrfs(state: &StateDir) -> Result<OpenStore> {
     }
     let mountpoint = state.root().join("btrfs");
     let image = state.root().join("btrfs.img");
-    let size = free_bytes(state.root()).min(MAX_IMAGE);
+    // The image is sparse: sized to the free space it may grow into, unless
+    // BURROW_STORE_SIZE_MIB caps it (a quota on the state dir's disk use).
+    let size = match std::env::var("BURROW_STORE_SIZE_MIB") {
+        Ok(v) => {
+            v.parse::<u64>().ok().filter(|m| *m >= 256).ok_or_else(|| {
+                Error::invalid(
+                    "BURROW_STORE_SIZE_MIB",
+                    format!("{v:?} is not a size of at least 256 MiB"),
+                )
+            })? << 20
+        }
+        Err(_) => free_bytes(state.root()).min(MAX_IMAGE),
+    };
     let mount = BtrfsImage::ensure(&image, &mountpoint, size)?;
     let store = BtrfsStore::new(mountpoint.join("store"))?;
     Ok(OpenStore {

@@ -54,6 +54,8 @@ pub struct Burrow {
     _tmp: tempfile::TempDir,
     pub state: PathBuf,
     bin: PathBuf,
+    /// Extra environment for every command (and so for the daemon it starts).
+    env: Vec<(String, String)>,
 }
 
 impl Default for Burrow {
@@ -74,7 +76,14 @@ impl Burrow {
             state,
             _tmp: tmp,
             bin: bin_dir(),
+            env: Vec::new(),
         }
+    }
+
+    /// Sets an environment variable for every command of this instance.
+    pub fn with_env(mut self, key: &str, value: &str) -> Burrow {
+        self.env.push((key.to_string(), value.to_string()));
+        self
     }
 
     pub fn command(&self) -> Command {
@@ -83,6 +92,9 @@ impl Burrow {
         c.env_remove("BURROW_STATE_DIR");
         c.env("BURROWD", self.bin.join("burrowd"));
         c.env("BURROW_AGENT", self.bin.join("burrow-agent"));
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
         c
     }
 
