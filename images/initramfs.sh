@@ -4,7 +4,7 @@
 # Usage: initramfs.sh CACHE_DIR AGENT_BINARY OUTPUT_PATH
 #
 # Reads CACHE_DIR/kernel/{version,modules/} (built by kernel.sh) and writes OUTPUT_PATH, a
-# gzip'd newc cpio with:
+# newc cpio (not compressed) with:
 #   /bin/busybox (static) + applet links, /lib/modules/<kver>/ (modules + modules.dep),
 #   /burrow-agent (AGENT_BINARY), /init.
 # /init loads virtio_mmio, virtiofs and vmw_vsock_virtio_transport with modprobe (order from
@@ -57,7 +57,6 @@ if ! static_busybox "$BUSYBOX"; then
   fi
 fi
 command -v cpio >/dev/null 2>&1 || apt_install cpio
-command -v gzip >/dev/null 2>&1 || apt_install gzip
 APPLETS=$("$BUSYBOX" --list) || die "$BUSYBOX --list failed"
 for a in sh mount umount modprobe switch_root reboot sleep mkdir cp chmod hostname; do
   [[ $'\n'$APPLETS$'\n' == *$'\n'$a$'\n'* ]] || die "busybox at $BUSYBOX lacks the $a applet"
@@ -85,6 +84,11 @@ if LC_ALL=C ldd "$AGENT" >/dev/null 2>&1; then
 fi
 cp "$AGENT" "$R/burrow-agent" || die "cannot copy $AGENT"
 chmod 0755 "$R/burrow-agent"
+# Symbols and debug info are of no use in the guest and cost boot time: the kernel
+# unpacks every byte of the initramfs (a debug build of the agent is ~50 MB).
+if command -v strip >/dev/null 2>&1 && head -c 4 "$R/burrow-agent" | grep -q ELF; then
+  strip -s "$R/burrow-agent" || die "strip of the agent failed"
+fi
 
 cat >"$R/init" <<'EOF'
 #!/bin/sh
@@ -143,8 +147,10 @@ EOF
 chmod 0755 "$R/init"
 "$R/bin/busybox" sh -n "$R/init" || die "internal error: /init has a syntax error"
 
-(cd "$R" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) | gzip -1 -n >"$TMP/initramfs.gz" ||
-  die "cpio/gzip of the initramfs failed"
-[ -s "$TMP/initramfs.gz" ] || die "empty initramfs"
-mv -f "$TMP/initramfs.gz" "$OUTPUT" || die "cannot rename the initramfs to $OUTPUT"
+# Not compressed: under TCG the kernel's gunzip of the initramfs takes longer than
+# QEMU's load of the larger file from the page cache.
+(cd "$R" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >"$TMP/initramfs.cpio" ||
+  die "cpio of the initramfs failed"
+[ -s "$TMP/initramfs.cpio" ] || die "empty initramfs"
+mv -f "$TMP/initramfs.cpio" "$OUTPUT" || die "cannot rename the initramfs to $OUTPUT"
 log "initramfs for $KVER at $OUTPUT ($(($(stat -c %s "$OUTPUT") / 1024)) KiB)"

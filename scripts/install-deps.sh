@@ -20,7 +20,7 @@ if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.
 fi
 
 pkgs=(busybox-static cpio socat debootstrap libseccomp-dev libcap-ng-dev pkg-config
-      iproute2 kmod zstd xz-utils python3 sqlite3 curl
+      iproute2 kmod zstd xz-utils python3 sqlite3 curl binutils
       btrfs-progs libbtrfsutil-dev libclang-dev clang)
 # The benchmark compares exec with `docker exec` on runc: it needs a Docker engine.
 [ "${1:-}" = --bench ] && pkgs+=(docker.io)

@@ -153,12 +153,31 @@ impl ImageCache {
                 initramfs.as_os_str(),
             ];
             run_script(INITRAMFS_SH, &args, progress).await?;
+            self.drop_old_initramfs(&initramfs);
         }
         Ok(BootArtifacts {
             kernel: self.dir.kernel(),
             kernel_version,
             initramfs,
         })
+    }
+
+    /// Every agent build gets its own initramfs; old ones would pile up. QEMU reads
+    /// its initramfs at start, so removing one never disturbs a running VM; one
+    /// used in the last hour is kept, as another daemon on this cache may boot it.
+    fn drop_old_initramfs(&self, keep: &std::path::Path) {
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        let dir = self.dir.initramfs_dir();
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t < hour_ago);
+            if p != keep && old && e.file_name().to_string_lossy().starts_with("initramfs-") {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
     }
 
     fn ready_artifacts(&self) -> Result<Option<BootArtifacts>> {
@@ -219,7 +238,7 @@ impl ImageCache {
         Ok(self
             .dir
             .initramfs_dir()
-            .join(format!("initramfs-{hex}.cpio.gz")))
+            .join(format!("initramfs-{hex}.cpio")))
     }
 
     async fn file_lock(&self) -> Result<std::fs::File> {
