@@ -185,7 +185,14 @@ impl ImageCache {
             return Ok(None);
         };
         let initramfs = self.initramfs_path(&kernel_version)?;
-        Ok(initramfs.exists().then(|| BootArtifacts {
+        if !initramfs.exists() {
+            return Ok(None);
+        }
+        // Marks it used, for drop_old_initramfs.
+        if let Ok(f) = std::fs::File::options().append(true).open(&initramfs) {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
+        Ok(Some(BootArtifacts {
             kernel: self.dir.kernel(),
             kernel_version,
             initramfs,
