@@ -25,10 +25,11 @@ pub struct SnapshotInfo {
     /// The snapshot this one was taken on top of: a snapshot of the same
     /// workspace, or `workspace@snapshot` for the one a fork started from.
     pub parent: Option<String>,
-    /// Bytes only this snapshot holds: what deleting it frees.
-    pub used_bytes: u64,
-    /// Bytes of data the snapshot refers to, shared or not.
-    pub referenced_bytes: u64,
+    /// Bytes only this snapshot holds: what deleting it frees. Computed by
+    /// `snapshot ls` (a walk of its extent maps), not by `snapshot create`.
+    pub used_bytes: Option<u64>,
+    /// Bytes of data the snapshot refers to, shared or not. As `used_bytes`.
+    pub referenced_bytes: Option<u64>,
     /// Names of the workspaces forked from this snapshot.
     pub dependents: Vec<String>,
 }
@@ -87,16 +88,14 @@ impl Engine {
             .into_iter()
             .map(|w| w.name)
             .collect();
-        let usage = path
-            .and_then(|p| burrow_fs::usage(p).ok())
-            .unwrap_or_default();
+        let usage = path.and_then(|p| burrow_fs::usage(p).ok());
         Ok(SnapshotInfo {
             workspace: rec.name.clone(),
             name: s.name.clone(),
             created_at: s.created_at.clone(),
             parent: s.parent.clone(),
-            used_bytes: usage.exclusive_bytes,
-            referenced_bytes: usage.referenced_bytes,
+            used_bytes: usage.map(|u| u.exclusive_bytes),
+            referenced_bytes: usage.map(|u| u.referenced_bytes),
             dependents,
         })
     }
@@ -177,15 +176,9 @@ impl Engine {
             return Err(e);
         }
         let s = self.db.snapshot(&rec.id, name)?.unwrap_or(srec);
-        // A fresh snapshot shares every byte with its volume: only what it refers
-        // to needs a walk.
-        let mut info = self.snapshot_info(&rec, &s, None)?;
-        if let Some(p) = self.snapshot_paths(&rec)?.remove(name) {
-            info.referenced_bytes = blocking(move || Ok(burrow_fs::usage(&p).unwrap_or_default()))
-                .await?
-                .referenced_bytes;
-        }
-        Ok(info)
+        // Sizes need a walk of the whole tree: `snapshot ls` does it, so that a
+        // create stays O(1).
+        self.snapshot_info(&rec, &s, None)
     }
 
     pub async fn snapshot_list(self: &Arc<Self>, reference: &str) -> Result<Vec<SnapshotInfo>> {

@@ -604,8 +604,8 @@ async fn snapshot(c: &Client, cmd: SnapshotCommand) -> Result<(), Failure> {
                         s.name,
                         s.created_at,
                         s.parent.as_deref().unwrap_or("-"),
-                        s.used_bytes >> 10,
-                        s.referenced_bytes >> 10,
+                        s.used_bytes.unwrap_or(0) >> 10,
+                        s.referenced_bytes.unwrap_or(0) >> 10,
                         s.dependents.join(",")
                     );
                 }

@@ -1,7 +1,7 @@
 //! Finding, starting and stopping the daemon for a state dir.
 
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -65,21 +65,21 @@ pub async fn start(state: &StateDir, cache_dir: &Path) -> Result<u32, String> {
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err);
-    let write_raw = write_end.as_raw_fd();
-    // SAFETY: setsid and dup2 are async-signal-safe; both run between fork and exec.
+    // SAFETY: setsid, dup2 and fcntl are async-signal-safe; they run between fork
+    // and exec.
     unsafe {
         cmd.pre_exec(move || {
             libc::setsid();
-            if libc::dup2(write_raw, READY_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
+            burrow::process::pass_fd(&write_end, READY_FD)
         });
     }
+
     let child = cmd
         .spawn()
         .map_err(|e| format!("start {}: {e}", burrowd_binary().display()))?;
-    drop(write_end);
+    // The closure holds our copy of the pipe's write end: drop it, so that the read
+    // below sees EOF if the daemon dies before it is ready.
+    drop(cmd);
     let pid = child.id();
     // Reading blocks until the daemon writes "ready" or exits (EOF).
     let line = tokio::task::spawn_blocking(move || {
