@@ -8,6 +8,7 @@
 mod guest_ops;
 mod reconcile;
 mod snapshots;
+mod vm;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -15,7 +16,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use burrow_fs::{BtrfsImage, ImageSource, Store};
-use burrow_proto::{Op, READY_PORT};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -25,22 +25,17 @@ pub use snapshots::{Diff, ForkParams, SnapshotInfo, MAX_FORKS};
 
 use crate::db::{Db, ForkedFrom, ProcId, State, VmPids, WorkspaceRecord};
 use crate::error::{Error, Result};
-use crate::guest::{GuestClient, ReadyListener};
+use crate::guest::GuestClient;
 use crate::image::{ImageCache, Progress, DEFAULT_IMAGE};
 use crate::names::{new_id, validate_name};
 use crate::paths::{CacheDir, StateDir};
 use crate::storage::{self, StoreKind};
-use crate::vmm::{self, Accel, VmPaths, VmSpec};
+use crate::vmm::{Accel, VmPaths};
 
 pub const DEFAULT_VCPUS: u32 = 1;
 pub const DEFAULT_MEMORY_MIB: u32 = 512;
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 const MIN_MEMORY_MIB: u32 = 128;
-/// The guest writes the console log, so it is capped: past CONSOLE_MAX bytes only
-/// the last CONSOLE_KEEP are kept, checked every CONSOLE_TRIM_EVERY.
-const CONSOLE_MAX: u64 = 16 << 20;
-const CONSOLE_KEEP: u64 = 4 << 20;
-const CONSOLE_TRIM_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CreateParams {
@@ -449,218 +444,6 @@ impl Engine {
         self.db.delete(&rec.id)
     }
 
-    async fn start_locked(
-        self: &Arc<Self>,
-        rec: &WorkspaceRecord,
-        timeout: Duration,
-        progress: Option<&Progress>,
-    ) -> Result<()> {
-        let boot = self.images.boot_artifacts(progress).await?;
-        let accel = *self
-            .accel
-            .get_or_init(|| vmm::accel::choose(self.images.dir(), &boot))
-            .await;
-        let paths = self.paths(&rec.id);
-        self.clear_run_dir(&rec.id);
-        for dir in [&paths.run_dir, &paths.log_dir] {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
-        }
-        let _ = append_line(
-            &paths.console(),
-            &format!(
-                "--- burrow: boot at {} ({}) ---",
-                now_rfc3339(),
-                accel.as_str()
-            ),
-        );
-        self.db.set_state(&rec.id, State::Starting)?;
-        self.db.set_accel(&rec.id, accel.as_str())?;
-        let ready = ReadyListener::bind(&paths.vsock_listener(READY_PORT))?;
-        let spec = VmSpec {
-            id: rec.id.clone(),
-            hostname: rec.name.clone(),
-            vcpus: rec.vcpus,
-            memory_mib: rec.memory_mib,
-            accel,
-            kernel: boot.kernel,
-            initramfs: boot.initramfs,
-            root: rec.volume.clone(),
-            run_dir: paths.run_dir.clone(),
-            log_dir: paths.log_dir.clone(),
-        };
-        let pids = match vmm::launch(&spec).await {
-            Ok(p) => p,
-            Err(e) => {
-                self.clear_run_dir(&rec.id);
-                self.db.set_state(&rec.id, State::Stopped)?;
-                return Err(Error::Vmm(e.to_string()));
-            }
-        };
-        self.db.set_pids(&rec.id, Some(&pids))?;
-        let started = tokio::time::Instant::now();
-        let outcome = tokio::select! {
-            r = ready.ready() => r.map_err(|e| Error::io("wait for the agent", e)),
-            _ = pids.qemu.exited() => Err(Error::BootFailed {
-                name: rec.name.clone(),
-                reason: boot_failure_reason(&paths),
-                tail: vmm::console_tail_one_line(&paths.console()),
-            }),
-            _ = tokio::time::sleep(timeout) => Err(Error::BootTimeout {
-                name: rec.name.clone(),
-                secs: timeout.as_secs(),
-                tail: vmm::console_tail_one_line(&paths.console()),
-            }),
-        };
-        drop(ready);
-        if let Err(e) = outcome {
-            self.shutdown_vm(rec, &pids).await;
-            self.clear_run_dir(&rec.id);
-            self.db.set_pids(&rec.id, None)?;
-            self.db.set_state(&rec.id, State::Stopped)?;
-            return Err(e);
-        }
-        tracing::info!(workspace = %rec.id, ms = started.elapsed().as_millis() as u64, "agent ready");
-        self.db.set_state(&rec.id, State::Running)?;
-        self.watch(rec.id.clone(), pids);
-        Ok(())
-    }
-
-    async fn stop_locked(&self, rec: &WorkspaceRecord) -> Result<()> {
-        self.db.set_state(&rec.id, State::Stopping)?;
-        self.cancel_watcher(&rec.id);
-        if let Some(pids) = rec.pids {
-            self.shutdown_vm(rec, &pids).await;
-        }
-        self.clear_run_dir(&rec.id);
-        self.db.set_pids(&rec.id, None)?;
-        self.db.set_state(&rec.id, State::Stopped)
-    }
-
-    /// Ends a VM: the agent powers the guest off; failing that QMP `quit`; failing
-    /// that SIGKILL. Then the sidecars, which have nothing left to serve.
-    async fn shutdown_vm(&self, rec: &WorkspaceRecord, pids: &VmPids) {
-        let qemu = pids.qemu;
-        if qemu.is_alive() {
-            let guest = self.guest(rec);
-            let asked = guest
-                .call(Op::Shutdown, Some(Duration::from_secs(5)))
-                .await
-                .is_ok();
-            let exited = asked
-                && tokio::time::timeout(Duration::from_secs(15), qemu.exited())
-                    .await
-                    .is_ok();
-            if !exited && qemu.is_alive() {
-                tracing::info!(workspace = %rec.id, "agent shutdown did not end the VM; QMP quit");
-                let paths = self.paths(&rec.id);
-                let quit = async {
-                    if let Ok(mut q) =
-                        vmm::qmp::Qmp::connect(&paths.qmp(), Duration::from_secs(3)).await
-                    {
-                        let _ = q.execute("quit", serde_json::json!({})).await;
-                    }
-                    qemu.exited().await;
-                };
-                if tokio::time::timeout(Duration::from_secs(5), quit)
-                    .await
-                    .is_err()
-                {
-                    qemu.kill().await;
-                }
-            }
-        }
-        qemu.reap();
-        for p in [pids.virtiofsd, pids.vsock] {
-            p.terminate(Duration::from_secs(3)).await;
-        }
-    }
-
-    fn clear_run_dir(&self, id: &str) {
-        let dir = self.state.run_dir(id);
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!("remove {}: {e}", dir.display());
-            }
-        }
-    }
-
-    /// Watches a running VM's processes; if any dies on its own, the rest are
-    /// ended and the workspace is marked stopped.
-    fn watch(self: &Arc<Self>, id: String, pids: VmPids) {
-        let engine = Arc::downgrade(self);
-        let wid = id.clone();
-        let console = self.paths(&id).console();
-        let task = tokio::spawn(async move {
-            let [a, b, c] = pids.all();
-            let (qa, qb, qc) = (a.exited(), b.exited(), c.exited());
-            tokio::pin!(qa, qb, qc);
-            let mut trim = tokio::time::interval(CONSOLE_TRIM_EVERY);
-            let which = loop {
-                tokio::select! {
-                    _ = &mut qa => break "qemu",
-                    _ = &mut qb => break "virtiofsd",
-                    _ = &mut qc => break "vhost-device-vsock",
-                    _ = trim.tick() => {
-                        if let Err(e) = vmm::trim_log(&console, CONSOLE_MAX, CONSOLE_KEEP) {
-                            tracing::warn!("trim {}: {e}", console.display());
-                        }
-                    }
-                }
-            };
-            let Some(engine) = engine.upgrade() else {
-                return;
-            };
-            engine.vm_died(&wid, pids, which).await;
-        });
-        let mut w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = w.insert(id, task) {
-            old.abort();
-        }
-    }
-
-    async fn vm_died(self: &Arc<Self>, id: &str, pids: VmPids, which: &str) {
-        let lock = self.lock_for(id);
-        let _held = lock.lock().await;
-        // Whoever held the lock may have dealt with this VM already.
-        let Ok(Some(rec)) = self.db.get(id) else {
-            return;
-        };
-        if rec.pids != Some(pids) {
-            return;
-        }
-        tracing::warn!(workspace = %id, "{which} exited unexpectedly; stopping the workspace");
-        let paths = self.paths(id);
-        let _ = append_line(
-            &paths.console(),
-            &format!(
-                "--- burrow: {which} exited unexpectedly at {} ---",
-                now_rfc3339()
-            ),
-        );
-        for p in pids.all() {
-            p.kill().await;
-        }
-        self.clear_run_dir(id);
-        let _ = self.db.set_pids(id, None);
-        let _ = self.db.set_state(id, State::Stopped);
-        self.watchers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-    }
-
-    fn cancel_watcher(&self, id: &str) {
-        if let Some(t) = self
-            .watchers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id)
-        {
-            t.abort();
-        }
-    }
-
     /// A running workspace and a client for its agent.
     fn running(&self, reference: &str) -> Result<(WorkspaceRecord, GuestClient)> {
         let rec = self.db.resolve(reference)?;
@@ -696,33 +479,6 @@ fn boot_timeout(secs: Option<u64>) -> Result<Duration> {
         )),
         Some(s) => Ok(Duration::from_secs(s)),
     }
-}
-
-/// Why QEMU exited during boot: the initramfs's own reason if it gave one, else
-/// QEMU's last words.
-fn boot_failure_reason(paths: &VmPaths) -> String {
-    let console = vmm::tail_lines(&paths.console(), 50);
-    if let Some(l) = console
-        .iter()
-        .rev()
-        .find(|l| l.contains("BURROW-INIT-FAILED"))
-    {
-        return l.trim().to_string();
-    }
-    let qemu = vmm::tail_lines(&paths.qemu_log(), 3);
-    match qemu.last() {
-        Some(l) => format!("qemu exited: {}", l.trim()),
-        None => "qemu exited".to_string(),
-    }
-}
-
-fn append_line(path: &std::path::Path, line: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?;
-    writeln!(f, "{line}")
 }
 
 pub fn now_rfc3339() -> String {
