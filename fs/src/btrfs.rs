@@ -16,7 +16,8 @@ use std::process::Command;
 use libbtrfsutil::{CreateSnapshotOptions, DeleteSubvolumeOptions};
 
 use crate::layout::{
-    list_snapshots, list_volumes, reconcile_dirs, subdirs, DOOMED, PARTIAL, RESTORED,
+    existing_snapshot, list_snapshots, list_volumes, reconcile_dirs, subdirs, DOOMED, PARTIAL,
+    RESTORED,
 };
 use crate::{
     validate_id, validate_snapshot_name, ImageSource, Snapshot, Store, StoreError, Volume,
@@ -116,17 +117,7 @@ impl BtrfsStore {
     }
 
     fn existing_snapshot(&self, volume: &str, name: &str) -> Result<PathBuf, StoreError> {
-        validate_id(volume)?;
-        validate_snapshot_name(name)?;
-        let path = self.snapshot_path(volume, name);
-        if path.is_dir() {
-            Ok(path)
-        } else {
-            Err(StoreError::SnapshotNotFound {
-                volume: volume.to_string(),
-                name: name.to_string(),
-            })
-        }
+        existing_snapshot(&self.root.join("snapshots").join(volume), volume, name)
     }
 }
 

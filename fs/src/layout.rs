@@ -48,6 +48,25 @@ pub(crate) fn list_snapshots(dir: &Path, volume: &str) -> Result<Vec<Snapshot>, 
     Ok(out)
 }
 
+/// The path of snapshot `name` of `volume`, kept in `dir`, if it exists.
+pub(crate) fn existing_snapshot(
+    dir: &Path,
+    volume: &str,
+    name: &str,
+) -> Result<PathBuf, StoreError> {
+    validate_id(volume)?;
+    validate_snapshot_name(name)?;
+    let path = dir.join(name);
+    if path.is_dir() {
+        Ok(path)
+    } else {
+        Err(StoreError::SnapshotNotFound {
+            volume: volume.to_string(),
+            name: name.to_string(),
+        })
+    }
+}
+
 /// In each of `dirs`: finishes restores that got as far as moving the old volume
 /// away, and removes (with `remove`) everything else left in between. Returns what
 /// it removed.
