@@ -104,10 +104,7 @@ impl Agent {
         for pgid in groups(self) {
             signal_group(pgid, libc::SIGTERM);
         }
-        let deadline = Instant::now() + Duration::from_secs(1);
-        while !self.processes.pids().is_empty() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.processes.all_exited()).await;
         for pgid in groups(self) {
             signal_group(pgid, libc::SIGKILL);
         }

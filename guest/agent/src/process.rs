@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 
 /// How long, after a process has exited, its pipes may stay open before the agent
@@ -67,6 +67,8 @@ pub struct ProcessTable {
     // reaper from stealing the status of a child whose exec failed, which std's
     // `Command::spawn` itself waits for (and would panic on ECHILD).
     waiters: Mutex<HashMap<i32, oneshot::Sender<ExitStatus>>>,
+    /// Notified whenever the reaper leaves the table empty.
+    emptied: Notify,
 }
 
 impl ProcessTable {
@@ -118,6 +120,9 @@ impl ProcessTable {
                 let _ = tx.send(exit);
             }
         }
+        if waiters.is_empty() {
+            self.emptied.notify_waiters();
+        }
     }
 
     /// Spawns `cmd` and registers its waiter.
@@ -132,6 +137,20 @@ impl ProcessTable {
     /// Pids of the processes the agent still waits for.
     pub fn pids(&self) -> Vec<i32> {
         lock(&self.waiters).keys().copied().collect()
+    }
+
+    /// Resolves once every process the agent waits for has exited and been reaped.
+    pub async fn all_exited(&self) {
+        loop {
+            // Registered before the check, so an emptying in between is not missed.
+            let notified = self.emptied.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if lock(&self.waiters).is_empty() {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 

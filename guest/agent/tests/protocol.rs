@@ -276,15 +276,34 @@ async fn handshake_ping_and_version_mismatch() {
 
     // Connections are served concurrently: a long exec on one does not hold up
     // another.
+    // The slow exec blocks reading a FIFO; opening the FIFO for writing returns
+    // only once that reader runs, which is the signal that the exec is in flight.
+    let fifo = agent.scratch().join("gate");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
     let mut slow = agent.client().await;
-    let long = tokio::spawn(async move { slow.exec(sh("sleep 2")).await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    c.ok(Op::Ping).await;
-    assert!(
-        !long.is_finished(),
-        "ping waited for the other connection's exec"
-    );
-    assert_eq!(long.await.unwrap().exit_code, 0);
+    let script = format!("cat '{}'", fifo.display());
+    let long = tokio::spawn(async move { slow.exec(sh(&script)).await });
+    let writer = {
+        let fifo = fifo.clone();
+        tokio::task::spawn_blocking(move || fs::OpenOptions::new().write(true).open(fifo))
+    };
+    let mut writer = tokio::time::timeout(Duration::from_secs(20), writer)
+        .await
+        .expect("the slow exec never started")
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), c.ok(Op::Ping))
+        .await
+        .expect("ping waited for the other connection's exec");
+    assert!(!long.is_finished());
+    std::io::Write::write_all(&mut writer, b"released").unwrap();
+    drop(writer);
+    let r = long.await.unwrap();
+    assert_eq!((r.exit_code, r.stdout.as_slice()), (0, &b"released"[..]));
 }
 
 #[tokio::test]
