@@ -2,12 +2,16 @@
 //!
 //! A volume is the directory a workspace's VM sees as its root file system (shared
 //! with the guest over virtio-fs). Every backend sits behind [`Store`], chosen at run
-//! time, so the engine never knows how a volume is made. This release has one
-//! backend, [`CopyStore`], a full copy of the image per volume; copy-on-write
-//! backends (Btrfs subvolumes, a FUSE layer) slot in behind the same trait.
+//! time, so the engine never knows how a volume is made:
+//! - [`BtrfsStore`]: subvolumes and snapshots, on a Btrfs state dir or a
+//!   loop-mounted Btrfs image;
+//! - [`FuseStore`]: a copy-on-write layer file system served over FUSE, for any
+//!   file system and any user;
+//! - [`CopyStore`]: full copies, the plain fallback.
 
 mod btrfs;
 mod copy;
+pub mod cow;
 mod layout;
 mod loop_image;
 mod usage;
@@ -16,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 pub use btrfs::{is_btrfs, BtrfsStore};
 pub use copy::CopyStore;
+pub use cow::FuseStore;
 pub use loop_image::BtrfsImage;
 pub use usage::{usage, Usage};
 
@@ -88,7 +93,7 @@ pub struct Volume {
 /// `spawn_blocking`. Every operation is all-or-nothing: a crash in the middle leaves
 /// no volume that [`Store::list`] reports, and [`Store::reconcile`] removes the debris.
 pub trait Store: Send + Sync {
-    /// Short backend name shown to users (`copy`, later `btrfs`, `fuse`).
+    /// Short backend name shown to users (`btrfs`, `fuse`, `copy`).
     fn kind(&self) -> &'static str;
     /// Where volume `id` lives (or will), so it can be recorded before it is made.
     fn volume_path(&self, id: &str) -> PathBuf;
@@ -119,6 +124,27 @@ pub trait Store: Send + Sync {
     fn snapshots(&self, volume: &str) -> Result<Vec<Snapshot>, StoreError>;
     /// Removes half-made volumes left by a crash. Returns what it removed.
     fn reconcile(&self) -> Result<Vec<PathBuf>, StoreError>;
+    /// What snapshot `name` of `volume` costs: the bytes it refers to, and the
+    /// bytes that deleting it would free.
+    fn snapshot_usage(&self, volume: &str, name: &str) -> Result<Usage, StoreError> {
+        validate_snapshot_name(name)?;
+        let path = self
+            .snapshots(volume)?
+            .into_iter()
+            .find(|s| s.name == name)
+            .map(|s| s.path)
+            .ok_or_else(|| StoreError::SnapshotNotFound {
+                volume: volume.to_string(),
+                name: name.to_string(),
+            })?;
+        usage(&path).map_err(|e| StoreError::io("measure", &path, e))
+    }
+    /// Releases what the store keeps running outside this process (a FUSE server
+    /// and its mount) when nothing uses its volumes any more. The next open starts
+    /// it again.
+    fn shutdown(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Snapshot names become directory names: `[A-Za-z0-9._-]{1,64}`, not `.` or `..`,

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use burrow_fs::{BtrfsImage, BtrfsStore, CopyStore, ImageSource, Store, StoreError};
+use burrow_fs::{BtrfsImage, BtrfsStore, CopyStore, FuseStore, ImageSource, Store, StoreError};
 
 /// What a tree holds, entry by entry: kind, mode, size and contents (or target).
 fn tree(root: &Path) -> BTreeMap<PathBuf, String> {
@@ -406,4 +406,67 @@ fn btrfs_store_conforms() {
         BtrfsStore::new(t.path().join("plain")),
         Err(StoreError::Btrfs { .. })
     ));
+}
+
+/// Stops the test's FUSE server (and so unmounts it) even when the test fails,
+/// before its temporary directory is removed.
+struct Served(FuseStore);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown();
+    }
+}
+
+fn fuse_store(root: &Path) -> Option<Served> {
+    if !Path::new("/dev/fuse").exists() {
+        eprintln!("SKIPPED: no /dev/fuse");
+        return None;
+    }
+    Some(Served(
+        FuseStore::open(root, env!("CARGO_BIN_EXE_burrow-cowfs")).unwrap(),
+    ))
+}
+
+#[test]
+fn fuse_store_conforms() {
+    let t = tempfile::tempdir().unwrap();
+    let image = make_image(t.path());
+    let Some(store) = fuse_store(&t.path().join("store")) else {
+        return;
+    };
+    let store = &store.0;
+    conformance(store, &image);
+    posix_torture(store, &image);
+
+    // Sizes: a fresh snapshot shares everything with its volume; what the volume
+    // writes afterwards is its own, and it is freed with the volume's layer.
+    let v = store.create("sized", &image).unwrap();
+    store.snapshot("sized", "s").unwrap();
+    std::fs::write(v.path.join("new.bin"), vec![9u8; 1 << 20]).unwrap();
+    sync_fs(&t.path().join("store/layers"));
+    let snap = store.snapshot_usage("sized", "s").unwrap();
+    assert!(snap.referenced_bytes >= 100_000, "{snap:?}");
+    assert!(snap.exclusive_bytes < 64 * 1024, "{snap:?}");
+    store.snapshot("sized", "s2").unwrap();
+    store.delete("sized").unwrap();
+    let s2 = store.snapshot_usage("sized", "s2").unwrap();
+    assert!(s2.exclusive_bytes >= 1 << 20, "{s2:?}");
+    assert!(matches!(
+        store.snapshot_usage("sized", "nope"),
+        Err(StoreError::SnapshotNotFound { .. })
+    ));
+    store.delete_snapshot("sized", "s").unwrap();
+    store.delete_snapshot("sized", "s2").unwrap();
+    // One import serves every volume; nothing is left once all are gone.
+    assert_eq!(
+        std::fs::read_dir(t.path().join("store/images")).unwrap().count(),
+        1
+    );
+    assert!(store.reconcile().unwrap().is_empty());
+    assert_eq!(
+        std::fs::read_dir(t.path().join("store/layers")).unwrap().count(),
+        0,
+        "layers leaked"
+    );
 }
