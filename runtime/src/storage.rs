@@ -1,8 +1,10 @@
 //! Choosing and opening a state dir's volume store.
 //!
 //! - `auto` (default): a state dir on Btrfs gets the Btrfs store in place; else, as
-//!   root, a sparse Btrfs image in the state dir, loop-mounted; else the copy store.
-//! - `btrfs`: as `auto`, but failing instead of falling back.
+//!   root, a sparse Btrfs image in the state dir, loop-mounted; else the FUSE
+//!   copy-on-write store; full copies only where FUSE is missing too.
+//! - `btrfs`: the Btrfs part of `auto`, failing instead of falling back.
+//! - `fuse`: the FUSE layer store (any file system; as a user through fusermount3).
 //! - `copy`: full copies (any file system, no privileges).
 //!
 //! A state dir keeps the store it started with (recorded in `$STATE/store`): its
@@ -11,7 +13,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use burrow_fs::{is_btrfs, BtrfsImage, BtrfsStore, CopyStore, Store};
+use burrow_fs::{is_btrfs, BtrfsImage, BtrfsStore, CopyStore, FuseStore, Store};
 
 use crate::error::{Error, Result};
 use crate::paths::StateDir;
@@ -23,6 +25,7 @@ const MAX_IMAGE: u64 = 1 << 40;
 pub enum StoreKind {
     Auto,
     Btrfs,
+    Fuse,
     Copy,
 }
 
@@ -31,10 +34,11 @@ impl StoreKind {
         match s {
             "auto" => Ok(StoreKind::Auto),
             "btrfs" => Ok(StoreKind::Btrfs),
+            "fuse" => Ok(StoreKind::Fuse),
             "copy" => Ok(StoreKind::Copy),
             other => Err(Error::invalid(
                 "store",
-                format!("{other:?} is not one of auto, btrfs, copy"),
+                format!("{other:?} is not one of auto, btrfs, fuse, copy"),
             )),
         }
     }
@@ -53,6 +57,7 @@ pub fn open(state: &StateDir, wanted: StoreKind) -> Result<OpenStore> {
         .map(|s| s.trim().to_string());
     let kind = match (recorded.as_deref(), wanted) {
         (Some("btrfs"), StoreKind::Auto | StoreKind::Btrfs) => StoreKind::Btrfs,
+        (Some("fuse"), StoreKind::Auto | StoreKind::Fuse) => StoreKind::Fuse,
         (Some("copy"), StoreKind::Auto | StoreKind::Copy) => StoreKind::Copy,
         (Some(r), w) => {
             return Err(Error::invalid(
@@ -68,11 +73,18 @@ pub fn open(state: &StateDir, wanted: StoreKind) -> Result<OpenStore> {
     let opened = match kind {
         StoreKind::Copy => copy(state)?,
         StoreKind::Btrfs => btrfs(state)?,
+        StoreKind::Fuse => fuse(state)?,
         StoreKind::Auto => match btrfs(state) {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!("no Btrfs store ({e}); using full copies");
-                copy(state)?
+                tracing::info!("no Btrfs store ({e}); trying the FUSE layer store");
+                match fuse(state) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!("no FUSE store ({e}); using full copies");
+                        copy(state)?
+                    }
+                }
             }
         },
     };
@@ -86,6 +98,18 @@ pub fn open(state: &StateDir, wanted: StoreKind) -> Result<OpenStore> {
 fn copy(state: &StateDir) -> Result<OpenStore> {
     Ok(OpenStore {
         store: Arc::new(CopyStore::new(state.volumes())?),
+        mount: None,
+    })
+}
+
+fn fuse(state: &StateDir) -> Result<OpenStore> {
+    if !Path::new("/dev/fuse").exists() {
+        return Err(Error::invalid("store", "the FUSE store needs /dev/fuse"));
+    }
+    let binary = crate::paths::companion_binary("BURROW_COWFS", "burrow-cowfs")
+        .ok_or_else(|| Error::invalid("store", "burrow-cowfs is not installed next to burrowd"))?;
+    Ok(OpenStore {
+        store: Arc::new(FuseStore::open(state.root().join("fuse"), binary)?),
         mount: None,
     })
 }

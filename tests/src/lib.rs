@@ -161,7 +161,7 @@ impl Burrow {
     /// Where the state dir's store may keep volumes: `volumes/` (copy store),
     /// `btrfs/store/volumes/` (loop-mounted Btrfs), `store/volumes/` (Btrfs state dir).
     pub fn volume_dirs(&self) -> Vec<PathBuf> {
-        ["volumes", "btrfs/store/volumes", "store/volumes"]
+        ["volumes", "btrfs/store/volumes", "store/volumes", "fuse/mnt/volumes"]
             .iter()
             .map(|d| self.state.join(d))
             .collect()
@@ -259,13 +259,25 @@ impl Drop for Burrow {
             // SAFETY: kill has no memory effects.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
-        // A daemon that stops cleanly unmounts its loop-mounted store; one that a
-        // failed test left dead does not. The mount is this test's: detach it.
-        let mnt = self.state.join("btrfs");
-        if is_mountpoint(&mnt) {
-            if let Ok(c) = std::ffi::CString::new(mnt.into_os_string().into_encoded_bytes()) {
-                // SAFETY: umount2 with a NUL-terminated path.
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        // A daemon that stops cleanly stops its FUSE server and unmounts its
+        // loop-mounted store; one that a failed test left dead does not. They are
+        // this test's: end the server by its pid, detach the mounts.
+        let fuse = self.state.join("fuse");
+        if let Some(pid) = std::fs::read_to_string(fuse.join("cowfs.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            if cmdline_mentions(pid, &self.state) {
+                // SAFETY: kill has no memory effects.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        for mnt in [fuse.join("mnt"), self.state.join("btrfs")] {
+            if is_mountpoint(&mnt) {
+                if let Ok(c) = std::ffi::CString::new(mnt.into_os_string().into_encoded_bytes()) {
+                    // SAFETY: umount2 with a NUL-terminated path.
+                    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+                }
             }
         }
     }

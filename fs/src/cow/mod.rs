@@ -101,11 +101,16 @@ impl FuseStore {
         line.push(b'\n');
         for attempt in 0..2 {
             if conn.is_none() {
-                *conn = Some(match UnixStream::connect(self.root.join("control.sock")) {
-                    Ok(s) => BufReader::new(s),
-                    Err(_) if attempt == 0 => BufReader::new(self.start()?),
-                    Err(e) => return Err(StoreError::io("connect", &self.root, e)),
-                });
+                // A server that failed a request once is replaced: it may be dying
+                // (still holding its socket) or hung.
+                let existing = match attempt {
+                    0 => UnixStream::connect(self.root.join("control.sock")).ok(),
+                    _ => None,
+                };
+                *conn = Some(BufReader::new(match existing {
+                    Some(s) => s,
+                    None => self.start()?,
+                }));
             }
             let Some(c) = conn.as_mut() else { continue };
             let mut answer = String::new();

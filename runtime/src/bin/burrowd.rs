@@ -31,7 +31,7 @@ struct Args {
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     log_format: String,
     /// Volume store: auto (Btrfs if the state dir is on it, else a loop-mounted
-    /// Btrfs image as root, else copies), btrfs, or copy.
+    /// Btrfs image as root, else the FUSE layer store), btrfs, fuse, or copy.
     #[arg(long, env = "BURROW_STORE", default_value = "auto")]
     store: String,
 }
@@ -57,6 +57,16 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    // The ready pipe is ours alone: a helper started before we write to it (the
+    // FUSE store's server) must not inherit it and keep it open.
+    let ready = args.ready_fd.map(|fd| {
+        // SAFETY: the fd was handed to us for one write; we own it from here.
+        unsafe { std::fs::File::from_raw_fd(fd) }
+    });
+    if let Some(f) = &ready {
+        // SAFETY: fcntl on an fd we own.
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
     let state = StateDir::new(&args.state_dir).context("state dir")?;
     let cache = CacheDir::new(&args.cache_dir).context("cache dir")?;
     std::fs::create_dir_all(state.root())
@@ -95,9 +105,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         cache_dir: cache.root().display().to_string(),
     });
 
-    if let Some(fd) = args.ready_fd {
-        // SAFETY: the fd was handed to us for this one write; we own it from here.
-        let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    if let Some(mut f) = ready {
         let _ = f.write_all(b"ready\n");
     }
     tracing::info!(socket = %sock.display(), "serving");

@@ -352,29 +352,34 @@ impl Engine {
     }
 
     /// Called as the daemon exits: lets background work finish and, when no VM
-    /// needs it, unmounts the store's loop-mounted Btrfs (the next start mounts it
-    /// again), so that a stopped daemon leaves no mount behind.
+    /// needs it, stops the store's FUSE server and unmounts its loop-mounted Btrfs
+    /// (the next start brings them back), so that a stopped daemon leaves no mount
+    /// or process behind.
     pub async fn close(&self) {
         let tasks: Vec<_> =
             std::mem::take(&mut *self.prepares.lock().unwrap_or_else(|p| p.into_inner()));
         for t in tasks {
             let _ = t.await;
         }
-        let Some(mount) = &self.mount else { return };
         let busy = self
             .db
             .list()
             .map(|l| l.iter().any(|w| w.pids.is_some()))
             .unwrap_or(true);
         if busy {
-            tracing::info!(
-                "VMs run on {}: it stays mounted",
-                mount.mountpoint.display()
-            );
+            tracing::info!("VMs run on the volume store: it stays mounted");
             return;
         }
-        if let Err(e) = mount.unmount() {
-            tracing::warn!("unmount {}: {e}", mount.mountpoint.display());
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.shutdown()).await {
+            Ok(Err(e)) => tracing::warn!("volume store shutdown: {e}"),
+            Err(e) => tracing::warn!("volume store shutdown: {e}"),
+            Ok(Ok(())) => {}
+        }
+        if let Some(mount) = &self.mount {
+            if let Err(e) = mount.unmount() {
+                tracing::warn!("unmount {}: {e}", mount.mountpoint.display());
+            }
         }
     }
 

@@ -74,13 +74,13 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 }
 
 impl Engine {
-    /// A snapshot as users see it. Its sizes come from walking its extent maps:
-    /// call from a blocking context when `path` is given.
+    /// A snapshot as users see it. Its sizes, when `measure` asks for them, come
+    /// from walking what it holds: call from a blocking context then.
     fn snapshot_info(
         &self,
         rec: &WorkspaceRecord,
         s: &SnapshotRecord,
-        path: Option<&Path>,
+        measure: bool,
     ) -> Result<SnapshotInfo> {
         let dependents = self
             .db
@@ -88,7 +88,9 @@ impl Engine {
             .into_iter()
             .map(|w| w.name)
             .collect();
-        let usage = path.and_then(|p| burrow_fs::usage(p).ok());
+        let usage = measure
+            .then(|| self.store.snapshot_usage(&rec.id, &s.name).ok())
+            .flatten();
         Ok(SnapshotInfo {
             workspace: rec.name.clone(),
             name: s.name.clone(),
@@ -98,16 +100,6 @@ impl Engine {
             referenced_bytes: usage.map(|u| u.referenced_bytes),
             dependents,
         })
-    }
-
-    fn snapshot_paths(&self, rec: &WorkspaceRecord) -> Result<BTreeMap<String, PathBuf>> {
-        Ok(self
-            .store
-            .snapshots(&rec.id)
-            .map_err(store_err)?
-            .into_iter()
-            .map(|s| (s.name, s.path))
-            .collect())
     }
 
     fn ready_snapshot(&self, rec: &WorkspaceRecord, name: &str) -> Result<SnapshotRecord> {
@@ -178,20 +170,19 @@ impl Engine {
         let s = self.db.snapshot(&rec.id, name)?.unwrap_or(srec);
         // Sizes need a walk of the whole tree: `snapshot ls` does it, so that a
         // create stays O(1).
-        self.snapshot_info(&rec, &s, None)
+        self.snapshot_info(&rec, &s, false)
     }
 
     pub async fn snapshot_list(self: &Arc<Self>, reference: &str) -> Result<Vec<SnapshotInfo>> {
         let rec = self.db.resolve(reference)?;
         let engine = self.clone();
         blocking(move || {
-            let paths = engine.snapshot_paths(&rec)?;
             engine
                 .db
                 .snapshots(Some(&rec.id))?
                 .iter()
                 .filter(|s| s.state == SnapshotState::Ready)
-                .map(|s| engine.snapshot_info(&rec, s, paths.get(&s.name).map(PathBuf::as_path)))
+                .map(|s| engine.snapshot_info(&rec, s, true))
                 .collect()
         })
         .await
