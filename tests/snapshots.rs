@@ -9,13 +9,29 @@ use burrow_tests::{require_root, text, wait_until, Burrow};
 #[test]
 fn snapshot_restore_fork_and_diff() {
     require_root!();
-    let b = Burrow::new();
+    scenario(Burrow::new(), "btrfs");
+}
+
+/// The same on the FUSE layer store: virtiofsd serves the guest a volume that is
+/// itself a FUSE mount of layers.
+#[test]
+fn snapshot_restore_fork_and_diff_on_fuse() {
+    require_root!();
+    if !std::path::Path::new("/dev/fuse").exists() {
+        eprintln!("SKIPPED: no /dev/fuse");
+        return;
+    }
+    scenario(Burrow::new().with_env("BURROW_STORE", "fuse"), "fuse");
+}
+
+fn scenario(b: Burrow, store: &str) {
     let id = b
         .ok(&["create", "--name", "src"])
         .split_whitespace()
         .next()
         .expect("id")
         .to_string();
+    assert_eq!(b.info("src")["store"], store);
     b.run_with_stdin(&["file", "write", "src", "/work/a.txt"], b"v1\n");
     b.ok(&[
         "exec",
