@@ -112,6 +112,12 @@ fn answer(
             let _ = reply(&mut writer, &Reply::Ok);
             return true;
         }
+        if let Control::Snapshot { volume, .. } = &req {
+            // Writes the kernel still holds in its writeback cache belong before
+            // the snapshot: flush them to the upper layer about to be frozen. No
+            // lock is held: the flush goes through the FUSE request loop.
+            flush(&root.join("mnt/volumes").join(volume));
+        }
         let (answer, stale, doomed) = {
             let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
             apply(&mut s, root, req)
@@ -126,6 +132,14 @@ fn answer(
         }
     }
     false
+}
+
+fn flush(volume: &Path) {
+    use std::os::fd::AsRawFd;
+    if let Ok(dir) = std::fs::File::open(volume) {
+        // SAFETY: syncfs on an fd we own.
+        unsafe { libc::syncfs(dir.as_raw_fd()) };
+    }
 }
 
 fn reply(w: &mut UnixStream, r: &Reply) -> std::io::Result<()> {

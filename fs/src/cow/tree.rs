@@ -120,7 +120,8 @@ pub(crate) struct State {
     nodes: HashMap<u64, Node>,
     dentries: HashMap<(u64, OsString), u64>,
     handles: HashMap<u64, Handle>,
-    listings: HashMap<u64, Vec<DirEntry>>,
+    /// Open directories: which, and their entries once read.
+    listings: HashMap<u64, (u64, Option<Vec<DirEntry>>)>,
     next_ino: u64,
     next_id: u64,
     as_root: bool,
@@ -176,7 +177,21 @@ fn to_attr(ino: u64, m: &Metadata) -> FileAttr {
 
 /// Opens a layer file for a handle: the kernel applies O_APPEND (it sends offsets)
 /// and O_TRUNC (as a setattr), and the layer file is never created here.
+///
+/// With the kernel's writeback cache a write-only handle may be read from (to fill
+/// a partly written page), so it is opened for reading too where the mode allows.
 fn open_layer_file(path: &Path, flags: i32) -> io::Result<File> {
+    if flags & libc::O_ACCMODE == libc::O_WRONLY {
+        let rw = (flags & !libc::O_ACCMODE) | libc::O_RDWR;
+        match open_exactly(path, rw) {
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => {}
+            other => return other,
+        }
+    }
+    open_exactly(path, flags)
+}
+
+fn open_exactly(path: &Path, flags: i32) -> io::Result<File> {
     let acc = flags & libc::O_ACCMODE;
     let strip = libc::O_ACCMODE
         | libc::O_CREAT
@@ -566,6 +581,12 @@ impl State {
         }
     }
 
+    /// Whether the kernel may remember that a name is absent from `ino`: true in
+    /// the trees, whose names change only through the kernel.
+    pub fn caches_absence(&self, ino: u64) -> bool {
+        matches!(self.nodes.get(&ino).map(|n| &n.kind), Some(Kind::Dir(_)))
+    }
+
     pub fn lookup(&mut self, parent: u64, name: &OsStr) -> Result<FileAttr, Errno> {
         let ino = match &self.node(parent)?.kind {
             Kind::Root if name == "volumes" => VOLUMES,
@@ -645,7 +666,7 @@ impl State {
         self.nodes.remove(&ino);
     }
 
-    fn virtual_attr(&self, ino: u64) -> FileAttr {
+    pub fn virtual_attr(&self, ino: u64) -> FileAttr {
         FileAttr {
             ino,
             size: 0,
@@ -1444,7 +1465,38 @@ impl State {
         Ok(out)
     }
 
-    pub fn opendir(&mut self, ino: u64) -> Result<u64, Errno> {
+    /// Opens directory `ino`; true when the kernel may cache its listing (a tree
+    /// directory, which changes only through the kernel; the virtual ones change
+    /// with the catalog).
+    pub fn opendir(&mut self, ino: u64) -> Result<(u64, bool), Errno> {
+        let cacheable = match &self.node(ino)?.kind {
+            Kind::File(_) => return Err(libc::ENOTDIR),
+            Kind::Dir(_) => true,
+            _ => false,
+        };
+        let fh = self.next();
+        self.listings.insert(fh, (ino, None));
+        Ok((fh, cacheable))
+    }
+
+    /// The entries of an open directory, read when first asked for: a kernel
+    /// that has the listing cached opens the directory but does not read it.
+    pub fn listing(&mut self, fh: u64) -> Result<&[DirEntry], Errno> {
+        let (ino, cached) = self.listings.get(&fh).ok_or(libc::EBADF)?;
+        if cached.is_none() {
+            let ino = *ino;
+            let entries = self.entries(ino)?;
+            if let Some(l) = self.listings.get_mut(&fh) {
+                l.1 = Some(entries);
+            }
+        }
+        match self.listings.get(&fh) {
+            Some((_, Some(entries))) => Ok(entries.as_slice()),
+            _ => Err(libc::EBADF),
+        }
+    }
+
+    fn entries(&self, ino: u64) -> Result<Vec<DirEntry>, Errno> {
         let mut entries = vec![
             DirEntry {
                 ino,
@@ -1475,13 +1527,7 @@ impl State {
                 name: n.into(),
             });
         }
-        let fh = self.next();
-        self.listings.insert(fh, entries);
-        Ok(fh)
-    }
-
-    pub fn listing(&self, fh: u64) -> Option<&[DirEntry]> {
-        self.listings.get(&fh).map(|v| v.as_slice())
+        Ok(entries)
     }
 
     pub fn releasedir(&mut self, fh: u64) {
