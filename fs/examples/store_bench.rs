@@ -69,7 +69,12 @@ struct Figures {
 
 /// Snapshot at 20 and 200 MB, fork x1 and x5 (in parallel), extra disk of five
 /// forks that each wrote 1 MB.
-fn store_figures(store: &(dyn Store + Sync), image: &ImageSource, runs: usize, measure: &dyn Fn() -> u64) -> Result<Figures> {
+fn store_figures(
+    store: &(dyn Store + Sync),
+    image: &ImageSource,
+    runs: usize,
+    measure: &dyn Fn() -> u64,
+) -> Result<Figures> {
     let v = store.create("bench", image)?;
     let mut snapshot = Vec::new();
     for mb in [20usize, 200] {
@@ -97,7 +102,12 @@ fn store_figures(store: &(dyn Store + Sync), image: &ImageSource, runs: usize, m
         let forks: Vec<_> = (1..=5)
             .map(|i| s.spawn(move || store.clone_snapshot("bench", "s200-0", &format!("five-{i}"))))
             .collect();
-        forks.into_iter().try_for_each(|f| f.join().map_err(|_| "fork panicked")?.map(|_| ()).map_err(|e| e.to_string()))
+        forks.into_iter().try_for_each(|f| {
+            f.join()
+                .map_err(|_| "fork panicked")?
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
     })?;
     let fork5 = ms(start);
     for i in 1..=5 {
@@ -124,11 +134,23 @@ fn store_figures(store: &(dyn Store + Sync), image: &ImageSource, runs: usize, m
 fn print(name: &str, f: &Figures, target: f64) {
     println!("  {name} store (disk part only):");
     for (mb, t) in &f.snapshot {
-        println!("    snapshot create, {mb:3} MB in 5000 files  {t:8.2} ms   (target <= {target} ms)");
+        println!(
+            "    snapshot create, {mb:3} MB in 5000 files  {t:8.2} ms   (target <= {target} ms)"
+        );
     }
-    println!("    fork x1                                {:8.2} ms   (target <= {target} ms)", f.fork1);
-    println!("    fork x5, in parallel                   {:8.2} ms   = {:.2} x fork x1", f.fork5, f.fork5 / f.fork1);
-    println!("    extra disk, 5 forks that wrote 1 MB    {:8.1} MB   (target < 10 MB)", f.extra as f64 / 1e6);
+    println!(
+        "    fork x1                                {:8.2} ms   (target <= {target} ms)",
+        f.fork1
+    );
+    println!(
+        "    fork x5, in parallel                   {:8.2} ms   = {:.2} x fork x1",
+        f.fork5,
+        f.fork5 / f.fork1
+    );
+    println!(
+        "    extra disk, 5 forks that wrote 1 MB    {:8.1} MB   (target < 10 MB)",
+        f.extra as f64 / 1e6
+    );
 }
 
 /// Drops the page cache of one file, so the next read comes from below.
@@ -168,7 +190,14 @@ fn seq_io(dir: &Path, below: Option<&dyn Fn() -> PathBuf>) -> Result<(f64, f64)>
 
 fn git(dir: &Path, args: &[&str]) -> Result<()> {
     let ok = Command::new("git")
-        .args(["-c", "user.name=b", "-c", "user.email=b@b", "-c", "init.defaultBranch=main"])
+        .args([
+            "-c",
+            "user.name=b",
+            "-c",
+            "user.email=b@b",
+            "-c",
+            "init.defaultBranch=main",
+        ])
         .args(args)
         .current_dir(dir)
         .stdout(std::process::Stdio::null())
@@ -229,7 +258,9 @@ fn main() -> Result<()> {
         .and_then(|p| p.parent())
         .map(|p| p.join("burrow-cowfs"))
         .ok_or("no burrow-cowfs next to the example")?;
-    let t = tempfile::Builder::new().prefix("burrow-fsbench").tempdir_in(&base)?;
+    let t = tempfile::Builder::new()
+        .prefix("burrow-fsbench")
+        .tempdir_in(&base)?;
     let image_root = t.path().join("image");
     std::fs::create_dir_all(image_root.join("etc"))?;
     std::fs::write(image_root.join("etc/hostname"), "bench\n")?;

@@ -460,12 +460,16 @@ fn fuse_store_conforms() {
     store.delete_snapshot("sized", "s2").unwrap();
     // One import serves every volume; nothing is left once all are gone.
     assert_eq!(
-        std::fs::read_dir(t.path().join("store/images")).unwrap().count(),
+        std::fs::read_dir(t.path().join("store/images"))
+            .unwrap()
+            .count(),
         1
     );
     assert!(store.reconcile().unwrap().is_empty());
     assert_eq!(
-        std::fs::read_dir(t.path().join("store/layers")).unwrap().count(),
+        std::fs::read_dir(t.path().join("store/layers"))
+            .unwrap()
+            .count(),
         0,
         "layers leaked"
     );

@@ -73,17 +73,29 @@ fn layers_behave_like_one_file_system() {
 
     // Hard links stay one file when one name is written after a snapshot.
     std::fs::write(v.join("uno"), "one, changed").unwrap();
-    assert_eq!(std::fs::read_to_string(v.join("one")).unwrap(), "one, changed");
-    assert_eq!(std::fs::metadata(v.join("one")).unwrap().ino(), std::fs::metadata(v.join("uno")).unwrap().ino());
+    assert_eq!(
+        std::fs::read_to_string(v.join("one")).unwrap(),
+        "one, changed"
+    );
+    assert_eq!(
+        std::fs::metadata(v.join("one")).unwrap().ino(),
+        std::fs::metadata(v.join("uno")).unwrap().ino()
+    );
     assert_eq!(std::fs::read_to_string(snap.join("one")).unwrap(), "1");
     std::fs::hard_link(v.join("src/lib/deep/a.rs"), v.join("a-link")).unwrap();
     std::fs::write(v.join("a-link"), "fn b() {}\n").unwrap();
-    assert_eq!(std::fs::read_to_string(v.join("src/lib/deep/a.rs")).unwrap(), "fn b() {}\n");
+    assert_eq!(
+        std::fs::read_to_string(v.join("src/lib/deep/a.rs")).unwrap(),
+        "fn b() {}\n"
+    );
 
     // A directory from a frozen layer renamed whole; its old name is gone.
     std::fs::rename(v.join("src/lib"), v.join("lib2")).unwrap();
     assert!(!v.join("src/lib").exists());
-    assert_eq!(std::fs::read_to_string(v.join("lib2/deep/a.rs")).unwrap(), "fn b() {}\n");
+    assert_eq!(
+        std::fs::read_to_string(v.join("lib2/deep/a.rs")).unwrap(),
+        "fn b() {}\n"
+    );
     assert_eq!(std::fs::read_dir(v.join("src")).unwrap().count(), 1);
 
     // A deleted directory made again is empty (opaque), not the old one back.
@@ -92,21 +104,35 @@ fn layers_behave_like_one_file_system() {
     assert_eq!(std::fs::read_dir(v.join("lib2")).unwrap().count(), 0);
     std::fs::remove_file(v.join("one")).unwrap();
     assert!(!v.join("one").exists());
-    assert_eq!(std::fs::read_to_string(v.join("uno")).unwrap(), "one, changed");
+    assert_eq!(
+        std::fs::read_to_string(v.join("uno")).unwrap(),
+        "one, changed"
+    );
 
     // Layer bookkeeping never shows, and cannot be made.
     let names: Vec<String> = std::fs::read_dir(&v)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert!(names.iter().all(|n| !n.starts_with(".wh.") && !n.starts_with(".burrow")), "{names:?}");
+    assert!(
+        names
+            .iter()
+            .all(|n| !n.starts_with(".wh.") && !n.starts_with(".burrow")),
+        "{names:?}"
+    );
     assert!(std::fs::write(v.join(".wh.sneaky"), "x").is_err());
 
     // Attributes, symlinks, xattrs, rename over, exclusive create.
     std::fs::set_permissions(v.join("uno"), std::fs::Permissions::from_mode(0o700)).unwrap();
-    assert_eq!(std::fs::metadata(v.join("uno")).unwrap().mode() & 0o777, 0o700);
+    assert_eq!(
+        std::fs::metadata(v.join("uno")).unwrap().mode() & 0o777,
+        0o700
+    );
     std::os::unix::fs::symlink("uno", v.join("ln")).unwrap();
-    assert_eq!(std::fs::read_to_string(v.join("ln")).unwrap(), "one, changed");
+    assert_eq!(
+        std::fs::read_to_string(v.join("ln")).unwrap(),
+        "one, changed"
+    );
     let ok = std::process::Command::new("setfattr")
         .args(["-n", "user.burrow", "-v", "yes"])
         .arg(v.join("uno"))
@@ -160,7 +186,10 @@ fn layers_behave_like_one_file_system() {
     assert_eq!(&std::fs::read(v.join("mapped")).unwrap()[..7], b"mapped!");
 
     // The snapshot is still exactly the image, and read-only.
-    assert_eq!(std::fs::read_to_string(snap.join("src/lib/deep/a.rs")).unwrap(), "fn a() {}\n");
+    assert_eq!(
+        std::fs::read_to_string(snap.join("src/lib/deep/a.rs")).unwrap(),
+        "fn a() {}\n"
+    );
     assert!(std::fs::write(snap.join("new"), "x").is_err());
 }
 
@@ -183,7 +212,10 @@ fn a_killed_server_is_replaced_and_loses_nothing() {
     unsafe { libc::kill(pid, libc::SIGKILL) };
     // The next operation starts a new server on a clean mount.
     store.clone_snapshot("v", "s", "w").unwrap();
-    assert_eq!(std::fs::read_to_string(v.join("kept")).unwrap(), "written before the crash");
+    assert_eq!(
+        std::fs::read_to_string(v.join("kept")).unwrap(),
+        "written before the crash"
+    );
     assert_eq!(
         std::fs::read_to_string(t.path().join("store/mnt/volumes/w/kept")).unwrap(),
         "written before the crash"

@@ -161,10 +161,15 @@ impl Burrow {
     /// Where the state dir's store may keep volumes: `volumes/` (copy store),
     /// `btrfs/store/volumes/` (loop-mounted Btrfs), `store/volumes/` (Btrfs state dir).
     pub fn volume_dirs(&self) -> Vec<PathBuf> {
-        ["volumes", "btrfs/store/volumes", "store/volumes", "fuse/mnt/volumes"]
-            .iter()
-            .map(|d| self.state.join(d))
-            .collect()
+        [
+            "volumes",
+            "btrfs/store/volumes",
+            "store/volumes",
+            "fuse/mnt/volumes",
+        ]
+        .iter()
+        .map(|d| self.state.join(d))
+        .collect()
     }
 
     /// The volumes of this state dir (not the store's own hidden entries).

@@ -94,7 +94,12 @@ impl Catalog {
         Ok(())
     }
 
-    pub fn save_snapshot(&mut self, volume: &str, name: &str, chain: Vec<String>) -> io::Result<()> {
+    pub fn save_snapshot(
+        &mut self,
+        volume: &str,
+        name: &str,
+        chain: Vec<String>,
+    ) -> io::Result<()> {
         let dir = self.root.join("meta/snapshots").join(volume);
         std::fs::create_dir_all(&dir)?;
         write_chain(&dir, name, &chain)?;
@@ -188,8 +193,12 @@ fn json_files(dir: &Path) -> Vec<(String, PathBuf)> {
 
 fn read_chain(path: &Path) -> io::Result<Vec<String>> {
     let text = std::fs::read(path)?;
-    let chain: ChainFile = serde_json::from_slice(&text)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))?;
+    let chain: ChainFile = serde_json::from_slice(&text).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {e}", path.display()),
+        )
+    })?;
     Ok(chain.layers)
 }
 

@@ -310,7 +310,14 @@ impl Filesystem for CowFs {
         reply.ok();
     }
 
-    fn releasedir(&mut self, _req: &Request<'_>, _ino: u64, fh: u64, _flags: i32, reply: ReplyEmpty) {
+    fn releasedir(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        _flags: i32,
+        reply: ReplyEmpty,
+    ) {
         self.lock().releasedir(fh);
         reply.ok();
     }
@@ -348,7 +355,14 @@ impl Filesystem for CowFs {
         empty(reply, self.lock().setxattr(ino, name, value, flags));
     }
 
-    fn getxattr(&mut self, _req: &Request<'_>, ino: u64, name: &OsStr, size: u32, reply: ReplyXattr) {
+    fn getxattr(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        name: &OsStr,
+        size: u32,
+        reply: ReplyXattr,
+    ) {
         xattr(reply, size, self.lock().getxattr(ino, name));
     }
 

@@ -43,8 +43,7 @@ pub(crate) fn is_reserved(name: &OsStr, at_root: bool) -> bool {
 }
 
 pub(crate) fn cpath(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
 fn check(ret: libc::c_int) -> io::Result<()> {
@@ -152,9 +151,7 @@ pub(crate) fn copy_data(from: &std::fs::File, to: &std::fs::File, len: u64) -> i
         while off_in < hole {
             let want = (hole - off_in).min(1 << 30) as usize;
             // SAFETY: both fds are open; the offsets are ours.
-            let n = unsafe {
-                libc::copy_file_range(src, &mut off_in, dst, &mut off_out, want, 0)
-            };
+            let n = unsafe { libc::copy_file_range(src, &mut off_in, dst, &mut off_out, want, 0) };
             if n < 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -299,13 +296,7 @@ pub(crate) fn remove_xattr(path: &Path, name: &CString) -> io::Result<()> {
 pub(crate) fn lchown(path: &Path, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
     let c = cpath(path)?;
     // SAFETY: lchown with a NUL-terminated path; u32::MAX is "unchanged".
-    check(unsafe {
-        libc::lchown(
-            c.as_ptr(),
-            uid.unwrap_or(u32::MAX),
-            gid.unwrap_or(u32::MAX),
-        )
-    })
+    check(unsafe { libc::lchown(c.as_ptr(), uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX)) })
 }
 
 #[cfg(test)]
@@ -340,12 +331,22 @@ mod tests {
         assert_eq!(b.len(), 64 << 20);
         assert_eq!(b.mode() & 0o7777, 0o751);
         assert_eq!(b.mtime(), a.mtime());
-        assert!(b.blocks() < 1024, "holes were filled: {} blocks", b.blocks());
+        assert!(
+            b.blocks() < 1024,
+            "holes were filled: {} blocks",
+            b.blocks()
+        );
         let data = std::fs::read(&dst)?;
-        assert_eq!((&data[..4], &data[data.len() - 4..]), (&b"head"[..], &b"tail"[..]));
+        assert_eq!(
+            (&data[..4], &data[data.len() - 4..]),
+            (&b"head"[..], &b"tail"[..])
+        );
         std::os::unix::fs::symlink("target", t.path().join("l"))?;
         copy_entry(&t.path().join("l"), &t.path().join("l2"))?;
-        assert_eq!(std::fs::read_link(t.path().join("l2"))?, Path::new("target"));
+        assert_eq!(
+            std::fs::read_link(t.path().join("l2"))?,
+            Path::new("target")
+        );
         Ok(())
     }
 }

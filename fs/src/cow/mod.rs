@@ -21,28 +21,50 @@ mod tree;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::time::Duration;
 
 use crate::layout::PARTIAL;
-use crate::{validate_id, validate_snapshot_name, ImageSource, Snapshot, Store, StoreError, Usage, Volume};
+use crate::{
+    validate_id, validate_snapshot_name, ImageSource, Snapshot, Store, StoreError, Usage, Volume,
+};
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub(crate) enum Control {
     Ping,
-    Create { id: String, image: String },
-    Delete { id: String },
-    Snapshot { volume: String, name: String },
-    Restore { volume: String, name: String },
-    Clone { volume: String, name: String, id: String },
-    DeleteSnapshot { volume: String, name: String },
-    Collect { keep_image: Option<String> },
+    Create {
+        id: String,
+        image: String,
+    },
+    Delete {
+        id: String,
+    },
+    Snapshot {
+        volume: String,
+        name: String,
+    },
+    Restore {
+        volume: String,
+        name: String,
+    },
+    Clone {
+        volume: String,
+        name: String,
+        id: String,
+    },
+    DeleteSnapshot {
+        volume: String,
+        name: String,
+    },
+    Collect {
+        keep_image: Option<String>,
+    },
     Shutdown,
 }
 
@@ -202,9 +224,7 @@ impl FuseStore {
             .ok()?;
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let root = self.root.as_os_str().as_encoded_bytes();
-        let serves_us = cmdline
-            .split(|b| *b == 0)
-            .any(|arg| arg == root);
+        let serves_us = cmdline.split(|b| *b == 0).any(|arg| arg == root);
         serves_us.then_some(pid)
     }
 
@@ -273,7 +293,13 @@ impl FuseStore {
             .map(|e| e.path())
             .collect();
         for dir in crate::layout::subdirs(&self.meta().join("snapshots")) {
-            files.extend(std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()));
+            files.extend(
+                std::fs::read_dir(dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path()),
+            );
         }
         files.retain(|p| {
             p.extension().is_some_and(|x| x == "json")

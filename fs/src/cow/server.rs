@@ -14,7 +14,7 @@ use fuser::MountOption;
 
 use super::catalog::{remove_doomed, Catalog};
 use super::fuse::CowFs;
-use super::tree::{State, Stale};
+use super::tree::{Stale, State};
 use super::{Control, Reply};
 use crate::layout::subdirs;
 
@@ -89,12 +89,7 @@ pub fn serve(root: &Path) -> std::io::Result<()> {
 }
 
 /// Answers the requests of one connection; true when asked to shut down.
-fn answer(
-    conn: UnixStream,
-    root: &Path,
-    state: &Mutex<State>,
-    notifier: &fuser::Notifier,
-) -> bool {
+fn answer(conn: UnixStream, root: &Path, state: &Mutex<State>, notifier: &fuser::Notifier) -> bool {
     let Ok(mut writer) = conn.try_clone() else {
         return false;
     };
@@ -165,9 +160,11 @@ fn apply(s: &mut State, root: &Path, req: Control) -> (Reply, Vec<Stale>, Vec<Pa
             } else if !root.join(&image).is_dir() {
                 Reply::Failed(format!("image layer {image} is missing"))
             } else {
-                match s.catalog.new_layer(&image).and_then(|upper| {
-                    s.catalog.save_volume(&id, vec![image, upper])
-                }) {
+                match s
+                    .catalog
+                    .new_layer(&image)
+                    .and_then(|upper| s.catalog.save_volume(&id, vec![image, upper]))
+                {
                     Ok(()) => {
                         stale = s.end_volume_view(&id);
                         Reply::Ok
@@ -186,7 +183,11 @@ fn apply(s: &mut State, root: &Path, req: Control) -> (Reply, Vec<Stale>, Vec<Pa
         },
         Control::Snapshot { volume, name } => match s.catalog.volumes.get(&volume).cloned() {
             None => Reply::NotFound(volume),
-            Some(_) if s.catalog.snapshots.contains_key(&(volume.clone(), name.clone())) => {
+            Some(_)
+                if s.catalog
+                    .snapshots
+                    .contains_key(&(volume.clone(), name.clone())) =>
+            {
                 Reply::SnapshotExists { volume, name }
             }
             Some(chain) => {
@@ -210,27 +211,25 @@ fn apply(s: &mut State, root: &Path, req: Control) -> (Reply, Vec<Stale>, Vec<Pa
                 }
             }
         },
-        Control::Restore { volume, name } => {
-            match snapshot_chain(s, &volume, &name) {
-                Err(r) => r,
-                Ok(_) if !s.catalog.volumes.contains_key(&volume) => Reply::NotFound(volume),
-                Ok(chain) => {
-                    let top = chain.last().cloned().unwrap_or_default();
-                    match s.catalog.new_layer(&top).and_then(|upper| {
-                        let mut next = chain;
-                        next.push(upper);
-                        s.catalog.save_volume(&volume, next)
-                    }) {
-                        Ok(()) => {
-                            stale = s.end_volume_view(&volume);
-                            doomed = s.catalog.collect(None);
-                            Reply::Ok
-                        }
-                        Err(e) => failed(e),
+        Control::Restore { volume, name } => match snapshot_chain(s, &volume, &name) {
+            Err(r) => r,
+            Ok(_) if !s.catalog.volumes.contains_key(&volume) => Reply::NotFound(volume),
+            Ok(chain) => {
+                let top = chain.last().cloned().unwrap_or_default();
+                match s.catalog.new_layer(&top).and_then(|upper| {
+                    let mut next = chain;
+                    next.push(upper);
+                    s.catalog.save_volume(&volume, next)
+                }) {
+                    Ok(()) => {
+                        stale = s.end_volume_view(&volume);
+                        doomed = s.catalog.collect(None);
+                        Reply::Ok
                     }
+                    Err(e) => failed(e),
                 }
             }
-        }
+        },
         Control::Clone { volume, name, id } => match snapshot_chain(s, &volume, &name) {
             Err(r) => r,
             Ok(_) if s.catalog.volumes.contains_key(&id) => Reply::Exists(id),

@@ -1,0 +1,109 @@
+//! Open files: handles on layer files, moved by copy-up.
+
+use super::*;
+
+impl State {
+    pub fn open(&mut self, ino: u64, flags: i32) -> Result<u64, Errno> {
+        let f = self.file(ino)?;
+        let writes = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        if writes {
+            self.writable_view(f.view)?;
+            self.copy_up(ino)?;
+        }
+        let path = self.file_path(ino)?;
+        let file = open_layer_file(&path, flags).map_err(errno)?;
+        if flags & libc::O_TRUNC != 0 {
+            file.set_len(0).map_err(errno)?;
+        }
+        let fh = self.next();
+        let layer = self.file(ino)?.layer;
+        self.handles.insert(
+            fh,
+            Handle {
+                ino,
+                file,
+                layer,
+                flags,
+            },
+        );
+        self.file_mut(ino)?.handles.push(fh);
+        Ok(fh)
+    }
+
+    pub fn read(&self, fh: u64, offset: i64, size: u32) -> Result<Vec<u8>, Errno> {
+        let h = self.handles.get(&fh).ok_or(libc::EBADF)?;
+        let mut buf = vec![0u8; size as usize];
+        let mut got = 0;
+        while got < buf.len() {
+            match h.file.read_at(&mut buf[got..], offset as u64 + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(errno(e)),
+            }
+        }
+        buf.truncate(got);
+        Ok(buf)
+    }
+
+    /// Makes sure a write through `fh` lands in the upper layer: a snapshot since
+    /// the open froze the layer the handle points into.
+    pub(super) fn handle_for_write(&mut self, fh: u64) -> Result<&Handle, Errno> {
+        let h = self.handles.get(&fh).ok_or(libc::EBADF)?;
+        let ino = h.ino;
+        let layer = h.layer;
+        let v = self.file(ino)?.view;
+        if let Ok(view) = self.view(v) {
+            if view.writable && layer != view.top() {
+                self.copy_up(ino)?;
+            }
+        }
+        self.handles.get(&fh).ok_or(libc::EBADF)
+    }
+
+    pub fn write(&mut self, fh: u64, offset: i64, data: &[u8]) -> Result<u32, Errno> {
+        let h = self.handle_for_write(fh)?;
+        h.file.write_all_at(data, offset as u64).map_err(errno)?;
+        Ok(data.len() as u32)
+    }
+
+    pub fn fsync(&self, fh: u64, datasync: bool) -> Result<(), Errno> {
+        let h = self.handles.get(&fh).ok_or(libc::EBADF)?;
+        if datasync {
+            h.file.sync_data().map_err(errno)
+        } else {
+            h.file.sync_all().map_err(errno)
+        }
+    }
+
+    pub fn fallocate(&mut self, fh: u64, offset: i64, length: i64, mode: i32) -> Result<(), Errno> {
+        use std::os::fd::AsRawFd;
+        let h = self.handle_for_write(fh)?;
+        // SAFETY: fallocate on an open fd.
+        if unsafe { libc::fallocate(h.file.as_raw_fd(), mode, offset, length) } < 0 {
+            return Err(errno(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64, Errno> {
+        use std::os::fd::AsRawFd;
+        let h = self.handles.get(&fh).ok_or(libc::EBADF)?;
+        // SAFETY: lseek on an open fd.
+        let r = unsafe { libc::lseek(h.file.as_raw_fd(), offset, whence) };
+        if r < 0 {
+            return Err(errno(io::Error::last_os_error()));
+        }
+        Ok(r)
+    }
+
+    pub fn release(&mut self, fh: u64) {
+        let Some(h) = self.handles.remove(&fh) else {
+            return;
+        };
+        if let Ok(f) = self.file_mut(h.ino) {
+            f.handles.retain(|x| *x != fh);
+        }
+        self.drop_if_unused(h.ino);
+    }
+}
