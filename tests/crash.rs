@@ -175,3 +175,57 @@ fn kill9_during_fork_leaves_whole_workspaces_or_none() {
     assert!(b.volumes().is_empty());
     assert!(b.vm_processes().is_empty(), "{:?}", b.vm_processes());
 }
+
+/// On the FUSE store the volumes are served by `burrow-cowfs`, which runs in a
+/// session of its own: kill -9 of the daemon leaves it, and the VM on it, running;
+/// the next daemon re-adopts both; a clean stop with no VM running ends it and
+/// leaves no mount.
+#[test]
+fn kill9_of_daemon_on_the_fuse_store() {
+    require_root!();
+    if !std::path::Path::new("/dev/fuse").exists() {
+        eprintln!("SKIPPED: no /dev/fuse");
+        return;
+    }
+    let b = Burrow::new().with_env("BURROW_STORE", "fuse");
+    b.ok(&["create", "--name", "layered"]);
+    b.run_with_stdin(&["file", "write", "layered", "/work/x"], b"before crash");
+    let server = || -> i32 {
+        std::fs::read_to_string(b.state.join("fuse/cowfs.pid"))
+            .expect("cowfs.pid")
+            .trim()
+            .parse()
+            .expect("pid")
+    };
+    let cowfs = server();
+    let qemu = b.info("layered")["pids"]["qemu"].as_i64().expect("qemu") as i32;
+
+    let daemon = b.daemon_pid().expect("daemon pid");
+    kill9(daemon);
+    wait_until("daemon to die", Duration::from_secs(10), || {
+        !process_exists(daemon)
+    });
+    assert!(process_exists(cowfs), "the FUSE server died with the daemon");
+    // The guest still reads and writes its disk with no daemon at all.
+    assert!(process_exists(qemu));
+    let info = b.info("layered");
+    assert_eq!(info["state"], "running");
+    assert_eq!(info["pids"]["qemu"], qemu, "re-adopted, not restarted");
+    assert_eq!(server(), cowfs, "the server was replaced");
+    b.ok(&["exec", "layered", "--", "sh", "-c", "echo after >> /work/x; sync"]);
+    b.ok(&["snapshot", "create", "layered", "s"]);
+    assert_eq!(
+        b.ok(&["file", "read", "layered", "/work/x"]),
+        "before crashafter\n"
+    );
+
+    b.ok(&["destroy", "layered"]);
+    b.ok(&["daemon", "stop"]);
+    wait_until("FUSE server to exit", Duration::from_secs(10), || {
+        !process_exists(cowfs)
+    });
+    assert!(
+        !burrow_tests::is_mountpoint(&b.state.join("fuse/mnt")),
+        "the FUSE mount outlived the daemon"
+    );
+}
