@@ -28,8 +28,11 @@ test: image
 
 bench: build
 	bash scripts/install-deps.sh --bench
+	cargo build --release -p burrow-fs --examples
 	bash scripts/bench.sh target/release
-	python3 scripts/bench_volumes.py target/release
+	target/release/examples/store_bench
+	python3 scripts/bench_volumes.py target/release --store btrfs
+	python3 scripts/bench_volumes.py target/release --store fuse
 
 clean:
 	cargo clean

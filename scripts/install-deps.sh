@@ -21,7 +21,8 @@ fi
 
 pkgs=(busybox-static cpio socat debootstrap libseccomp-dev libcap-ng-dev pkg-config
       iproute2 kmod zstd xz-utils python3 sqlite3 curl binutils
-      btrfs-progs libbtrfsutil-dev libclang-dev clang)
+      btrfs-progs libbtrfsutil-dev libclang-dev clang
+      fuse3 attr git)
 # The benchmark compares exec with `docker exec` on runc: it needs a Docker engine.
 [ "${1:-}" = --bench ] && pkgs+=(docker.io)
 missing=()
@@ -54,4 +55,12 @@ fi
 need vhost-device-vsock || { log "cargo install vhost-device-vsock"; cargo install -q --locked vhost-device-vsock; }
 need virtiofsd || { log "cargo install virtiofsd"; cargo install -q --locked virtiofsd; }
 need cargo-nextest || { log "cargo install cargo-nextest"; cargo install -q --locked cargo-nextest; }
+
+# The FUSE store serves users who are not root through fusermount3, which opens
+# /dev/fuse as the calling user: Debian's udev rule makes it 0666. A host without
+# udev (a container) may have made it 0600.
+if [ -c /dev/fuse ] && [ "$(stat -c %a /dev/fuse)" != 666 ]; then
+  log "chmod 0666 /dev/fuse (as Debian's udev rule sets it)"
+  chmod 0666 /dev/fuse
+fi
 log "ok"

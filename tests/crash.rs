@@ -205,14 +205,24 @@ fn kill9_of_daemon_on_the_fuse_store() {
     wait_until("daemon to die", Duration::from_secs(10), || {
         !process_exists(daemon)
     });
-    assert!(process_exists(cowfs), "the FUSE server died with the daemon");
+    assert!(
+        process_exists(cowfs),
+        "the FUSE server died with the daemon"
+    );
     // The guest still reads and writes its disk with no daemon at all.
     assert!(process_exists(qemu));
     let info = b.info("layered");
     assert_eq!(info["state"], "running");
     assert_eq!(info["pids"]["qemu"], qemu, "re-adopted, not restarted");
     assert_eq!(server(), cowfs, "the server was replaced");
-    b.ok(&["exec", "layered", "--", "sh", "-c", "echo after >> /work/x; sync"]);
+    b.ok(&[
+        "exec",
+        "layered",
+        "--",
+        "sh",
+        "-c",
+        "echo after >> /work/x; sync",
+    ]);
     b.ok(&["snapshot", "create", "layered", "s"]);
     assert_eq!(
         b.ok(&["file", "read", "layered", "/work/x"]),

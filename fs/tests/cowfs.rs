@@ -120,6 +120,10 @@ fn layers_behave_like_one_file_system() {
             .all(|n| !n.starts_with(".wh.") && !n.starts_with(".burrow")),
         "{names:?}"
     );
+    assert!(
+        !names.iter().any(|n| n == "one"),
+        "deleted, yet listed: {names:?}"
+    );
     assert!(std::fs::write(v.join(".wh.sneaky"), "x").is_err());
 
     // Attributes, symlinks, xattrs, rename over, exclusive create.
@@ -227,4 +231,93 @@ fn a_killed_server_is_replaced_and_loses_nothing() {
         .unwrap();
     assert_ne!(pid, new_pid);
     assert!(store.reconcile().unwrap().is_empty());
+}
+
+/// The server as a user who is not root: mounted through fusermount3, changes
+/// copied up, snapshots frozen, all without privileges.
+#[test]
+fn works_for_a_user_who_is_not_root() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: needs root to become another user for the test");
+        return;
+    }
+    for tool in ["setpriv", "fusermount3", "python3"] {
+        if !std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .status()
+            .unwrap()
+            .success()
+        {
+            eprintln!("SKIPPED: {tool} is not installed");
+            return;
+        }
+    }
+    let mode = std::fs::metadata("/dev/fuse")
+        .map(|m| m.mode() & 0o777)
+        .unwrap_or(0);
+    if mode & 0o006 != 0o006 {
+        eprintln!(
+            "SKIPPED: /dev/fuse is mode {mode:o}; users need 0666 (Debian's default, \
+             which scripts/install-deps.sh restores)"
+        );
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("store");
+    std::fs::create_dir_all(root.join("images/img/etc")).unwrap();
+    std::fs::write(root.join("images/img/etc/motd"), "base\n").unwrap();
+    for p in [t.path(), &root] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    assert!(std::process::Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(&root)
+        .status()
+        .unwrap()
+        .success());
+    let script = r#"
+set -e
+R=$1
+"$2" serve "$R" > "$R/ready" 2> "$R/log" &
+while [ ! -s "$R/ready" ]; do sleep 0.05; done
+ask() { python3 -c 'import socket,sys
+s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]+"/control.sock")
+s.sendall(sys.argv[2].encode()+b"\n"); print(s.makefile().readline().strip())' "$R" "$1"; }
+ask '{"op":"create","id":"v","image":"images/img"}'
+V=$R/mnt/volumes/v
+echo changed > "$V/etc/motd"; echo new > "$V/new"
+ask '{"op":"snapshot","volume":"v","name":"s"}'
+rm "$V/new"
+cat "$R/mnt/snapshots/v/s/etc/motd" "$R/mnt/snapshots/v/s/new" "$R/images/img/etc/motd"
+ls "$V"
+ask '{"op":"shutdown"}'
+"#;
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ])
+        .arg(&root)
+        .arg(env!("CARGO_BIN_EXE_burrow-cowfs"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let log = std::fs::read_to_string(root.join("log")).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}\n{log}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        ["\"ok\"", "\"ok\"", "changed", "new", "base", "etc", "\"ok\""],
+        "{log}"
+    );
 }

@@ -42,6 +42,28 @@ pub(crate) fn is_reserved(name: &OsStr, at_root: bool) -> bool {
         || (at_root && (name == INDEX_DIR || name == WORK_DIR))
 }
 
+/// What a name read from a layer directory stands for.
+pub(crate) enum Listed<'a> {
+    /// A name the merged view shows (unless a layer above hides it).
+    Shown,
+    /// A whiteout: this name is deleted for the layers below.
+    Deleted(&'a OsStr),
+    /// The layer format's own bookkeeping.
+    Bookkeeping,
+}
+
+pub(crate) fn classify(name: &OsStr, at_root: bool) -> Listed<'_> {
+    if name == OPAQUE {
+        Listed::Bookkeeping
+    } else if let Some(hidden) = name.as_bytes().strip_prefix(WHITEOUT_PREFIX) {
+        Listed::Deleted(OsStr::from_bytes(hidden))
+    } else if at_root && (name == INDEX_DIR || name == WORK_DIR) {
+        Listed::Bookkeeping
+    } else {
+        Listed::Shown
+    }
+}
+
 pub(crate) fn cpath(p: &Path) -> io::Result<CString> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }

@@ -15,6 +15,7 @@
 
 mod catalog;
 mod fuse;
+mod fusermount;
 mod layer;
 pub mod server;
 mod tree;

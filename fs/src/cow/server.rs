@@ -14,6 +14,7 @@ use fuser::MountOption;
 
 use super::catalog::{remove_doomed, Catalog};
 use super::fuse::CowFs;
+use super::fusermount;
 use super::tree::{Stale, State};
 use super::{Control, Reply};
 use crate::layout::subdirs;
@@ -49,24 +50,45 @@ pub fn serve(root: &Path) -> std::io::Result<()> {
         // (default_permissions) still apply to them.
         options.push(MountOption::AllowOther);
     }
-    let mut session = fuser::Session::new(
-        CowFs {
-            state: state.clone(),
-        },
-        root.join("mnt"),
-        &options,
-    )?;
+    let fs = CowFs {
+        state: state.clone(),
+    };
+    let mnt = root.join("mnt");
+    let (mut session, unprivileged) = match fuser::Session::new(fs, &mnt, &options) {
+        Ok(s) => (s, false),
+        // /dev/fuse closed to this user: the set-user-ID helper mounts for us.
+        Err(e) if !as_root && e.kind() == std::io::ErrorKind::PermissionDenied => {
+            let fd = fusermount::mount(
+                &mnt,
+                "fsname=burrow,subtype=cowfs,default_permissions,nosuid,nodev,noatime",
+            )?;
+            let fs = CowFs {
+                state: state.clone(),
+            };
+            (
+                fuser::Session::from_fd(fs, fd, fuser::SessionACL::Owner),
+                true,
+            )
+        }
+        Err(e) => return Err(e),
+    };
     let notifier = session.notifier();
     let unmounter = Arc::new(Mutex::new(session.unmount_callable()));
     {
         let state = state.clone();
         let root = root.to_path_buf();
+        let mnt = mnt.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
                 let shutdown = answer(conn, &root, &state, &notifier);
                 if shutdown {
-                    let mut u = unmounter.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Err(e) = u.unmount() {
+                    let done = if unprivileged {
+                        fusermount::unmount(&mnt)
+                    } else {
+                        let mut u = unmounter.lock().unwrap_or_else(|p| p.into_inner());
+                        u.unmount()
+                    };
+                    if let Err(e) = done {
                         eprintln!("burrow-cowfs: unmount: {e}");
                     }
                     std::process::exit(0);

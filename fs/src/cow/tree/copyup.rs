@@ -177,13 +177,13 @@ fn materialize_tree(
         };
         for e in rd.flatten() {
             let name = e.file_name();
-            if name == OPAQUE || (rel.as_os_str().is_empty() && is_reserved(&name, true)) {
-                continue;
-            }
-            use std::os::unix::ffi::OsStrExt;
-            if let Some(hidden) = name.as_bytes().strip_prefix(layer::WHITEOUT_PREFIX) {
-                seen.insert(OsStr::from_bytes(hidden).to_os_string());
-                continue;
+            match layer::classify(&name, rel.as_os_str().is_empty()) {
+                layer::Listed::Bookkeeping => continue,
+                layer::Listed::Deleted(hidden) => {
+                    seen.insert(hidden.to_os_string());
+                    continue;
+                }
+                layer::Listed::Shown => {}
             }
             if !seen.insert(name.clone()) || l == top {
                 continue; // shadowed, or already in the upper layer

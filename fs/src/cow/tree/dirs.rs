@@ -18,13 +18,13 @@ impl State {
             };
             for e in rd.flatten() {
                 let name = e.file_name();
-                if name == OPAQUE || (d.root && is_reserved(&name, true)) {
-                    continue;
-                }
-                use std::os::unix::ffi::OsStrExt;
-                if let Some(hidden) = name.as_bytes().strip_prefix(layer::WHITEOUT_PREFIX) {
-                    seen.insert(OsStr::from_bytes(hidden).to_os_string());
-                    continue;
+                match layer::classify(&name, d.root) {
+                    layer::Listed::Bookkeeping => continue,
+                    layer::Listed::Deleted(hidden) => {
+                        seen.insert(hidden.to_os_string());
+                        continue;
+                    }
+                    layer::Listed::Shown => {}
                 }
                 if !seen.insert(name.clone()) {
                     continue;
