@@ -232,7 +232,7 @@ impl Filesystem for CowFs {
         reply: ReplyData,
     ) {
         match self.lock().read(fh, offset, size) {
-            Ok(d) => reply.data(&d),
+            Ok(d) => reply.data(d),
             Err(e) => reply.error(e),
         }
     }

@@ -30,20 +30,27 @@ impl State {
         Ok(fh)
     }
 
-    pub fn read(&self, fh: u64, offset: i64, size: u32) -> Result<Vec<u8>, Errno> {
+    /// Reads into a buffer kept across requests (a read asks for up to 1 MiB:
+    /// allocating and zeroing that each time cost as much as the copy).
+    pub fn read(&mut self, fh: u64, offset: i64, size: u32) -> Result<&[u8], Errno> {
         let h = self.handles.get(&fh).ok_or(libc::EBADF)?;
-        let mut buf = vec![0u8; size as usize];
+        let size = size as usize;
+        if self.scratch.len() < size {
+            self.scratch.resize(size, 0);
+        }
         let mut got = 0;
-        while got < buf.len() {
-            match h.file.read_at(&mut buf[got..], offset as u64 + got as u64) {
+        while got < size {
+            match h
+                .file
+                .read_at(&mut self.scratch[got..size], offset as u64 + got as u64)
+            {
                 Ok(0) => break,
                 Ok(n) => got += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(errno(e)),
             }
         }
-        buf.truncate(got);
-        Ok(buf)
+        Ok(&self.scratch[..got])
     }
 
     /// Makes sure a write through `fh` lands in the upper layer: a snapshot since

@@ -130,6 +130,8 @@ pub(crate) struct State {
     listings: HashMap<u64, (u64, Option<Vec<DirEntry>>)>,
     next_ino: u64,
     next_id: u64,
+    /// Reused by every read.
+    scratch: Vec<u8>,
     as_root: bool,
     started: SystemTime,
 }
@@ -241,6 +243,7 @@ impl State {
             handles: HashMap::new(),
             listings: HashMap::new(),
             next_ino: FIRST_DYNAMIC,
+            scratch: Vec::new(),
             next_id: 1,
             as_root,
             started: SystemTime::now(),
