@@ -1,0 +1,191 @@
+//! The daemon: joins its network namespace, makes the bridge and the table exact,
+//! then answers requests on its socket.
+
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Mutex;
+
+use crate::protocol::{validate_workspace, Lease, Reply, Request, MAX_LINE};
+use crate::state::{mac_for, mac_string, Store};
+use crate::{fdpass, links, rules};
+
+pub const BRIDGE: &str = "burrow0";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    /// A network namespace (`ip netns` name) to do everything in.
+    pub netns: Option<String>,
+    pub gateway: Ipv4Addr,
+    pub prefix: u8,
+}
+
+struct Daemon {
+    cfg: Config,
+    handle: rtnetlink::Handle,
+    bridge: u32,
+    store: Mutex<Store>,
+}
+
+/// Joins `name` (a file in /run/netns). Call before any other thread exists: a
+/// namespace is per thread, and threads made later inherit it.
+pub fn enter_netns(name: &str) -> std::io::Result<()> {
+    let path = std::path::Path::new("/run/netns").join(name);
+    let ns = std::fs::File::open(&path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    // SAFETY: setns with an fd we own.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Runs the daemon; `ready` is called once it serves.
+pub async fn run(cfg: Config, ready: impl FnOnce()) -> Result<(), String> {
+    let store = Store::load(&cfg.state_dir).map_err(|e| format!("state: {e}"))?;
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| format!("netlink: {e}"))?;
+    tokio::spawn(conn);
+    let bridge = links::ensure_bridge(&handle, BRIDGE, cfg.gateway, cfg.prefix).await?;
+    rules::install(BRIDGE).map_err(|e| format!("nftables: {e}"))?;
+    let _ = std::fs::remove_file(&cfg.socket);
+    let listener = UnixListener::bind(&cfg.socket)
+        .map_err(|e| format!("bind {}: {e}", cfg.socket.display()))?;
+    let daemon = Arc::new(Daemon {
+        cfg,
+        handle,
+        bridge,
+        store: Mutex::new(store),
+    });
+    ready();
+    loop {
+        let (conn, _) = listener
+            .accept()
+            .await
+            .map_err(|e| format!("accept: {e}"))?;
+        let d = daemon.clone();
+        tokio::spawn(async move {
+            if let Err(e) = d.serve(conn).await {
+                tracing::warn!("connection: {e}");
+            }
+        });
+    }
+}
+
+impl Daemon {
+    async fn serve(&self, conn: UnixStream) -> std::io::Result<()> {
+        let mut reader = BufReader::new(conn);
+        let mut line = String::new();
+        let n = (&mut reader)
+            .take(MAX_LINE as u64)
+            .read_line(&mut line)
+            .await?;
+        let conn = reader.into_inner();
+        if n == 0 {
+            return Ok(());
+        }
+        let (reply, fd) = match serde_json::from_str::<Request>(&line) {
+            Err(e) => (
+                Reply::Refused {
+                    field: Some("request".into()),
+                    message: e.to_string(),
+                },
+                None,
+            ),
+            Ok(req) => self.handle(req).await,
+        };
+        let mut out = serde_json::to_vec(&reply).map_err(std::io::Error::other)?;
+        out.push(b'\n');
+        let raw = conn.as_raw_fd();
+        conn.writable().await?;
+        match fd {
+            Some(fd) => fdpass::send_with_fd(raw, &out, fd.as_raw_fd()),
+            None => {
+                use tokio::io::AsyncWriteExt;
+                let mut conn = conn;
+                conn.write_all(&out).await
+            }
+        }
+    }
+
+    async fn handle(&self, req: Request) -> (Reply, Option<std::os::fd::OwnedFd>) {
+        let refused = |field: &str, message: String| Reply::Refused {
+            field: Some(field.into()),
+            message,
+        };
+        match req {
+            Request::Ping => (Reply::Ok, None),
+            Request::Attach { workspace } => {
+                if let Err(m) = validate_workspace(&workspace) {
+                    return (refused("workspace", m), None);
+                }
+                match self.attach(&workspace).await {
+                    Ok((lease, fd)) => (Reply::Attached(lease), Some(fd)),
+                    Err(e) => (Reply::Failed(e), None),
+                }
+            }
+            Request::Release { workspace } => {
+                if let Err(m) = validate_workspace(&workspace) {
+                    return (refused("workspace", m), None);
+                }
+                let mut s = self.store.lock().await;
+                s.leases.by_workspace.remove(&workspace);
+                match s.save() {
+                    Ok(()) => (Reply::Ok, None),
+                    Err(e) => (Reply::Failed(format!("save leases: {e}")), None),
+                }
+            }
+            Request::Sync { workspaces } => {
+                let mut s = self.store.lock().await;
+                s.leases.by_workspace.retain(|w, _| workspaces.contains(w));
+                match s.save() {
+                    Ok(()) => (Reply::Ok, None),
+                    Err(e) => (Reply::Failed(format!("save leases: {e}")), None),
+                }
+            }
+            Request::Leases => {
+                let s = self.store.lock().await;
+                let leases = s
+                    .leases
+                    .by_workspace
+                    .iter()
+                    .map(|(w, ip)| self.lease(w, *ip))
+                    .collect();
+                (Reply::Leases(leases), None)
+            }
+        }
+    }
+
+    fn lease(&self, workspace: &str, ip: Ipv4Addr) -> Lease {
+        Lease {
+            workspace: workspace.to_string(),
+            tap: format!("bw{workspace}"),
+            ip,
+            prefix: self.cfg.prefix,
+            gateway: self.cfg.gateway,
+            mac: mac_string(mac_for(ip)),
+        }
+    }
+
+    async fn attach(&self, workspace: &str) -> Result<(Lease, std::os::fd::OwnedFd), String> {
+        let mut s = self.store.lock().await;
+        let ip = s
+            .allocate(workspace, self.cfg.gateway, self.cfg.prefix)
+            .ok_or_else(|| "no free address left in the subnet".to_string())?;
+        // Recorded before the device exists.
+        s.save().map_err(|e| format!("save leases: {e}"))?;
+        let lease = self.lease(workspace, ip);
+        let ports = links::ports(&self.handle, self.bridge).await?;
+        if ports.contains(&lease.tap) {
+            return Err(format!("{} is already running on the network", workspace));
+        }
+        let fd = links::open_tap(&lease.tap, mac_for(ip))?;
+        links::plug(&self.handle, &lease.tap, self.bridge).await?;
+        Ok((lease, fd))
+    }
+}

@@ -1,0 +1,85 @@
+//! Requests and replies on netd's socket: one JSON line each way. The reply to an
+//! `attach` carries the workspace's TAP device as an SCM_RIGHTS file descriptor.
+
+use std::net::Ipv4Addr;
+
+/// Requests are at most this long; longer lines are refused.
+pub const MAX_LINE: usize = 64 * 1024;
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Ping,
+    /// A TAP device on the bridge for `workspace`'s VM, and its address (the one
+    /// it had, if it had one).
+    Attach {
+        workspace: String,
+    },
+    /// `workspace` is gone: its address and rules go too.
+    Release {
+        workspace: String,
+    },
+    /// These are all the workspaces there are: forget every other.
+    Sync {
+        workspaces: Vec<String>,
+    },
+    /// The addresses held.
+    Leases,
+}
+
+/// What a workspace's VM needs to be on the network.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Lease {
+    pub workspace: String,
+    pub tap: String,
+    pub ip: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Ipv4Addr,
+    pub mac: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    Ok,
+    Attached(Lease),
+    Leases(Vec<Lease>),
+    /// A request refused: `field` names what was wrong with it, when something was.
+    Refused {
+        field: Option<String>,
+        message: String,
+    },
+    Failed(String),
+}
+
+/// Workspace ids name TAP devices (`bw` + id): they must fit IFNAMSIZ and be safe.
+pub fn validate_workspace(id: &str) -> Result<(), String> {
+    if !id.is_empty()
+        && id.len() <= 13
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid workspace id {id:?}: use [A-Za-z0-9_-]{{1,13}}"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_shape() {
+        let r: Request =
+            serde_json::from_str(r#"{"op":"attach","workspace":"ab12"}"#).unwrap_or(Request::Ping);
+        assert!(matches!(r, Request::Attach { workspace } if workspace == "ab12"));
+        assert!(validate_workspace("9f3db880d312").is_ok());
+        for bad in ["", "a/b", "x".repeat(14).as_str(), "a b"] {
+            assert!(validate_workspace(bad).is_err(), "{bad:?}");
+        }
+    }
+}
