@@ -58,7 +58,7 @@ if ! static_busybox "$BUSYBOX"; then
 fi
 command -v cpio >/dev/null 2>&1 || apt_install cpio
 APPLETS=$("$BUSYBOX" --list) || die "$BUSYBOX --list failed"
-for a in sh mount umount modprobe switch_root reboot sleep mkdir cp chmod hostname; do
+for a in sh mount umount modprobe switch_root reboot sleep mkdir cp chmod hostname ip; do
   [[ $'\n'$APPLETS$'\n' == *$'\n'$a$'\n'* ]] || die "busybox at $BUSYBOX lacks the $a applet"
 done
 
@@ -107,11 +107,15 @@ mount -t devtmpfs dev /dev || fail "mount /dev"
 
 root=rootfs
 host=
+addr=
+gw=
 read -r cmdline </proc/cmdline || fail "read /proc/cmdline"
 for arg in $cmdline; do
 	case $arg in
 	burrow.root=*) root=${arg#burrow.root=} ;;
 	burrow.hostname=*) host=${arg#burrow.hostname=} ;;
+	burrow.ip=*) addr=${arg#burrow.ip=} ;;
+	burrow.gw=*) gw=${arg#burrow.gw=} ;;
 	burrow.floor=1)
 		# The benchmark's floor: the time from QEMU's start to this /init running.
 		echo "BURROW-FLOOR $(cat /proc/uptime)" >/dev/console
@@ -123,6 +127,14 @@ done
 [ -z "$host" ] || hostname "$host" || fail "hostname $host"
 
 modprobe -a virtio_mmio virtiofs vmw_vsock_virtio_transport || fail "modprobe virtio_mmio virtiofs vmw_vsock_virtio_transport"
+
+# The workspace's network interface (a TAP on burrow-netd's bridge), when it has one.
+if [ -n "$addr" ]; then
+	modprobe virtio_net || fail "modprobe virtio_net"
+	ip link set eth0 up || fail "ip link set eth0 up"
+	ip addr add "$addr" dev eth0 || fail "ip addr add $addr dev eth0"
+	[ -z "$gw" ] || ip route add default via "$gw" || fail "ip route add default via $gw"
+fi
 
 # The virtio-fs tag is usable a moment after the driver binds: retry for up to ~2 s.
 now_cs() { read -r up _ </proc/uptime; c=${up#*.}; now=$((${up%.*} * 100 + ${c#0})); }

@@ -86,6 +86,11 @@ impl NetClient {
         self.call(&Request::Sync { workspaces }).map(|_| ())
     }
 
+    /// Asks netd to remove what it made and exit; refused while VMs use the network.
+    pub fn shutdown(&self) -> Result<(), NetError> {
+        self.call(&Request::Shutdown).map(|_| ())
+    }
+
     pub fn leases(&self) -> Result<Vec<Lease>, NetError> {
         match self.call(&Request::Leases)? {
             (Reply::Leases(l), _) => Ok(l),

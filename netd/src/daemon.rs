@@ -89,7 +89,9 @@ impl Daemon {
         if n == 0 {
             return Ok(());
         }
-        let (reply, fd) = match serde_json::from_str::<Request>(&line) {
+        let parsed = serde_json::from_str::<Request>(&line);
+        let shutting_down = matches!(parsed, Ok(Request::Shutdown));
+        let (reply, fd) = match parsed {
             Err(e) => (
                 Reply::Refused {
                     field: Some("request".into()),
@@ -103,14 +105,18 @@ impl Daemon {
         out.push(b'\n');
         let raw = conn.as_raw_fd();
         conn.writable().await?;
-        match fd {
+        let sent = match fd {
             Some(fd) => fdpass::send_with_fd(raw, &out, fd.as_raw_fd()),
             None => {
                 use tokio::io::AsyncWriteExt;
                 let mut conn = conn;
                 conn.write_all(&out).await
             }
+        };
+        if shutting_down && matches!(reply, Reply::Ok) {
+            std::process::exit(0);
         }
+        sent
     }
 
     async fn handle(&self, req: Request) -> (Reply, Option<std::os::fd::OwnedFd>) {
@@ -148,6 +154,16 @@ impl Daemon {
                     Err(e) => (Reply::Failed(format!("save leases: {e}")), None),
                 }
             }
+            Request::Shutdown => match self.shutdown().await {
+                Ok(()) => (Reply::Ok, None),
+                Err(e) => (
+                    Reply::Refused {
+                        field: None,
+                        message: e,
+                    },
+                    None,
+                ),
+            },
             Request::Leases => {
                 let s = self.store.lock().await;
                 let leases = s
@@ -170,6 +186,19 @@ impl Daemon {
             gateway: self.cfg.gateway,
             mac: mac_string(mac_for(ip)),
         }
+    }
+
+    /// Removes the table and the bridge (the process exits once the reply is
+    /// out); refused while a VM is on the bridge.
+    async fn shutdown(&self) -> Result<(), String> {
+        let ports = links::ports(&self.handle, self.bridge).await?;
+        if !ports.is_empty() {
+            return Err(format!("VMs are on the network: {}", ports.join(", ")));
+        }
+        rules::remove().map_err(|e| format!("nftables: {e}"))?;
+        links::delete(&self.handle, self.bridge).await?;
+        let _ = std::fs::remove_file(&self.cfg.socket);
+        Ok(())
     }
 
     async fn attach(&self, workspace: &str) -> Result<(Lease, std::os::fd::OwnedFd), String> {

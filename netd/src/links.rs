@@ -166,3 +166,13 @@ pub(crate) async fn ports(handle: &Handle, bridge: u32) -> LinkResult<Vec<String
     }
     Ok(out)
 }
+
+/// Deletes link `index`.
+pub(crate) async fn delete(handle: &Handle, index: u32) -> LinkResult<()> {
+    handle
+        .link()
+        .del(index)
+        .execute()
+        .await
+        .map_err(|e| format!("delete link {index}: {e}"))
+}

@@ -25,6 +25,9 @@ pub enum Request {
     },
     /// The addresses held.
     Leases,
+    /// Remove the bridge and the table and exit, if no VM is on the network
+    /// (addresses stay recorded for the next start).
+    Shutdown,
 }
 
 /// What a workspace's VM needs to be on the network.

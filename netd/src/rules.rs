@@ -40,6 +40,15 @@ pub(crate) fn install(bridge: &str) -> io::Result<()> {
     send(&batch.finalize())
 }
 
+/// Removes the table.
+pub(crate) fn remove() -> io::Result<()> {
+    let mut batch = Batch::new();
+    let table = Table::new(TABLE, ProtoFamily::Inet);
+    batch.add(&table, nftnl::MsgType::Add);
+    batch.add(&table, nftnl::MsgType::Del);
+    send(&batch.finalize())
+}
+
 enum Dir {
     In,
     Out,

@@ -10,6 +10,7 @@ pub mod error;
 pub mod guest;
 pub mod image;
 pub mod names;
+pub mod net;
 pub mod paths;
 pub mod process;
 pub mod storage;

@@ -52,6 +52,9 @@ const VM_COMMANDS: &[&str] = &["qemu-system-x86", "virtiofsd", "vhost-device-vs"
 
 pub struct Burrow {
     _tmp: tempfile::TempDir,
+    /// The instance's own network namespace: its burrow-netd works in it, so no
+    /// test touches the host's network (or another test's).
+    pub netns: Option<Netns>,
     pub state: PathBuf,
     bin: PathBuf,
     /// Extra environment for every command (and so for the daemon it starts).
@@ -72,11 +75,22 @@ impl Burrow {
             .tempdir_in("/tmp")
             .expect("tempdir");
         let state = tmp.path().join("s");
+        // Named after the temp dir, which is unique among concurrent tests.
+        let netns = tmp
+            .path()
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| Netns::new(&n.replace('.', "")));
+        let env = netns
+            .iter()
+            .map(|n| ("BURROW_NETNS".to_string(), n.0.clone()))
+            .collect();
         Burrow {
             state,
             _tmp: tmp,
+            netns,
             bin: bin_dir(),
-            env: Vec::new(),
+            env,
         }
     }
 
@@ -267,6 +281,17 @@ impl Drop for Burrow {
         // A daemon that stops cleanly stops its FUSE server and unmounts its
         // loop-mounted store; one that a failed test left dead does not. They are
         // this test's: end the server by its pid, detach the mounts.
+        for pid_file in ["netd.pid"] {
+            if let Some(pid) = std::fs::read_to_string(self.state.join(pid_file))
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            {
+                if cmdline_mentions(pid, &self.state) {
+                    // SAFETY: kill has no memory effects.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
         let fuse = self.state.join("fuse");
         if let Some(pid) = std::fs::read_to_string(fuse.join("cowfs.pid"))
             .ok()
@@ -285,6 +310,36 @@ impl Drop for Burrow {
                 }
             }
         }
+    }
+}
+
+/// A network namespace (`ip netns`), deleted on drop.
+pub struct Netns(pub String);
+
+impl Netns {
+    /// None when namespaces cannot be made (not root).
+    pub fn new(name: &str) -> Option<Netns> {
+        let ok = Command::new("ip")
+            .args(["netns", "add", name])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Netns(name.to_string()))
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(args)
+            .output()
+            .expect("ip netns exec")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
 }
 

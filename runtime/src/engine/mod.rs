@@ -70,6 +70,9 @@ pub struct WorkspaceInfo {
     /// The snapshot this workspace was forked from.
     #[serde(default)]
     pub forked_from: Option<ForkedFrom>,
+    /// Its address on the workspaces' network (kept while it exists).
+    #[serde(default)]
+    pub ip: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -98,6 +101,7 @@ impl From<WorkspaceRecord> for WorkspaceInfo {
                 vsock: p.vsock.pid,
             }),
             forked_from: r.forked_from,
+            ip: None,
         }
     }
 }
@@ -113,6 +117,8 @@ pub struct Engine {
     state: StateDir,
     db: Db,
     store: Arc<dyn Store>,
+    /// burrow-netd, when the host can give workspaces a network.
+    net: Option<crate::net::Network>,
     /// The loop-mounted Btrfs the store lives on, if it has one.
     mount: Option<BtrfsImage>,
     /// Background preparations of the store, awaited before the daemon exits.
@@ -149,10 +155,17 @@ impl Engine {
                 .map_err(|e| Error::Vmm(format!("store task: {e}")))??
         };
         tracing::info!(store = opened.store.kind(), "volume store");
+        let net = {
+            let state = state.clone();
+            tokio::task::spawn_blocking(move || crate::net::Network::open(&state))
+                .await
+                .map_err(|e| Error::Vmm(format!("network task: {e}")))?
+        };
         let engine = Arc::new(Engine {
             state,
             db,
             store: opened.store,
+            net,
             mount: opened.mount,
             prepares: Mutex::new(Vec::new()),
             images: ImageCache::new(cache, agent),
@@ -217,7 +230,15 @@ impl Engine {
     }
 
     pub fn info(&self, reference: &str) -> Result<WorkspaceInfo> {
-        Ok(self.db.resolve(reference)?.into())
+        let mut info: WorkspaceInfo = self.db.resolve(reference)?.into();
+        if let Some(net) = &self.net {
+            info.ip = net
+                .leases()
+                .into_iter()
+                .find(|l| l.workspace == info.id)
+                .map(|l| l.ip.to_string());
+        }
+        Ok(info)
     }
 
     /// Creates a workspace and boots it. On any failure nothing is left behind.
@@ -376,6 +397,9 @@ impl Engine {
             Err(e) => tracing::warn!("volume store shutdown: {e}"),
             Ok(Ok(())) => {}
         }
+        if let Some(net) = &self.net {
+            net.shutdown();
+        }
         if let Some(mount) = &self.mount {
             if let Err(e) = mount.unmount() {
                 tracing::warn!("unmount {}: {e}", mount.mountpoint.display());
@@ -435,6 +459,9 @@ impl Engine {
             self.shutdown_vm(rec, &pids).await;
         }
         self.clear_run_dir(&rec.id);
+        if let Some(net) = &self.net {
+            net.release(&rec.id);
+        }
         let store = self.store.clone();
         let id = rec.id.clone();
         tokio::task::spawn_blocking(move || store.delete(&id))

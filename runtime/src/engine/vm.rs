@@ -48,6 +48,16 @@ impl Engine {
         self.db.set_state(&rec.id, State::Starting)?;
         self.db.set_accel(&rec.id, accel.as_str())?;
         let ready = ReadyListener::bind(&paths.vsock_listener(READY_PORT))?;
+        let net = match &self.net {
+            Some(n) => match n.attach(&rec.id) {
+                Ok((lease, net)) => {
+                    tracing::info!(workspace = %rec.id, ip = %lease.ip, tap = %lease.tap, "network");
+                    Some(net)
+                }
+                Err(e) => return self.boot_aborted(rec, Error::Vmm(format!("network: {e}"))),
+            },
+            None => None,
+        };
         let spec = VmSpec {
             id: rec.id.clone(),
             hostname: rec.name.clone(),
@@ -59,6 +69,7 @@ impl Engine {
             root: rec.volume.clone(),
             run_dir: paths.run_dir.clone(),
             log_dir: paths.log_dir.clone(),
+            net,
         };
         let pids = match vmm::launch(&spec).await {
             Ok(p) => p,
@@ -145,6 +156,13 @@ impl Engine {
         for p in [pids.virtiofsd, pids.vsock] {
             p.terminate(Duration::from_secs(3)).await;
         }
+    }
+
+    /// A boot given up before QEMU started: the workspace is stopped again.
+    fn boot_aborted(&self, rec: &WorkspaceRecord, e: Error) -> Result<()> {
+        self.clear_run_dir(&rec.id);
+        self.db.set_state(&rec.id, State::Stopped)?;
+        Err(e)
     }
 
     pub(super) fn clear_run_dir(&self, id: &str) {

@@ -33,6 +33,19 @@ pub struct VmSpec {
     pub root: PathBuf,
     pub run_dir: PathBuf,
     pub log_dir: PathBuf,
+    /// The guest's network interface, when the workspace has one.
+    pub net: Option<VmNet>,
+}
+
+/// A network interface for the guest: a TAP device (from burrow-netd, open) and
+/// the address the guest configures on it.
+#[derive(Debug, Clone)]
+pub struct VmNet {
+    pub tap: std::sync::Arc<std::os::fd::OwnedFd>,
+    pub mac: String,
+    pub ip: std::net::Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: std::net::Ipv4Addr,
 }
 
 /// The files of a VM's run dir and log dir, by role.

@@ -10,11 +10,14 @@ use std::time::Duration;
 use super::{Accel, VmPaths, VmSpec};
 use crate::db::{ProcId, VmPids};
 use crate::process::pass_fd;
+use std::os::fd::AsRawFd;
 
 /// virtio-fs tag of the root file system; the initramfs mounts it (`burrow.root=`).
 pub const ROOT_TAG: &str = "rootfs";
 /// Fd number the pre-bound listening sockets are handed over on.
 const PASSED_FD: i32 = 3;
+/// Where QEMU finds the guest's TAP device.
+const TAP_FD: i32 = 4;
 const SIDECAR_READY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
@@ -113,8 +116,29 @@ pub async fn launch(spec: &VmSpec) -> Result<VmPids, LaunchError> {
     let qmp_listener = UnixListener::bind(&qmp_sock).map_err(|e| prepare(&qmp_sock, e))?;
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(qemu_args(spec, &paths));
-    // SAFETY: pass_fd only calls dup2, which is async-signal-safe.
-    unsafe { cmd.pre_exec(move || pass_fd(&qmp_listener, PASSED_FD)) };
+    let tap = spec.net.as_ref().map(|n| n.tap.clone());
+    // SAFETY: pass_fd and fcntl are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            // The TAP first moves out of the way of both targets, then each fd
+            // lands on its number.
+            let tap = match &tap {
+                Some(t) => {
+                    let moved = libc::fcntl(t.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10);
+                    if moved < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Some(moved)
+                }
+                None => None,
+            };
+            pass_fd(&qmp_listener, PASSED_FD)?;
+            if let Some(t) = tap {
+                pass_fd(&RawFdRef(t), TAP_FD)?;
+            }
+            Ok(())
+        })
+    };
     let qemu = spawn(cmd, &paths.qemu_log(), "qemu-system-x86_64")?;
     started.0.push(qemu);
 
@@ -124,6 +148,15 @@ pub async fn launch(spec: &VmSpec) -> Result<VmPids, LaunchError> {
         virtiofsd,
         vsock,
     })
+}
+
+/// A raw fd number in the child, for pass_fd.
+struct RawFdRef(i32);
+
+impl std::os::fd::AsRawFd for RawFdRef {
+    fn as_raw_fd(&self) -> i32 {
+        self.0
+    }
 }
 
 fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
@@ -146,7 +179,14 @@ fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
             cmdline.push_str(&format!(" tsc_early_khz={khz}"));
         }
     }
-    vec![
+    if let Some(net) = &spec.net {
+        // Configured by the initramfs before the agent starts.
+        cmdline.push_str(&format!(
+            " burrow.ip={}/{} burrow.gw={}",
+            net.ip, net.prefix, net.gateway
+        ));
+    }
+    let mut args: Vec<String> = vec![
         "-name".into(),
         // Only the guest name: the process keeps its own name, so that tools that
         // look for qemu-system-x86 by name still see it.
@@ -200,7 +240,16 @@ fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
         format!("socket,id=qmp,fd={PASSED_FD},server=on,wait=off"),
         "-mon".into(),
         "chardev=qmp,mode=control".into(),
-    ]
+    ];
+    if let Some(net) = &spec.net {
+        args.extend([
+            "-netdev".into(),
+            format!("tap,id=net0,fd={TAP_FD}"),
+            "-device".into(),
+            format!("virtio-net-device,netdev=net0,mac={}", net.mac),
+        ]);
+    }
+    args
 }
 
 /// The host CPU's clock in kHz, from /proc/cpuinfo.

@@ -47,6 +47,7 @@ pub fn print_info(w: &WorkspaceInfo) {
     println!("created_at: {}", w.created_at);
     println!("store:      {}", w.store);
     println!("volume:     {}", w.volume.display());
+    println!("ip:         {}", w.ip.as_deref().unwrap_or("-"));
     match &w.pids {
         Some(p) => println!(
             "pids:       qemu={} virtiofsd={} vsock={}",

@@ -1,0 +1,135 @@
+//! The workspaces' network: burrow-netd, started by the daemon when none serves
+//! its state dir, in a session of its own so that it (and the network of running
+//! VMs) outlives a daemon restart.
+//!
+//! `BURROW_NETNS` names a network namespace (`ip netns`) for netd to work in:
+//! tests give each instance its own. Without root there is no netd and workspaces
+//! have no network.
+
+use std::io::BufRead;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use burrow_netd::{Lease, NetClient};
+
+use crate::paths::StateDir;
+use crate::vmm::VmNet;
+
+pub struct Network {
+    client: NetClient,
+    pid_file: PathBuf,
+}
+
+impl Network {
+    /// Connects to this state dir's netd, starting it if none answers. `None`
+    /// (logged) when the host cannot give workspaces a network.
+    pub fn open(state: &StateDir) -> Option<Network> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            tracing::warn!("not root: workspaces get no network");
+            return None;
+        }
+        let socket = state.root().join("netd.sock");
+        let net = Network {
+            client: NetClient::new(&socket),
+            pid_file: state.root().join("netd.pid"),
+        };
+        if net.client.ping().is_ok() {
+            return Some(net);
+        }
+        match net.start(state, &socket) {
+            Ok(()) => Some(net),
+            Err(e) => {
+                tracing::warn!("burrow-netd: {e}; workspaces get no network");
+                None
+            }
+        }
+    }
+
+    fn start(&self, state: &StateDir, socket: &std::path::Path) -> Result<(), String> {
+        let binary = crate::paths::companion_binary("BURROW_NETD", "burrow-netd")
+            .ok_or("burrow-netd is not installed next to burrowd")?;
+        let log = state.root().join("netd.log");
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|e| format!("open {}: {e}", log.display()))?;
+        let mut cmd = Command::new(binary);
+        cmd.arg("--state")
+            .arg(state.root().join("net"))
+            .arg("--socket")
+            .arg(socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr);
+        if let Ok(ns) = std::env::var("BURROW_NETNS") {
+            cmd.args(["--netns", &ns]);
+        }
+        // SAFETY: setsid is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            })
+        };
+        let mut child = cmd.spawn().map_err(|e| format!("spawn: {e}"))?;
+        let _ = std::fs::write(&self.pid_file, format!("{}\n", child.id()));
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            let _ = std::io::BufReader::new(out).read_line(&mut line);
+        }
+        std::thread::spawn(move || child.wait());
+        if line.trim() == "ready" {
+            Ok(())
+        } else {
+            let tail = std::fs::read_to_string(&log).unwrap_or_default();
+            Err(tail
+                .lines()
+                .last()
+                .unwrap_or("exited before serving")
+                .to_string())
+        }
+    }
+
+    /// The guest's interface for `workspace`'s VM.
+    pub fn attach(&self, workspace: &str) -> Result<(Lease, VmNet), String> {
+        let (lease, fd) = self.client.attach(workspace).map_err(|e| e.to_string())?;
+        let net = VmNet {
+            tap: std::sync::Arc::new(fd),
+            mac: lease.mac.clone(),
+            ip: lease.ip,
+            prefix: lease.prefix,
+            gateway: lease.gateway,
+        };
+        Ok((lease, net))
+    }
+
+    pub fn release(&self, workspace: &str) {
+        if let Err(e) = self.client.release(workspace) {
+            tracing::warn!(workspace, "release its address: {e}");
+        }
+    }
+
+    /// Tells netd which workspaces exist; it forgets the others.
+    pub fn sync(&self, workspaces: Vec<String>) {
+        if let Err(e) = self.client.sync(workspaces) {
+            tracing::warn!("network sync: {e}");
+        }
+    }
+
+    /// Stops netd (it removes its bridge and table) when no VM uses the network.
+    pub fn shutdown(&self) {
+        match self.client.shutdown() {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&self.pid_file);
+            }
+            Err(e) => tracing::info!("burrow-netd stays: {e}"),
+        }
+    }
+
+    pub fn leases(&self) -> Vec<Lease> {
+        self.client.leases().unwrap_or_default()
+    }
+}
