@@ -100,3 +100,137 @@ fn workspaces_reach_the_host_and_not_each_other() {
         "table left behind"
     );
 }
+
+/// Policy with real VMs and packets: an "internet" host in a namespace of its own
+/// behind the host's namespace, unreachable by default, reachable after
+/// --allow-internet, only on allowed ports with --allowed-ports; inter-VM traffic
+/// only between workspaces that both allow it; every change takes effect on
+/// running workspaces at once.
+#[test]
+fn network_policy_takes_effect_on_running_workspaces() {
+    require_root!();
+    let b = Burrow::new();
+    let ns = b.netns.as_ref().expect("a network namespace");
+    let inet = burrow_tests::Netns::new(&format!("{}i", ns.0)).expect("internet namespace");
+    // The internet: 192.0.2.1, one veth away from the host's namespace.
+    let sh = |script: &str| {
+        let ok = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "{script}");
+    };
+    sh(&format!(
+        "ip -n {h} link add uplink type veth peer name wan netns {i} && \
+         ip -n {h} addr add 192.0.2.2/24 dev uplink && ip -n {h} link set uplink up && \
+         ip -n {i} addr add 192.0.2.1/24 dev wan && ip -n {i} link set wan up && ip -n {i} link set lo up",
+        h = ns.0,
+        i = inet.0
+    ));
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &inet.0, "python3", "-c"])
+        .arg(
+            "import socket, threading\n\
+             def serve(p):\n  s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('192.0.2.1', p)); s.listen()\n  while True: s.accept()[0].close()\n\
+             ls=[threading.Thread(target=serve, args=(p,), daemon=True) for p in (22, 80, 443)]\n\
+             [t.start() for t in ls]\nprint('up', flush=True)\nthreading.Event().wait()",
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("internet server");
+    let mut up = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().expect("stdout")),
+        &mut up,
+    )
+    .expect("server up");
+
+    b.ok(&["create", "--name", "a"]);
+    b.ok(&["create", "--name", "c"]);
+    let ip_c = b.info("c")["ip"].as_str().expect("ip of c").to_string();
+    b.ok(&[
+        "job", "start", "c", "--", "python3", "-c",
+        "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('0.0.0.0', 8000)); s.listen()\nwhile True: s.accept()[0].close()",
+    ]);
+    wait_until("c to listen", Duration::from_secs(60), || {
+        b.run(&[
+            "exec",
+            "c",
+            "--",
+            "python3",
+            "-c",
+            &connect("127.0.0.1", 8000),
+        ])
+        .status
+        .success()
+    });
+    let reaches = |ws: &str, ip: &str, port: u16| {
+        b.run(&["exec", ws, "--", "python3", "-c", &connect(ip, port)])
+            .status
+            .success()
+    };
+
+    assert!(
+        !reaches("a", "192.0.2.1", 80),
+        "internet reachable by default"
+    );
+    let out = b.ok(&["network-policy", "a", "--allow-internet", "true"]);
+    assert!(out.contains("allow_internet=true"), "{out}");
+    assert!(reaches("a", "192.0.2.1", 80));
+    assert!(reaches("a", "192.0.2.1", 22));
+    assert!(!reaches("c", "192.0.2.1", 80), "c got a's policy");
+    let p = b.json(&["network-policy", "a", "--allowed-ports", "443,80", "--json"]);
+    assert_eq!(p["allowed_ports"], serde_json::json!([80, 443]));
+    assert!(reaches("a", "192.0.2.1", 443));
+    assert!(
+        !reaches("a", "192.0.2.1", 22),
+        "a port outside the allowed ones"
+    );
+
+    // Inter-VM: only when both ends allow it.
+    assert!(!reaches("a", &ip_c, 8000));
+    b.ok(&["network-policy", "a", "--allow-inter-vm", "true"]);
+    assert!(
+        !reaches("a", &ip_c, 8000),
+        "c does not allow inter-VM traffic"
+    );
+    b.ok(&["network-policy", "c", "--allow-inter-vm", "true"]);
+    assert!(reaches("a", &ip_c, 8000));
+    b.ok(&["network-policy", "c", "--allow-inter-vm", "false"]);
+    assert!(!reaches("a", &ip_c, 8000));
+
+    // Bad input: one line naming the field, nothing changed.
+    for (args, want) in [
+        (
+            vec!["network-policy", "a", "--allowed-ports", "80,x"],
+            "allowed-ports",
+        ),
+        (
+            vec!["network-policy", "a", "--allowed-ports", "0"],
+            "allowed-ports",
+        ),
+        (
+            vec!["network-policy", "a", "--allow-internet", "maybe"],
+            "allow-internet",
+        ),
+        (
+            vec!["network-policy", "nope", "--allow-internet", "true"],
+            "not found",
+        ),
+    ] {
+        let (_, err) = b.fails(&args);
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    let p = b.json(&["network-policy", "a", "--json"]);
+    assert_eq!(
+        p["allowed_ports"],
+        serde_json::json!([80, 443]),
+        "a bad input changed the policy"
+    );
+    assert_eq!(p["allow_internet"], true);
+
+    let _ = server.kill();
+    let _ = server.wait();
+}

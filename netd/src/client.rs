@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::fdpass::recv_with_fd;
-use crate::protocol::{Lease, Reply, Request, MAX_LINE};
+use crate::protocol::{Lease, Policy, Reply, Request, MAX_LINE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -84,6 +84,34 @@ impl NetClient {
 
     pub fn sync(&self, workspaces: Vec<String>) -> Result<(), NetError> {
         self.call(&Request::Sync { workspaces }).map(|_| ())
+    }
+
+    /// Changes `workspace`'s policy (None keeps a field) and returns the result.
+    pub fn set_policy(
+        &self,
+        workspace: &str,
+        allow_internet: Option<bool>,
+        allow_inter_vm: Option<bool>,
+        allowed_ports: Option<Vec<u16>>,
+    ) -> Result<Policy, NetError> {
+        match self.call(&Request::SetPolicy {
+            workspace: workspace.to_string(),
+            allow_internet,
+            allow_inter_vm,
+            allowed_ports,
+        })? {
+            (Reply::Policy(p), _) => Ok(p),
+            _ => Err(NetError::Failed("set_policy: unexpected reply".into())),
+        }
+    }
+
+    pub fn policy(&self, workspace: &str) -> Result<Policy, NetError> {
+        match self.call(&Request::GetPolicy {
+            workspace: workspace.to_string(),
+        })? {
+            (Reply::Policy(p), _) => Ok(p),
+            _ => Err(NetError::Failed("policy: unexpected reply".into())),
+        }
     }
 
     /// Asks netd to remove what it made and exit; refused while VMs use the network.

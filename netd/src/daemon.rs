@@ -10,11 +10,18 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Mutex;
 
-use crate::protocol::{validate_workspace, Lease, Reply, Request, MAX_LINE};
+use std::collections::BTreeSet;
+
+use crate::protocol::{validate_workspace, Lease, Policy, Reply, Request, MAX_LINE};
 use crate::state::{mac_for, mac_string, Store};
 use crate::{fdpass, links, rules};
 
 pub const BRIDGE: &str = "burrow0";
+
+enum Refusal {
+    Field(&'static str, String),
+    Failed(String),
+}
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -30,7 +37,38 @@ struct Daemon {
     cfg: Config,
     handle: rtnetlink::Handle,
     bridge: u32,
-    store: Mutex<Store>,
+    /// Addresses and policies, and the port sets the table has: changed together.
+    store: Mutex<Net>,
+}
+
+struct Net {
+    store: Store,
+    ports: BTreeSet<u16>,
+}
+
+impl Net {
+    /// Rebuilds the table from the recorded workspaces, in one batch.
+    fn install(&mut self) -> Result<(), String> {
+        let members = self.store.leases.members();
+        rules::install(BRIDGE, &members).map_err(|e| format!("nftables: {e}"))?;
+        self.ports = rules::installed_ports(&members);
+        Ok(())
+    }
+}
+
+/// Routing between workspaces (when policy allows it) goes through the host:
+/// forwarding on, proxy ARP across the isolated bridge ports, and no ICMP
+/// redirects telling a guest to go around the host.
+fn route_through_host() -> Result<(), String> {
+    let set = |path: String, value: &str| {
+        std::fs::write(&path, value).map_err(|e| format!("{path}: {e}"))
+    };
+    set("/proc/sys/net/ipv4/ip_forward".into(), "1")?;
+    let conf = format!("/proc/sys/net/ipv4/conf/{BRIDGE}");
+    set(format!("{conf}/proxy_arp"), "1")?;
+    set(format!("{conf}/proxy_arp_pvlan"), "1")?;
+    set(format!("{conf}/send_redirects"), "0")?;
+    set("/proc/sys/net/ipv4/conf/all/send_redirects".into(), "0")
 }
 
 /// Joins `name` (a file in /run/netns). Call before any other thread exists: a
@@ -52,7 +90,12 @@ pub async fn run(cfg: Config, ready: impl FnOnce()) -> Result<(), String> {
     let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| format!("netlink: {e}"))?;
     tokio::spawn(conn);
     let bridge = links::ensure_bridge(&handle, BRIDGE, cfg.gateway, cfg.prefix).await?;
-    rules::install(BRIDGE).map_err(|e| format!("nftables: {e}"))?;
+    route_through_host()?;
+    let mut net = Net {
+        store,
+        ports: BTreeSet::new(),
+    };
+    net.install()?;
     let _ = std::fs::remove_file(&cfg.socket);
     let listener = UnixListener::bind(&cfg.socket)
         .map_err(|e| format!("bind {}: {e}", cfg.socket.display()))?;
@@ -60,7 +103,7 @@ pub async fn run(cfg: Config, ready: impl FnOnce()) -> Result<(), String> {
         cfg,
         handle,
         bridge,
-        store: Mutex::new(store),
+        store: Mutex::new(net),
     });
     ready();
     loop {
@@ -139,20 +182,92 @@ impl Daemon {
                 if let Err(m) = validate_workspace(&workspace) {
                     return (refused("workspace", m), None);
                 }
-                let mut s = self.store.lock().await;
-                s.leases.by_workspace.remove(&workspace);
-                match s.save() {
-                    Ok(()) => (Reply::Ok, None),
-                    Err(e) => (Reply::Failed(format!("save leases: {e}")), None),
+                let mut n = self.store.lock().await;
+                let ip = n.store.leases.by_workspace.get(&workspace).copied();
+                let old = n
+                    .store
+                    .leases
+                    .policies
+                    .get(&workspace)
+                    .cloned()
+                    .unwrap_or_default();
+                n.store.leases.remove(&workspace);
+                if let Err(e) = n.store.save() {
+                    return (Reply::Failed(format!("save leases: {e}")), None);
+                }
+                let cleared = match ip {
+                    Some(ip) => rules::update(ip, &old, &Policy::default(), &n.ports)
+                        .map_err(|e| format!("nftables: {e}")),
+                    None => Ok(true),
+                };
+                match cleared {
+                    Ok(_) => (Reply::Ok, None),
+                    Err(e) => (Reply::Failed(e), None),
                 }
             }
             Request::Sync { workspaces } => {
-                let mut s = self.store.lock().await;
-                s.leases.by_workspace.retain(|w, _| workspaces.contains(w));
-                match s.save() {
-                    Ok(()) => (Reply::Ok, None),
-                    Err(e) => (Reply::Failed(format!("save leases: {e}")), None),
+                let mut n = self.store.lock().await;
+                let gone: Vec<String> = n
+                    .store
+                    .leases
+                    .by_workspace
+                    .keys()
+                    .filter(|w| !workspaces.contains(w))
+                    .cloned()
+                    .collect();
+                for w in &gone {
+                    n.store.leases.remove(w);
                 }
+                let done = n
+                    .store
+                    .save()
+                    .map_err(|e| format!("save leases: {e}"))
+                    .and_then(|_| n.install());
+                match done {
+                    Ok(()) => (Reply::Ok, None),
+                    Err(e) => (Reply::Failed(e), None),
+                }
+            }
+            Request::SetPolicy {
+                workspace,
+                allow_internet,
+                allow_inter_vm,
+                allowed_ports,
+            } => {
+                if let Err(m) = validate_workspace(&workspace) {
+                    return (refused("workspace", m), None);
+                }
+                if let Some(p) = allowed_ports.iter().flatten().find(|p| **p == 0) {
+                    return (
+                        refused("allowed_ports", format!("{p} is not a port (1-65535)")),
+                        None,
+                    );
+                }
+                match self
+                    .set_policy(&workspace, allow_internet, allow_inter_vm, allowed_ports)
+                    .await
+                {
+                    Ok(p) => (Reply::Policy(p), None),
+                    Err(Refusal::Field(f, m)) => (refused(f, m), None),
+                    Err(Refusal::Failed(e)) => (Reply::Failed(e), None),
+                }
+            }
+            Request::GetPolicy { workspace } => {
+                let n = self.store.lock().await;
+                if !n.store.leases.by_workspace.contains_key(&workspace) {
+                    return (
+                        refused("workspace", format!("{workspace:?} has no address")),
+                        None,
+                    );
+                }
+                let p = n
+                    .store
+                    .leases
+                    .policies
+                    .get(&workspace)
+                    .cloned()
+                    .unwrap_or_default();
+                (Reply::Policy(p), None)
             }
             Request::Shutdown => match self.shutdown().await {
                 Ok(()) => (Reply::Ok, None),
@@ -165,8 +280,9 @@ impl Daemon {
                 ),
             },
             Request::Leases => {
-                let s = self.store.lock().await;
-                let leases = s
+                let n = self.store.lock().await;
+                let leases = n
+                    .store
                     .leases
                     .by_workspace
                     .iter()
@@ -201,8 +317,58 @@ impl Daemon {
         Ok(())
     }
 
+    /// Applies a policy change: set elements only, unless a port is new to the
+    /// table (then one rebuild). Recorded first.
+    async fn set_policy(
+        &self,
+        workspace: &str,
+        allow_internet: Option<bool>,
+        allow_inter_vm: Option<bool>,
+        allowed_ports: Option<Vec<u16>>,
+    ) -> Result<Policy, Refusal> {
+        let mut n = self.store.lock().await;
+        let ip =
+            *n.store.leases.by_workspace.get(workspace).ok_or_else(|| {
+                Refusal::Field("workspace", format!("{workspace:?} has no address"))
+            })?;
+        let old = n
+            .store
+            .leases
+            .policies
+            .get(workspace)
+            .cloned()
+            .unwrap_or_default();
+        let mut new = old.clone();
+        if let Some(v) = allow_internet {
+            new.allow_internet = v;
+        }
+        if let Some(v) = allow_inter_vm {
+            new.allow_inter_vm = v;
+        }
+        if let Some(mut ports) = allowed_ports {
+            ports.sort_unstable();
+            ports.dedup();
+            new.allowed_ports = (!ports.is_empty()).then_some(ports);
+        }
+        n.store
+            .leases
+            .policies
+            .insert(workspace.to_string(), new.clone());
+        n.store
+            .save()
+            .map_err(|e| Refusal::Failed(format!("save: {e}")))?;
+        let ports = n.ports.clone();
+        let incremental = rules::update(ip, &old, &new, &ports)
+            .map_err(|e| Refusal::Failed(format!("nftables: {e}")))?;
+        if !incremental {
+            n.install().map_err(Refusal::Failed)?;
+        }
+        Ok(new)
+    }
+
     async fn attach(&self, workspace: &str) -> Result<(Lease, std::os::fd::OwnedFd), String> {
-        let mut s = self.store.lock().await;
+        let mut n = self.store.lock().await;
+        let s = &mut n.store;
         let ip = s
             .allocate(workspace, self.cfg.gateway, self.cfg.prefix)
             .ok_or_else(|| "no free address left in the subnet".to_string())?;

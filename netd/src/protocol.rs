@@ -25,6 +25,17 @@ pub enum Request {
     },
     /// The addresses held.
     Leases,
+    /// Changes what `workspace` may reach; fields left out keep their value.
+    /// `allowed_ports: []` lifts the port limit. Takes effect at once.
+    SetPolicy {
+        workspace: String,
+        allow_internet: Option<bool>,
+        allow_inter_vm: Option<bool>,
+        allowed_ports: Option<Vec<u16>>,
+    },
+    GetPolicy {
+        workspace: String,
+    },
     /// Remove the bridge and the table and exit, if no VM is on the network
     /// (addresses stay recorded for the next start).
     Shutdown,
@@ -41,11 +52,26 @@ pub struct Lease {
     pub mac: String,
 }
 
+/// What a workspace may reach. By default: its gateway (the host) only.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Policy {
+    /// Egress beyond the host, masqueraded.
+    #[serde(default)]
+    pub allow_internet: bool,
+    /// Reach (and be reached by) other workspaces that allow it too.
+    #[serde(default)]
+    pub allow_inter_vm: bool,
+    /// When set, egress beyond the host only to these TCP ports.
+    #[serde(default)]
+    pub allowed_ports: Option<Vec<u16>>,
+}
+
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
     Ok,
     Attached(Lease),
+    Policy(Policy),
     Leases(Vec<Lease>),
     /// A request refused: `field` names what was wrong with it, when something was.
     Refused {

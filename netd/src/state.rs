@@ -9,6 +9,25 @@ use std::path::{Path, PathBuf};
 pub(crate) struct Leases {
     /// Workspace id → its address.
     pub by_workspace: BTreeMap<String, Ipv4Addr>,
+    /// Workspace id → what it may reach, where that is more than the default.
+    #[serde(default)]
+    pub policies: BTreeMap<String, crate::protocol::Policy>,
+}
+
+impl Leases {
+    /// Forgets `workspace` entirely.
+    pub fn remove(&mut self, workspace: &str) {
+        self.by_workspace.remove(workspace);
+        self.policies.remove(workspace);
+    }
+
+    /// (address, policy) of every workspace with an address.
+    pub fn members(&self) -> Vec<(Ipv4Addr, crate::protocol::Policy)> {
+        self.by_workspace
+            .iter()
+            .map(|(w, ip)| (*ip, self.policies.get(w).cloned().unwrap_or_default()))
+            .collect()
+    }
 }
 
 pub(crate) struct Store {
@@ -90,7 +109,7 @@ mod tests {
         s.save()?;
         let mut s = Store::load(t.path())?;
         assert_eq!(s.allocate("b", gw, 16), b);
-        s.leases.by_workspace.remove("a");
+        s.leases.remove("a");
         assert_eq!(
             s.allocate("c", gw, 16),
             a,

@@ -16,6 +16,7 @@ use burrow_netd::{Lease, NetClient};
 use crate::paths::StateDir;
 use crate::vmm::VmNet;
 
+#[derive(Clone)]
 pub struct Network {
     client: NetClient,
     pid_file: PathBuf,
@@ -127,6 +128,24 @@ impl Network {
             }
             Err(e) => tracing::info!("burrow-netd stays: {e}"),
         }
+    }
+
+    pub fn set_policy(
+        &self,
+        workspace: &str,
+        allow_internet: Option<bool>,
+        allow_inter_vm: Option<bool>,
+        allowed_ports: Option<Vec<u16>>,
+    ) -> Result<burrow_netd::protocol::Policy, burrow_netd::NetError> {
+        self.client
+            .set_policy(workspace, allow_internet, allow_inter_vm, allowed_ports)
+    }
+
+    pub fn policy(
+        &self,
+        workspace: &str,
+    ) -> Result<burrow_netd::protocol::Policy, burrow_netd::NetError> {
+        self.client.policy(workspace)
     }
 
     pub fn leases(&self) -> Vec<Lease> {

@@ -66,6 +66,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/workspaces/{ws}/fork", post(fork))
         .route("/v1/workspaces/{ws}/diff/{name}", get(diff))
+        .route(
+            "/v1/workspaces/{ws}/network-policy",
+            get(network_policy).post(set_network_policy),
+        )
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -392,6 +396,21 @@ async fn fork(
     ApiJson(p): ApiJson<crate::engine::ForkParams>,
 ) -> ApiResult<Vec<crate::engine::WorkspaceInfo>> {
     ok(s.engine.fork(&ws, p).await?)
+}
+
+async fn network_policy(
+    State(s): State<AppState>,
+    Path(ws): Path<String>,
+) -> ApiResult<burrow_netd::protocol::Policy> {
+    ok(s.engine.network_policy(&ws).await?)
+}
+
+async fn set_network_policy(
+    State(s): State<AppState>,
+    Path(ws): Path<String>,
+    ApiJson(p): ApiJson<crate::engine::PolicyChange>,
+) -> ApiResult<burrow_netd::protocol::Policy> {
+    ok(s.engine.set_network_policy(&ws, p).await?)
 }
 
 async fn diff(

@@ -6,6 +6,7 @@
 //! [`Engine::open`] reconciles what a crashed daemon left behind.
 
 mod guest_ops;
+mod network;
 mod reconcile;
 mod snapshots;
 mod vm;
@@ -21,6 +22,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 pub use guest_ops::LogKind;
+pub use network::PolicyChange;
 pub use snapshots::{Diff, ForkParams, SnapshotInfo, MAX_FORKS};
 
 use crate::db::{Db, ForkedFrom, ProcId, State, VmPids, WorkspaceRecord};

@@ -212,6 +212,32 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
                 }
             }
         }
+        Command::NetworkPolicy(a) => {
+            let ports = match &a.allowed_ports {
+                None => None,
+                Some(list) => Some(parse_ports(list)?),
+            };
+            let body = json!({
+                "allow_internet": a.allow_internet,
+                "allow_inter_vm": a.allow_inter_vm,
+                "allowed_ports": ports,
+            });
+            let p: burrow_netd::protocol::Policy = c
+                .post(&ws_path(&a.workspace, "/network-policy"), &body)
+                .await?;
+            if a.json {
+                print_json(&p);
+            } else {
+                let ports = p
+                    .allowed_ports
+                    .map(|v| v.iter().map(u16::to_string).collect::<Vec<_>>().join(","))
+                    .unwrap_or_else(|| "any".into());
+                println!(
+                    "{}: allow_internet={} allow_inter_vm={} allowed_ports={ports}",
+                    a.workspace, p.allow_internet, p.allow_inter_vm
+                );
+            }
+        }
         Command::Daemon(_) => unreachable!("handled above"),
     }
     Ok(0)
@@ -623,4 +649,20 @@ async fn snapshot(c: &Client, cmd: SnapshotCommand) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// `443,80` → [443, 80]; "" → [] (no limit). Anything else names the bad item.
+fn parse_ports(list: &str) -> Result<Vec<u16>, String> {
+    if list.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    list.split(',')
+        .map(|p| {
+            p.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| format!("invalid allowed-ports: {p:?} is not a TCP port (1-65535)"))
+        })
+        .collect()
 }

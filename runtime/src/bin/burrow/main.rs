@@ -62,6 +62,8 @@ pub enum Command {
     Fork(ForkArgs),
     /// Paths added, modified and deleted since a snapshot.
     Diff(DiffArgs),
+    /// What a workspace may reach on the network; changes take effect at once.
+    NetworkPolicy(NetworkPolicyArgs),
     /// Guest images.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -265,6 +267,22 @@ pub struct ForkArgs {
 }
 
 #[derive(Args)]
+pub struct NetworkPolicyArgs {
+    pub workspace: String,
+    /// Egress beyond the host (masqueraded): true or false.
+    #[arg(long)]
+    pub allow_internet: Option<bool>,
+    /// Reach other workspaces that allow it too: true or false.
+    #[arg(long)]
+    pub allow_inter_vm: Option<bool>,
+    /// Egress only to these TCP ports, e.g. 443,80; "" lifts the limit.
+    #[arg(long)]
+    pub allowed_ports: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
 pub struct DiffArgs {
     pub workspace: String,
     pub snapshot: String,
@@ -302,8 +320,40 @@ pub enum DaemonCommand {
     },
 }
 
+/// Parses the command line; a bad argument is reported on one line (clap's own
+/// report spans several), help and version as clap prints them.
+fn parse() -> Cli {
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            let text = e.to_string();
+            let line: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| {
+                    !l.is_empty()
+                        && !l.starts_with("For more information")
+                        && !l.starts_with("Usage:")
+                })
+                .collect();
+            let line = line.join(" ");
+            eprintln!("burrow: {}", line.strip_prefix("error: ").unwrap_or(&line));
+            std::process::exit(2);
+        }
+    }
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let cli = parse();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
