@@ -234,3 +234,154 @@ fn network_policy_takes_effect_on_running_workspaces() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// Run in a guest with the addresses to probe: TCP connect to port 8000 and an
+/// ICMP echo to each, in parallel; prints {ip: [tcp, ping]} as JSON.
+const PROBE: &str = r#"
+import json, os, socket, struct, sys, threading, time
+def tcp(ip):
+    try:
+        socket.create_connection((ip, 8000), timeout=2).close()
+        return True
+    except OSError:
+        return False
+def checksum(b):
+    if len(b) % 2:
+        b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xFFFF)
+    s += s >> 16
+    return ~s & 0xFFFF
+def ping(ip):
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    s.settimeout(2)
+    ident = (os.getpid() + threading.get_ident()) & 0xFFFF
+    body = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + b"burrow"
+    s.sendto(struct.pack("!BBHHH", 8, 0, checksum(body), ident, 1) + b"burrow", (ip, 0))
+    end = time.time() + 2
+    while time.time() < end:
+        try:
+            data, addr = s.recvfrom(1024)
+        except socket.timeout:
+            return False
+        if addr[0] == ip and data[20] == 0 and struct.unpack("!H", data[24:26])[0] == ident:
+            return True
+    return False
+out = {}
+def probe(ip):
+    out[ip] = [tcp(ip), ping(ip)]
+threads = [threading.Thread(target=probe, args=(ip,)) for ip in sys.argv[1:]]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(json.dumps(out))
+"#;
+
+const LISTEN: &str = "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('0.0.0.0', 8000)); s.listen()\nwhile True: s.accept()[0].close()";
+
+/// Two teams of two and a loner: every pair, both ways, by TCP and ping, reaches
+/// the other exactly when both are in one team. Then the team commands' bad input
+/// and a team destroy that takes its members and its rules with it.
+#[test]
+fn teams_reach_their_members_and_nobody_else() {
+    require_root!();
+    let b = Burrow::new();
+    let ns = b.netns.as_ref().expect("a network namespace");
+    b.ok(&["team", "create", "red", "--member", "r1", "--member", "r2"]);
+    b.ok(&["team", "create", "blue", "--member", "b1", "--member", "b2"]);
+    b.ok(&["create", "--name", "loner"]);
+    let mut team_of = std::collections::HashMap::new();
+    let mut ips = Vec::new();
+    for team in ["red", "blue"] {
+        let status = b.json(&["team", "status", team, "--json"]);
+        let members = status.as_array().expect("members");
+        assert_eq!(members.len(), 2, "{status}");
+        for m in members {
+            assert_eq!(m["state"], "running", "{m}");
+            assert!(m["workspace_id"].is_string(), "{m}");
+            let name = m["name"].as_str().expect("name").to_string();
+            let ip = m["ip"].as_str().expect("ip").to_string();
+            team_of.insert(name.clone(), team);
+            ips.push((name, ip));
+        }
+    }
+    ips.push((
+        "loner".into(),
+        b.info("loner")["ip"].as_str().expect("ip").to_string(),
+    ));
+    for (name, _) in &ips {
+        b.ok(&["job", "start", name, "--", "python3", "-c", LISTEN]);
+        b.run_with_stdin(&["file", "write", name, "/root/probe.py"], PROBE.as_bytes());
+    }
+    for (name, _) in &ips {
+        wait_until("a listener", Duration::from_secs(60), || {
+            b.run(&[
+                "exec",
+                name,
+                "--",
+                "python3",
+                "-c",
+                &connect("127.0.0.1", 8000),
+            ])
+            .status
+            .success()
+        });
+    }
+    for (from, _) in &ips {
+        let targets: Vec<&str> = ips
+            .iter()
+            .filter(|(n, _)| n != from)
+            .map(|(_, ip)| ip.as_str())
+            .collect();
+        let mut args = vec!["exec", from, "--", "python3", "/root/probe.py"];
+        args.extend(targets.iter().copied());
+        let seen: serde_json::Value =
+            serde_json::from_str(b.ok(&args).trim()).expect("probe output");
+        for (to, ip) in ips.iter().filter(|(n, _)| n != from) {
+            let allowed = team_of.get(from).is_some() && team_of.get(from) == team_of.get(to);
+            let want = serde_json::json!([allowed, allowed]);
+            assert_eq!(seen[ip], want, "{from} -> {to} ({ip}): [tcp, ping]");
+        }
+    }
+
+    // Bad input: one line naming what was wrong, nothing made.
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["team", "create", "red", "--member", "x1"],
+            "already exists",
+        ),
+        (
+            &["team", "create", "dup", "--member", "d1", "--member", "d1"],
+            "given twice",
+        ),
+        (&["team", "create", "taken", "--member", "loner"], "taken"),
+        (
+            &["team", "create", "bad/name", "--member", "z1"],
+            "invalid team",
+        ),
+        (&["team", "status", "nope"], "not found"),
+        (&["team", "destroy", "nope"], "not found"),
+    ];
+    for (args, want) in cases {
+        let (_, err) = b.fails(args);
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    assert_eq!(b.json(&["ls", "--json"]).as_array().map(Vec::len), Some(5));
+
+    // Destroying a team takes its members and its rules.
+    b.ok(&["team", "destroy", "red"]);
+    let names: Vec<String> = b
+        .json(&["ls", "--json"])
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|w| w["name"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert!(!names.iter().any(|n| n.starts_with('r')), "{names:?}");
+    let table =
+        String::from_utf8_lossy(&ns.exec(&["nft", "list", "table", "inet", "burrow"]).stdout)
+            .into_owned();
+    assert!(!table.contains("team_red"), "{table}");
+    assert!(table.contains("team_blue"), "{table}");
+}

@@ -82,8 +82,27 @@ impl NetClient {
         .map(|_| ())
     }
 
-    pub fn sync(&self, workspaces: Vec<String>) -> Result<(), NetError> {
-        self.call(&Request::Sync { workspaces }).map(|_| ())
+    pub fn sync(
+        &self,
+        workspaces: Vec<String>,
+        teams: std::collections::BTreeMap<String, Vec<String>>,
+    ) -> Result<(), NetError> {
+        self.call(&Request::Sync { workspaces, teams }).map(|_| ())
+    }
+
+    pub fn set_team(&self, name: &str, members: Vec<String>) -> Result<(), NetError> {
+        self.call(&Request::SetTeam {
+            name: name.to_string(),
+            members,
+        })
+        .map(|_| ())
+    }
+
+    pub fn remove_team(&self, name: &str) -> Result<(), NetError> {
+        self.call(&Request::RemoveTeam {
+            name: name.to_string(),
+        })
+        .map(|_| ())
     }
 
     /// Changes `workspace`'s policy (None keeps a field) and returns the result.

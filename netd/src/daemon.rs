@@ -12,7 +12,7 @@ use tokio::sync::Mutex;
 
 use std::collections::BTreeSet;
 
-use crate::protocol::{validate_workspace, Lease, Policy, Reply, Request, MAX_LINE};
+use crate::protocol::{validate_team, validate_workspace, Lease, Policy, Reply, Request, MAX_LINE};
 use crate::state::{mac_for, mac_string, Store};
 use crate::{fdpass, links, rules};
 
@@ -50,7 +50,8 @@ impl Net {
     /// Rebuilds the table from the recorded workspaces, in one batch.
     fn install(&mut self) -> Result<(), String> {
         let members = self.store.leases.members();
-        rules::install(BRIDGE, &members).map_err(|e| format!("nftables: {e}"))?;
+        let teams = self.store.leases.team_addresses();
+        rules::install(BRIDGE, &members, &teams).map_err(|e| format!("nftables: {e}"))?;
         self.ports = rules::installed_ports(&members);
         Ok(())
     }
@@ -191,7 +192,17 @@ impl Daemon {
                     .get(&workspace)
                     .cloned()
                     .unwrap_or_default();
+                let in_team = n
+                    .store
+                    .leases
+                    .teams
+                    .values()
+                    .any(|m| m.contains(&workspace));
                 n.store.leases.remove(&workspace);
+                if in_team {
+                    // Its address leaves the team's set with a rebuild.
+                    return self.saved_and_installed(&mut n);
+                }
                 if let Err(e) = n.store.save() {
                     return (Reply::Failed(format!("save leases: {e}")), None);
                 }
@@ -205,7 +216,29 @@ impl Daemon {
                     Err(e) => (Reply::Failed(e), None),
                 }
             }
-            Request::Sync { workspaces } => {
+            Request::SetTeam { name, members } => {
+                if let Err(m) = validate_team(&name) {
+                    return (refused("team", m), None);
+                }
+                if let Some(Err(m)) = members
+                    .iter()
+                    .map(|w| validate_workspace(w))
+                    .find(Result::is_err)
+                {
+                    return (refused("member", m), None);
+                }
+                let mut n = self.store.lock().await;
+                n.store.leases.teams.insert(name, members);
+                self.saved_and_installed(&mut n)
+            }
+            Request::RemoveTeam { name } => {
+                let mut n = self.store.lock().await;
+                if n.store.leases.teams.remove(&name).is_none() {
+                    return (refused("team", format!("no team {name:?}")), None);
+                }
+                self.saved_and_installed(&mut n)
+            }
+            Request::Sync { workspaces, teams } => {
                 let mut n = self.store.lock().await;
                 let gone: Vec<String> = n
                     .store
@@ -218,15 +251,8 @@ impl Daemon {
                 for w in &gone {
                     n.store.leases.remove(w);
                 }
-                let done = n
-                    .store
-                    .save()
-                    .map_err(|e| format!("save leases: {e}"))
-                    .and_then(|_| n.install());
-                match done {
-                    Ok(()) => (Reply::Ok, None),
-                    Err(e) => (Reply::Failed(e), None),
-                }
+                n.store.leases.teams = teams;
+                self.saved_and_installed(&mut n)
             }
             Request::SetPolicy {
                 workspace,
@@ -315,6 +341,18 @@ impl Daemon {
         links::delete(&self.handle, self.bridge).await?;
         let _ = std::fs::remove_file(&self.cfg.socket);
         Ok(())
+    }
+
+    fn saved_and_installed(&self, n: &mut Net) -> (Reply, Option<std::os::fd::OwnedFd>) {
+        let done = n
+            .store
+            .save()
+            .map_err(|e| format!("save leases: {e}"))
+            .and_then(|_| n.install());
+        match done {
+            Ok(()) => (Reply::Ok, None),
+            Err(e) => (Reply::Failed(e), None),
+        }
     }
 
     /// Applies a policy change: set elements only, unless a port is new to the

@@ -19,9 +19,20 @@ pub enum Request {
     Release {
         workspace: String,
     },
-    /// These are all the workspaces there are: forget every other.
+    /// These are all the workspaces and teams there are: forget every other.
     Sync {
         workspaces: Vec<String>,
+        #[serde(default)]
+        teams: std::collections::BTreeMap<String, Vec<String>>,
+    },
+    /// Team `name` is these workspaces: they reach each other, whatever their
+    /// own inter-VM policy.
+    SetTeam {
+        name: String,
+        members: Vec<String>,
+    },
+    RemoveTeam {
+        name: String,
     },
     /// The addresses held.
     Leases,
@@ -93,6 +104,22 @@ pub fn validate_workspace(id: &str) -> Result<(), String> {
     } else {
         Err(format!(
             "invalid workspace id {id:?}: use [A-Za-z0-9_-]{{1,13}}"
+        ))
+    }
+}
+
+/// Team names become set names: keep them short and plain.
+pub fn validate_team(name: &str) -> Result<(), String> {
+    if !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid team name {name:?}: use [A-Za-z0-9_-]{{1,32}}"
         ))
     }
 }

@@ -9,7 +9,9 @@
 //!     iif bridge oif bridge jump between           workspace → workspace
 //!     iif bridge jump egress                       workspace → beyond the host
 //!     oif bridge drop                              nothing else is routed to a workspace
-//! chain between:       ip saddr @intervm ip daddr @intervm accept; drop
+//! set team_<name>: ipv4_addr                      the members of a team
+//! chain between:       ip saddr @intervm ip daddr @intervm accept;
+//!                      ip saddr @team_<T> ip daddr @team_<T> accept (per team); drop
 //! chain egress:        ip saddr @internet jump internet_out; drop
 //! chain internet_out:  ip saddr @limited jump limited; ip saddr @limited drop; accept
 //! chain limited:       tcp dport P ip saddr @port_P accept   (one rule per port in use)
@@ -18,7 +20,8 @@
 //!
 //! A policy change is a handful of set element additions and deletions: its cost
 //! does not grow with the number of workspaces. Only the first use of a port adds
-//! a set and a rule (the table is then rebuilt, still in one batch).
+//! a set and a rule, and a team change a set and a rule: the table is then rebuilt,
+//! still in one batch (team changes are rare; member traffic needs no change).
 
 use std::collections::BTreeSet;
 use std::ffi::{CStr, CString};
@@ -99,7 +102,11 @@ fn iface(rule: &mut Rule, out: bool, name: &CString, equal: bool) {
 
 /// Replaces whatever `inet burrow` holds with the rule set for these workspaces
 /// (address, policy), in one batch.
-pub(crate) fn install(bridge: &str, members: &[(Ipv4Addr, Policy)]) -> io::Result<()> {
+pub(crate) fn install(
+    bridge: &str,
+    members: &[(Ipv4Addr, Policy)],
+    teams: &std::collections::BTreeMap<String, Vec<Ipv4Addr>>,
+) -> io::Result<()> {
     let br = cstr(bridge)?;
     let mut batch = Batch::new();
     let table = Table::new(TABLE, ProtoFamily::Inet);
@@ -131,9 +138,21 @@ pub(crate) fn install(bridge: &str, members: &[(Ipv4Addr, Policy)]) -> io::Resul
             (port, s)
         })
         .collect();
+    let team_sets: Vec<Set<Ipv4Addr>> = teams
+        .iter()
+        .map(|(name, ips)| {
+            let name = CString::new(format!("team_{name}")).unwrap_or_default();
+            let mut s: Set<Ipv4Addr> = Set::new_named(&name, ids.next(), &table, ProtoFamily::Inet);
+            for ip in ips {
+                s.add(ip);
+            }
+            s
+        })
+        .collect();
     for s in [&internet, &intervm, &limit]
         .into_iter()
         .chain(ports.iter().map(|(_, s)| s))
+        .chain(team_sets.iter())
     {
         batch.add(s, MsgType::Add);
         batch.add_iter(s.elems_iter(), MsgType::Add);
@@ -192,6 +211,16 @@ pub(crate) fn install(bridge: &str, members: &[(Ipv4Addr, Policy)]) -> io::Resul
     r.add_expr(&nft_expr!(lookup & intervm));
     r.add_expr(&nft_expr!(verdict accept));
     batch.add(&r, MsgType::Add);
+    // Members of a team reach each other.
+    for team in &team_sets {
+        let mut r = Rule::new(&between);
+        ip_field(&mut r, false);
+        r.add_expr(&nft_expr!(lookup team));
+        r.add_expr(&nft_expr!(payload ipv4 daddr));
+        r.add_expr(&nft_expr!(lookup team));
+        r.add_expr(&nft_expr!(verdict accept));
+        batch.add(&r, MsgType::Add);
+    }
     let mut r = Rule::new(&between);
     r.add_expr(&nft_expr!(counter));
     r.add_expr(&nft_expr!(verdict drop));

@@ -12,6 +12,9 @@ pub(crate) struct Leases {
     /// Workspace id → what it may reach, where that is more than the default.
     #[serde(default)]
     pub policies: BTreeMap<String, crate::protocol::Policy>,
+    /// Team name → its workspaces.
+    #[serde(default)]
+    pub teams: BTreeMap<String, Vec<String>>,
 }
 
 impl Leases {
@@ -19,6 +22,23 @@ impl Leases {
     pub fn remove(&mut self, workspace: &str) {
         self.by_workspace.remove(workspace);
         self.policies.remove(workspace);
+        for members in self.teams.values_mut() {
+            members.retain(|w| w != workspace);
+        }
+    }
+
+    /// Team name → the addresses of its members that have one.
+    pub fn team_addresses(&self) -> BTreeMap<String, Vec<Ipv4Addr>> {
+        self.teams
+            .iter()
+            .map(|(t, ws)| {
+                let ips = ws
+                    .iter()
+                    .filter_map(|w| self.by_workspace.get(w).copied())
+                    .collect();
+                (t.clone(), ips)
+            })
+            .collect()
     }
 
     /// (address, policy) of every workspace with an address.

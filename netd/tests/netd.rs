@@ -109,7 +109,7 @@ fn taps_addresses_and_the_table() {
     assert_eq!(ns.run(&["nft", "list", "table", "inet", "burrow"]), table);
     let leases = client.leases().unwrap();
     assert_eq!(leases.len(), 2);
-    client.sync(vec!["wsb".into()]).unwrap();
+    client.sync(vec!["wsb".into()], Default::default()).unwrap();
     assert_eq!(client.leases().unwrap().len(), 1);
     client.release("wsb").unwrap();
     assert!(client.leases().unwrap().is_empty());

@@ -9,6 +9,10 @@ pub enum Error {
     WorkspaceNotFound(String),
     #[error("name {0:?} is taken by another workspace")]
     NameTaken(String),
+    #[error("team {0:?} not found")]
+    TeamNotFound(String),
+    #[error("team {0:?} already exists")]
+    TeamExists(String),
     #[error("invalid {field}: {reason}")]
     Invalid { field: &'static str, reason: String },
     #[error("workspace {name} is {state}: {action} needs a {wanted} workspace")]
@@ -88,9 +92,11 @@ impl Error {
     pub fn class(&self) -> ErrorClass {
         match self {
             Error::WorkspaceNotFound(_)
+            | Error::TeamNotFound(_)
             | Error::ImageNotFound(_)
             | Error::SnapshotNotFound { .. } => ErrorClass::NotFound,
             Error::NameTaken(_)
+            | Error::TeamExists(_)
             | Error::WrongState { .. }
             | Error::SnapshotExists { .. }
             | Error::HasDependents { .. } => ErrorClass::Conflict,

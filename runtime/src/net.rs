@@ -113,9 +113,13 @@ impl Network {
         }
     }
 
-    /// Tells netd which workspaces exist; it forgets the others.
-    pub fn sync(&self, workspaces: Vec<String>) {
-        if let Err(e) = self.client.sync(workspaces) {
+    /// Tells netd which workspaces and teams exist; it forgets the others.
+    pub fn sync(
+        &self,
+        workspaces: Vec<String>,
+        teams: std::collections::BTreeMap<String, Vec<String>>,
+    ) {
+        if let Err(e) = self.client.sync(workspaces, teams) {
             tracing::warn!("network sync: {e}");
         }
     }
@@ -128,6 +132,14 @@ impl Network {
             }
             Err(e) => tracing::info!("burrow-netd stays: {e}"),
         }
+    }
+
+    pub fn set_team(&self, name: &str, members: Vec<String>) -> Result<(), burrow_netd::NetError> {
+        self.client.set_team(name, members)
+    }
+
+    pub fn remove_team(&self, name: &str) -> Result<(), burrow_netd::NetError> {
+        self.client.remove_team(name)
     }
 
     pub fn set_policy(

@@ -39,6 +39,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/images", get(images))
         .route("/v1/images/{name}/build", post(image_build))
         .route("/v1/workspaces", get(list).post(create))
+        .route("/v1/teams", axum::routing::post(team_create))
+        .route("/v1/teams/{name}", get(team_status).delete(team_destroy))
         .route("/v1/workspaces/{ws}", get(info).delete(destroy))
         .route("/v1/workspaces/{ws}/start", post(start))
         .route("/v1/workspaces/{ws}/stop", post(stop))
@@ -396,6 +398,28 @@ async fn fork(
     ApiJson(p): ApiJson<crate::engine::ForkParams>,
 ) -> ApiResult<Vec<crate::engine::WorkspaceInfo>> {
     ok(s.engine.fork(&ws, p).await?)
+}
+
+async fn team_create(
+    State(s): State<AppState>,
+    ApiJson(p): ApiJson<crate::engine::TeamParams>,
+) -> ApiResult<Vec<crate::engine::TeamMember>> {
+    ok(s.engine.team_create(p).await?)
+}
+
+async fn team_status(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Vec<crate::engine::TeamMember>> {
+    ok(s.engine.team_status(&name).await?)
+}
+
+async fn team_destroy(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    s.engine.team_destroy(&name).await?;
+    ok(json!({"destroyed": name}))
 }
 
 async fn network_policy(

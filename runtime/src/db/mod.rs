@@ -104,6 +104,7 @@ pub struct ForkedFrom {
 }
 
 mod snapshots;
+mod teams;
 
 pub use snapshots::{SnapshotRecord, SnapshotState};
 
@@ -126,6 +127,15 @@ CREATE TABLE IF NOT EXISTS workspaces (
     pids TEXT,
     forked_from TEXT,
     head TEXT
+);
+CREATE TABLE IF NOT EXISTS teams (
+    name TEXT PRIMARY KEY,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS team_members (
+    team TEXT NOT NULL,
+    workspace_id TEXT NOT NULL,
+    PRIMARY KEY (team, workspace_id)
 );
 CREATE TABLE IF NOT EXISTS snapshots (
     workspace_id TEXT NOT NULL,
@@ -299,7 +309,10 @@ impl Db {
     }
 
     pub fn delete(&self, id: &str) -> Result<()> {
-        self.with(|c| c.execute("DELETE FROM workspaces WHERE id = ?1", [id]))?;
+        self.with(|c| {
+            c.execute("DELETE FROM team_members WHERE workspace_id = ?1", [id])?;
+            c.execute("DELETE FROM workspaces WHERE id = ?1", [id])
+        })?;
         Ok(())
     }
 }

@@ -9,6 +9,7 @@ mod guest_ops;
 mod network;
 mod reconcile;
 mod snapshots;
+mod teams;
 mod vm;
 
 use std::collections::HashMap;
@@ -24,6 +25,7 @@ use tracing::Instrument;
 pub use guest_ops::LogKind;
 pub use network::PolicyChange;
 pub use snapshots::{Diff, ForkParams, SnapshotInfo, MAX_FORKS};
+pub use teams::{TeamMember, TeamParams};
 
 use crate::db::{Db, ForkedFrom, ProcId, State, VmPids, WorkspaceRecord};
 use crate::error::{Error, Result};

@@ -52,7 +52,7 @@ impl Engine {
         .await
     }
 
-    fn network(&self) -> Result<crate::net::Network> {
+    pub(super) fn network(&self) -> Result<crate::net::Network> {
         self.net.clone().ok_or_else(|| {
             Error::invalid(
                 "network",

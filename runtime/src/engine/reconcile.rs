@@ -76,7 +76,7 @@ impl Engine {
         // The network keeps addresses for the workspaces there are, no others.
         if let Some(net) = &self.net {
             let ids = self.db.list()?.into_iter().map(|r| r.id).collect();
-            net.sync(ids);
+            net.sync(ids, self.db.teams()?);
         }
         self.sweep_orphans(&adopted).await;
         Ok(())

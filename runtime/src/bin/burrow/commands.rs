@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 
 use burrow::api::client::{seg, Client, ClientError};
 use burrow::api::{DaemonStatus, EnvRequest, JobKillRequest};
-use burrow::engine::{CreateParams, Diff, ForkParams, SnapshotInfo, WorkspaceInfo};
+use burrow::engine::{CreateParams, Diff, ForkParams, SnapshotInfo, TeamMember, WorkspaceInfo};
 use burrow::image::ImageInfo;
 use burrow::paths::StateDir;
 use burrow_proto::{
@@ -18,6 +18,7 @@ use crate::output::{print_entries, print_info, print_job, print_list};
 use crate::SnapshotCommand;
 use crate::{
     daemon, Cli, Command, DaemonCommand, EnvCommand, FileCommand, ImageCommand, JobCommand,
+    TeamCommand,
 };
 
 /// Exit code of an exec killed by its timeout, as timeout(1) uses.
@@ -178,6 +179,7 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
             }
         }
         Command::Snapshot(cmd) => snapshot(&c, cmd).await?,
+        Command::Team(cmd) => team(&c, cmd).await?,
         Command::Fork(a) => {
             let p = ForkParams {
                 snapshot: a.snapshot,
@@ -605,6 +607,52 @@ async fn daemon_command(
         },
     }
     Ok(0)
+}
+
+async fn team(c: &Client, cmd: TeamCommand) -> Result<(), Failure> {
+    let print = |members: &[TeamMember], as_json: bool| {
+        if as_json {
+            print_json(&members);
+        } else {
+            println!("{:<20} {:<14} {:<15} STATE", "NAME", "WORKSPACE_ID", "IP");
+            for m in members {
+                println!(
+                    "{:<20} {:<14} {:<15} {}",
+                    m.name,
+                    m.workspace_id,
+                    m.ip.as_deref().unwrap_or("-"),
+                    m.state
+                );
+            }
+        }
+    };
+    match cmd {
+        TeamCommand::Create {
+            name,
+            members,
+            json,
+        } => {
+            let m: Vec<TeamMember> = c
+                .post("/v1/teams", &json!({"name": name, "members": members}))
+                .await?;
+            print(&m, json);
+        }
+        TeamCommand::Status { name, json } => {
+            let m: Vec<TeamMember> = c.get(&format!("/v1/teams/{}", seg(&name))).await?;
+            print(&m, json);
+        }
+        TeamCommand::Destroy { name } => {
+            let _: Value = c
+                .call(
+                    hyper::Method::DELETE,
+                    &format!("/v1/teams/{}", seg(&name)),
+                    None::<&()>,
+                )
+                .await?;
+            println!("team {name} destroyed");
+        }
+    }
+    Ok(())
 }
 
 async fn snapshot(c: &Client, cmd: SnapshotCommand) -> Result<(), Failure> {

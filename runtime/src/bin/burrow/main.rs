@@ -64,6 +64,9 @@ pub enum Command {
     Diff(DiffArgs),
     /// What a workspace may reach on the network; changes take effect at once.
     NetworkPolicy(NetworkPolicyArgs),
+    /// Teams: workspaces made together that reach each other, and nothing else.
+    #[command(subcommand)]
+    Team(TeamCommand),
     /// Guest images.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -231,6 +234,27 @@ pub struct StartArgs {
     pub workspace: String,
     #[arg(long)]
     pub boot_timeout: Option<u64>,
+}
+
+#[derive(Subcommand)]
+pub enum TeamCommand {
+    /// Create a team and its member workspaces (in parallel).
+    Create {
+        name: String,
+        /// A member workspace to create (repeat for each).
+        #[arg(long = "member", required = true)]
+        members: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The members: name, workspace_id, ip, state.
+    Status {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Destroy the members (in parallel) and the team.
+    Destroy { name: String },
 }
 
 #[derive(Subcommand)]
