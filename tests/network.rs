@@ -337,7 +337,7 @@ fn teams_reach_their_members_and_nobody_else() {
         let seen: serde_json::Value =
             serde_json::from_str(b.ok(&args).trim()).expect("probe output");
         for (to, ip) in ips.iter().filter(|(n, _)| n != from) {
-            let allowed = team_of.get(from).is_some() && team_of.get(from) == team_of.get(to);
+            let allowed = team_of.contains_key(from) && team_of.get(from) == team_of.get(to);
             let want = serde_json::json!([allowed, allowed]);
             assert_eq!(seen[ip], want, "{from} -> {to} ({ip}): [tcp, ping]");
         }
