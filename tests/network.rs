@@ -385,3 +385,67 @@ fn teams_reach_their_members_and_nobody_else() {
     assert!(!table.contains("team_red"), "{table}");
     assert!(table.contains("team_blue"), "{table}");
 }
+
+/// kill -9 of burrow-netd, then of burrowd: after each restart the table and the
+/// links in the namespace are exactly what they were, and the network works.
+#[test]
+fn kill9_of_netd_and_burrowd_leaves_the_network_exact() {
+    require_root!();
+    let b = Burrow::new();
+    let ns = b.netns.as_ref().expect("a network namespace");
+    b.ok(&["create", "--name", "k"]);
+    b.ok(&[
+        "network-policy",
+        "k",
+        "--allow-internet",
+        "true",
+        "--allowed-ports",
+        "443",
+    ]);
+    let snapshot = || {
+        let table =
+            String::from_utf8_lossy(&ns.exec(&["nft", "list", "ruleset"]).stdout).into_owned();
+        let mut links: Vec<String> =
+            String::from_utf8_lossy(&ns.exec(&["ip", "-br", "link"]).stdout)
+                .lines()
+                .map(|l| l.split_whitespace().next().unwrap_or("").to_string())
+                .collect();
+        links.sort();
+        (table, links)
+    };
+    let before = snapshot();
+    assert!(before.0.contains("10.213.0.2"), "{}", before.0);
+    assert_eq!(before.1.len(), 3, "{:?}", before.1);
+
+    let netd: i32 = std::fs::read_to_string(b.state.join("netd.pid"))
+        .expect("netd.pid")
+        .trim()
+        .parse()
+        .expect("pid");
+    burrow_tests::kill9(netd);
+    wait_until("netd to die", Duration::from_secs(10), || {
+        !burrow_tests::process_exists(netd)
+    });
+    // The next request starts netd again, which rebuilds the table from its records.
+    let p = b.json(&["network-policy", "k", "--json"]);
+    assert_eq!(p["allowed_ports"], serde_json::json!([443]));
+    assert_eq!(snapshot(), before, "not exact after netd's restart");
+
+    let daemon = b.daemon_pid().expect("daemon pid");
+    burrow_tests::kill9(daemon);
+    wait_until("daemon to die", Duration::from_secs(10), || {
+        !burrow_tests::process_exists(daemon)
+    });
+    assert_eq!(b.info("k")["state"], "running");
+    assert_eq!(snapshot(), before, "not exact after burrowd's restart");
+    let out = ns.exec(&[
+        "python3",
+        "-c",
+        "import socket; socket.create_connection(('10.213.0.2', 22), timeout=3)",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("refused"),
+        "the guest is not reachable: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

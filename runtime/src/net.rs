@@ -11,7 +11,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use burrow_netd::{Lease, NetClient};
+use burrow_netd::{Lease, NetClient, NetError};
 
 use crate::paths::StateDir;
 use crate::vmm::VmNet;
@@ -20,6 +20,7 @@ use crate::vmm::VmNet;
 pub struct Network {
     client: NetClient,
     pid_file: PathBuf,
+    state: StateDir,
 }
 
 impl Network {
@@ -35,11 +36,12 @@ impl Network {
         let net = Network {
             client: NetClient::new(&socket),
             pid_file: state.root().join("netd.pid"),
+            state: state.clone(),
         };
         if net.client.ping().is_ok() {
             return Some(net);
         }
-        match net.start(state, &socket) {
+        match net.start() {
             Ok(()) => Some(net),
             Err(e) => {
                 tracing::warn!("burrow-netd: {e}; workspaces get no network");
@@ -48,7 +50,25 @@ impl Network {
         }
     }
 
-    fn start(&self, state: &StateDir, socket: &std::path::Path) -> Result<(), String> {
+    /// Runs `f` against netd; if netd is gone (killed), starts it again (it
+    /// rebuilds its bridge and table from its records) and runs `f` once more.
+    fn with<T>(&self, f: impl Fn(&NetClient) -> Result<T, NetError>) -> Result<T, NetError> {
+        match f(&self.client) {
+            Err(NetError::Unreachable(path, e)) => {
+                tracing::warn!(
+                    "burrow-netd at {} does not answer ({e}): starting it",
+                    path.display()
+                );
+                self.start().map_err(NetError::Failed)?;
+                f(&self.client)
+            }
+            r => r,
+        }
+    }
+
+    fn start(&self) -> Result<(), String> {
+        let state = &self.state;
+        let socket = state.root().join("netd.sock");
         let binary = crate::paths::companion_binary("BURROW_NETD", "burrow-netd")
             .ok_or("burrow-netd is not installed next to burrowd")?;
         let log = state.root().join("netd.log");
@@ -61,7 +81,7 @@ impl Network {
         cmd.arg("--state")
             .arg(state.root().join("net"))
             .arg("--socket")
-            .arg(socket)
+            .arg(&socket)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr);
@@ -96,7 +116,9 @@ impl Network {
 
     /// The guest's interface for `workspace`'s VM.
     pub fn attach(&self, workspace: &str) -> Result<(Lease, VmNet), String> {
-        let (lease, fd) = self.client.attach(workspace).map_err(|e| e.to_string())?;
+        let (lease, fd) = self
+            .with(|c| c.attach(workspace))
+            .map_err(|e| e.to_string())?;
         let net = VmNet {
             tap: std::sync::Arc::new(fd),
             mac: lease.mac.clone(),
@@ -108,7 +130,7 @@ impl Network {
     }
 
     pub fn release(&self, workspace: &str) {
-        if let Err(e) = self.client.release(workspace) {
+        if let Err(e) = self.with(|c| c.release(workspace)) {
             tracing::warn!(workspace, "release its address: {e}");
         }
     }
@@ -119,7 +141,7 @@ impl Network {
         workspaces: Vec<String>,
         teams: std::collections::BTreeMap<String, Vec<String>>,
     ) {
-        if let Err(e) = self.client.sync(workspaces, teams) {
+        if let Err(e) = self.with(|c| c.sync(workspaces.clone(), teams.clone())) {
             tracing::warn!("network sync: {e}");
         }
     }
@@ -135,11 +157,11 @@ impl Network {
     }
 
     pub fn set_team(&self, name: &str, members: Vec<String>) -> Result<(), burrow_netd::NetError> {
-        self.client.set_team(name, members)
+        self.with(|c| c.set_team(name, members.clone()))
     }
 
     pub fn remove_team(&self, name: &str) -> Result<(), burrow_netd::NetError> {
-        self.client.remove_team(name)
+        self.with(|c| c.remove_team(name))
     }
 
     pub fn set_policy(
@@ -149,18 +171,24 @@ impl Network {
         allow_inter_vm: Option<bool>,
         allowed_ports: Option<Vec<u16>>,
     ) -> Result<burrow_netd::protocol::Policy, burrow_netd::NetError> {
-        self.client
-            .set_policy(workspace, allow_internet, allow_inter_vm, allowed_ports)
+        self.with(|c| {
+            c.set_policy(
+                workspace,
+                allow_internet,
+                allow_inter_vm,
+                allowed_ports.clone(),
+            )
+        })
     }
 
     pub fn policy(
         &self,
         workspace: &str,
     ) -> Result<burrow_netd::protocol::Policy, burrow_netd::NetError> {
-        self.client.policy(workspace)
+        self.with(|c| c.policy(workspace))
     }
 
     pub fn leases(&self) -> Vec<Lease> {
-        self.client.leases().unwrap_or_default()
+        self.with(|c| c.leases()).unwrap_or_default()
     }
 }
