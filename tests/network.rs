@@ -27,7 +27,7 @@ fn workspaces_reach_the_host_and_not_each_other() {
     // b listens; it is up once it can reach itself.
     b.ok(&[
         "job", "start", "b", "--", "python3", "-c",
-        "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('0.0.0.0', 8000)); s.listen()\nwhile True: s.accept()[0].close()",
+        "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('0.0.0.0', 8000)); s.listen()\nwhile True:\n  c=s.accept()[0]; c.sendall(b'hello from b'); c.close()",
     ]);
     wait_until("b to listen", Duration::from_secs(60), || {
         b.run(&[
@@ -76,6 +76,62 @@ fn workspaces_reach_the_host_and_not_each_other() {
     let out = b.run(&["exec", "a", "--", "python3", "-c", &connect(&ip_b, 8000)]);
     assert!(!out.status.success(), "a reached b");
 
+    // Port forwards: a host port relays to b's port, from the host itself too.
+    let read_from = |port: &str| {
+        let script = format!(
+            "import socket; s=socket.create_connection(('127.0.0.1', {port}), timeout=5); print(s.recv(100).decode())"
+        );
+        let out = ns.exec(&["python3", "-c", &script]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let auto = b
+        .ok(&["port-forward", "add", "b", "8000"])
+        .trim()
+        .to_string();
+    assert!(auto.parse::<u16>().is_ok_and(|p| p >= 1024), "{auto}");
+    assert_eq!(read_from(&auto), "hello from b");
+    b.ok(&["port-forward", "rm", "b", "8000"]);
+    let fixed = b.json(&[
+        "port-forward",
+        "add",
+        "b",
+        "8000",
+        "--host-port",
+        "9090",
+        "--json",
+    ]);
+    assert_eq!(fixed["host_port"], 9090);
+    assert_eq!(read_from("9090"), "hello from b");
+    let list = b.json(&["port-forward", "ls", "b", "--json"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    for (args, want) in [
+        (
+            vec!["port-forward", "add", "b", "22", "--host-port", "80"],
+            "host-port",
+        ),
+        (
+            vec!["port-forward", "add", "b", "22", "--host-port", "9090"],
+            "taken",
+        ),
+        (
+            vec!["port-forward", "add", "b", "8000"],
+            "already forwarded",
+        ),
+        (vec!["port-forward", "add", "b", "70000"], "70000"),
+        (vec!["port-forward", "add", "b", "0"], "guest-port"),
+        (vec!["port-forward", "rm", "b", "22"], "not forwarded"),
+        (vec!["port-forward", "add", "nope", "22"], "not found"),
+    ] {
+        let (_, err) = b.fails(&args);
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    assert_eq!(
+        b.json(&["port-forward", "ls", "b", "--json"]),
+        list,
+        "bad input changed the forwards"
+    );
+
     let table =
         String::from_utf8_lossy(&ns.exec(&["nft", "list", "table", "inet", "burrow"]).stdout)
             .into_owned();
@@ -86,6 +142,10 @@ fn workspaces_reach_the_host_and_not_each_other() {
     // Destroy releases; a clean stop leaves nothing in the namespace.
     b.ok(&["destroy", "a"]);
     b.ok(&["destroy", "b"]);
+    assert!(
+        read_from("9090").is_empty(),
+        "the forward outlived its workspace"
+    );
     b.ok(&["daemon", "stop"]);
     let netd_gone = || !b.state.join("netd.sock").exists();
     wait_until("netd to exit", Duration::from_secs(10), netd_gone);

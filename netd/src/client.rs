@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::fdpass::recv_with_fd;
-use crate::protocol::{Lease, Policy, Reply, Request, MAX_LINE};
+use crate::protocol::{Forward, Lease, Policy, Reply, Request, MAX_LINE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -130,6 +130,39 @@ impl NetClient {
         })? {
             (Reply::Policy(p), _) => Ok(p),
             _ => Err(NetError::Failed("policy: unexpected reply".into())),
+        }
+    }
+
+    pub fn forward_add(
+        &self,
+        workspace: &str,
+        guest_port: u16,
+        host_port: Option<u16>,
+    ) -> Result<Forward, NetError> {
+        match self.call(&Request::ForwardAdd {
+            workspace: workspace.to_string(),
+            guest_port,
+            host_port,
+        })? {
+            (Reply::Forward(f), _) => Ok(f),
+            _ => Err(NetError::Failed("forward_add: unexpected reply".into())),
+        }
+    }
+
+    pub fn forward_rm(&self, workspace: &str, guest_port: u16) -> Result<(), NetError> {
+        self.call(&Request::ForwardRm {
+            workspace: workspace.to_string(),
+            guest_port,
+        })
+        .map(|_| ())
+    }
+
+    pub fn forward_ls(&self, workspace: &str) -> Result<Vec<Forward>, NetError> {
+        match self.call(&Request::ForwardLs {
+            workspace: workspace.to_string(),
+        })? {
+            (Reply::Forwards(f), _) => Ok(f),
+            _ => Err(NetError::Failed("forward_ls: unexpected reply".into())),
         }
     }
 

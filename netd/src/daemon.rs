@@ -12,7 +12,10 @@ use tokio::sync::Mutex;
 
 use std::collections::BTreeSet;
 
-use crate::protocol::{validate_team, validate_workspace, Lease, Policy, Reply, Request, MAX_LINE};
+use crate::forwards::Relays;
+use crate::protocol::{
+    validate_team, validate_workspace, Forward, Lease, Policy, Reply, Request, MAX_LINE,
+};
 use crate::state::{mac_for, mac_string, Store};
 use crate::{fdpass, links, rules};
 
@@ -44,6 +47,7 @@ struct Daemon {
 struct Net {
     store: Store,
     ports: BTreeSet<u16>,
+    relays: Relays,
 }
 
 impl Net {
@@ -95,8 +99,30 @@ pub async fn run(cfg: Config, ready: impl FnOnce()) -> Result<(), String> {
     let mut net = Net {
         store,
         ports: BTreeSet::new(),
+        relays: Relays::default(),
     };
     net.install()?;
+    // The recorded forwards again (a port another process took meanwhile is
+    // reported and skipped).
+    for f in net
+        .store
+        .leases
+        .forwards
+        .values()
+        .cloned()
+        .collect::<Vec<_>>()
+    {
+        let Some(ip) = net.store.leases.by_workspace.get(&f.workspace).copied() else {
+            continue;
+        };
+        if let Err(e) = net
+            .relays
+            .start(f.host_port, (ip, f.guest_port).into())
+            .await
+        {
+            tracing::warn!(host_port = f.host_port, "forward: {e}");
+        }
+    }
     let _ = std::fs::remove_file(&cfg.socket);
     let listener = UnixListener::bind(&cfg.socket)
         .map_err(|e| format!("bind {}: {e}", cfg.socket.display()))?;
@@ -199,6 +225,8 @@ impl Daemon {
                     .values()
                     .any(|m| m.contains(&workspace));
                 n.store.leases.remove(&workspace);
+                let forwards: Vec<_> = n.store.leases.forwards.values().cloned().collect();
+                n.relays.retain(&forwards);
                 if in_team {
                     // Its address leaves the team's set with a rebuild.
                     return self.saved_and_installed(&mut n);
@@ -278,6 +306,69 @@ impl Daemon {
                     Err(Refusal::Failed(e)) => (Reply::Failed(e), None),
                 }
             }
+            Request::ForwardAdd {
+                workspace,
+                guest_port,
+                host_port,
+            } => {
+                if let Err(m) = validate_workspace(&workspace) {
+                    return (refused("workspace", m), None);
+                }
+                if guest_port == 0 {
+                    return (
+                        refused("guest_port", "0 is not a port (1-65535)".into()),
+                        None,
+                    );
+                }
+                if let Some(h) = host_port.filter(|h| *h < 1024) {
+                    return (refused("host_port", format!("{h} is below 1024")), None);
+                }
+                match self.forward_add(&workspace, guest_port, host_port).await {
+                    Ok(f) => (Reply::Forward(f), None),
+                    Err(Refusal::Field(f, m)) => (refused(f, m), None),
+                    Err(Refusal::Failed(e)) => (Reply::Failed(e), None),
+                }
+            }
+            Request::ForwardRm {
+                workspace,
+                guest_port,
+            } => {
+                let mut n = self.store.lock().await;
+                let found = n
+                    .store
+                    .leases
+                    .forwards
+                    .values()
+                    .find(|f| f.workspace == workspace && f.guest_port == guest_port)
+                    .map(|f| f.host_port);
+                let Some(host_port) = found else {
+                    return (
+                        refused(
+                            "guest_port",
+                            format!("{guest_port} of {workspace} is not forwarded"),
+                        ),
+                        None,
+                    );
+                };
+                n.store.leases.forwards.remove(&host_port);
+                n.relays.stop(host_port);
+                match n.store.save() {
+                    Ok(()) => (Reply::Ok, None),
+                    Err(e) => (Reply::Failed(format!("save: {e}")), None),
+                }
+            }
+            Request::ForwardLs { workspace } => {
+                let n = self.store.lock().await;
+                let list = n
+                    .store
+                    .leases
+                    .forwards
+                    .values()
+                    .filter(|f| f.workspace == workspace)
+                    .cloned()
+                    .collect();
+                (Reply::Forwards(list), None)
+            }
             Request::GetPolicy { workspace } => {
                 let n = self.store.lock().await;
                 if !n.store.leases.by_workspace.contains_key(&workspace) {
@@ -344,6 +435,8 @@ impl Daemon {
     }
 
     fn saved_and_installed(&self, n: &mut Net) -> (Reply, Option<std::os::fd::OwnedFd>) {
+        let forwards: Vec<_> = n.store.leases.forwards.values().cloned().collect();
+        n.relays.retain(&forwards);
         let done = n
             .store
             .save()
@@ -353,6 +446,60 @@ impl Daemon {
             Ok(()) => (Reply::Ok, None),
             Err(e) => (Reply::Failed(e), None),
         }
+    }
+
+    async fn forward_add(
+        &self,
+        workspace: &str,
+        guest_port: u16,
+        host_port: Option<u16>,
+    ) -> Result<Forward, Refusal> {
+        let mut n = self.store.lock().await;
+        let ip =
+            *n.store.leases.by_workspace.get(workspace).ok_or_else(|| {
+                Refusal::Field("workspace", format!("{workspace:?} has no address"))
+            })?;
+        if let Some(f) = n
+            .store
+            .leases
+            .forwards
+            .values()
+            .find(|f| f.workspace == workspace && f.guest_port == guest_port)
+        {
+            return Err(Refusal::Field(
+                "guest_port",
+                format!(
+                    "{guest_port} is already forwarded from host port {}",
+                    f.host_port
+                ),
+            ));
+        }
+        let port = match n
+            .relays
+            .start(host_port.unwrap_or(0), (ip, guest_port).into())
+            .await
+        {
+            Ok(p) => p,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                return Err(Refusal::Field(
+                    "host_port",
+                    format!("{} is already taken", host_port.unwrap_or(0)),
+                ))
+            }
+            Err(e) => return Err(Refusal::Failed(format!("bind: {e}"))),
+        };
+        let f = Forward {
+            workspace: workspace.to_string(),
+            guest_port,
+            host_port: port,
+        };
+        n.store.leases.forwards.insert(port, f.clone());
+        if let Err(e) = n.store.save() {
+            n.relays.stop(port);
+            n.store.leases.forwards.remove(&port);
+            return Err(Refusal::Failed(format!("save: {e}")));
+        }
+        Ok(f)
     }
 
     /// Applies a policy change: set elements only, unless a port is new to the

@@ -20,6 +20,7 @@
 pub mod client;
 pub mod daemon;
 mod fdpass;
+mod forwards;
 mod links;
 pub mod protocol;
 mod rules;

@@ -47,6 +47,19 @@ pub enum Request {
     GetPolicy {
         workspace: String,
     },
+    /// Forward a host port (given, or chosen ≥ 1024) to `guest_port` of the workspace.
+    ForwardAdd {
+        workspace: String,
+        guest_port: u16,
+        host_port: Option<u16>,
+    },
+    ForwardRm {
+        workspace: String,
+        guest_port: u16,
+    },
+    ForwardLs {
+        workspace: String,
+    },
     /// Remove the bridge and the table and exit, if no VM is on the network
     /// (addresses stay recorded for the next start).
     Shutdown,
@@ -77,10 +90,20 @@ pub struct Policy {
     pub allowed_ports: Option<Vec<u16>>,
 }
 
+/// A host port forwarded to a workspace's port.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Forward {
+    pub workspace: String,
+    pub guest_port: u16,
+    pub host_port: u16,
+}
+
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
     Ok,
+    Forward(Forward),
+    Forwards(Vec<Forward>),
     Attached(Lease),
     Policy(Policy),
     Leases(Vec<Lease>),

@@ -15,6 +15,9 @@ pub(crate) struct Leases {
     /// Team name → its workspaces.
     #[serde(default)]
     pub teams: BTreeMap<String, Vec<String>>,
+    /// Port forwards, by host port.
+    #[serde(default)]
+    pub forwards: BTreeMap<u16, crate::protocol::Forward>,
 }
 
 impl Leases {
@@ -25,6 +28,7 @@ impl Leases {
         for members in self.teams.values_mut() {
             members.retain(|w| w != workspace);
         }
+        self.forwards.retain(|_, f| f.workspace != workspace);
     }
 
     /// Team name → the addresses of its members that have one.

@@ -188,6 +188,26 @@ impl Network {
         self.with(|c| c.policy(workspace))
     }
 
+    pub fn forward_add(
+        &self,
+        workspace: &str,
+        guest_port: u16,
+        host_port: Option<u16>,
+    ) -> Result<burrow_netd::protocol::Forward, NetError> {
+        self.with(|c| c.forward_add(workspace, guest_port, host_port))
+    }
+
+    pub fn forward_rm(&self, workspace: &str, guest_port: u16) -> Result<(), NetError> {
+        self.with(|c| c.forward_rm(workspace, guest_port))
+    }
+
+    pub fn forward_ls(
+        &self,
+        workspace: &str,
+    ) -> Result<Vec<burrow_netd::protocol::Forward>, NetError> {
+        self.with(|c| c.forward_ls(workspace))
+    }
+
     pub fn leases(&self) -> Vec<Lease> {
         self.with(|c| c.leases()).unwrap_or_default()
     }

@@ -324,7 +324,12 @@ impl Netns {
             .stderr(std::process::Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
-        ok.then(|| Netns(name.to_string()))
+        let ns = ok.then(|| Netns(name.to_string()))?;
+        // Loopback up, as in any host's namespace (clients of port forwards use it).
+        let _ = Command::new("ip")
+            .args(["-n", name, "link", "set", "lo", "up"])
+            .status();
+        Some(ns)
     }
 
     /// Runs a command inside the namespace.

@@ -39,6 +39,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/images", get(images))
         .route("/v1/images/{name}/build", post(image_build))
         .route("/v1/workspaces", get(list).post(create))
+        .route(
+            "/v1/workspaces/{ws}/port-forwards",
+            get(forward_ls).post(forward_add),
+        )
+        .route(
+            "/v1/workspaces/{ws}/port-forwards/{port}",
+            axum::routing::delete(forward_rm),
+        )
         .route("/v1/teams", axum::routing::post(team_create))
         .route("/v1/teams/{name}", get(team_status).delete(team_destroy))
         .route("/v1/workspaces/{ws}", get(info).delete(destroy))
@@ -398,6 +406,38 @@ async fn fork(
     ApiJson(p): ApiJson<crate::engine::ForkParams>,
 ) -> ApiResult<Vec<crate::engine::WorkspaceInfo>> {
     ok(s.engine.fork(&ws, p).await?)
+}
+
+#[derive(serde::Deserialize)]
+struct ForwardParams {
+    guest_port: u16,
+    #[serde(default)]
+    host_port: Option<u16>,
+}
+
+async fn forward_add(
+    State(s): State<AppState>,
+    Path(ws): Path<String>,
+    ApiJson(p): ApiJson<ForwardParams>,
+) -> ApiResult<burrow_netd::protocol::Forward> {
+    ok(s.engine
+        .port_forward_add(&ws, p.guest_port, p.host_port)
+        .await?)
+}
+
+async fn forward_ls(
+    State(s): State<AppState>,
+    Path(ws): Path<String>,
+) -> ApiResult<Vec<burrow_netd::protocol::Forward>> {
+    ok(s.engine.port_forward_ls(&ws).await?)
+}
+
+async fn forward_rm(
+    State(s): State<AppState>,
+    Path((ws, port)): Path<(String, u16)>,
+) -> ApiResult<serde_json::Value> {
+    s.engine.port_forward_rm(&ws, port).await?;
+    ok(json!({"removed": port}))
 }
 
 async fn team_create(

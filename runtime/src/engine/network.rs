@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Engine;
 use crate::error::{Error, Result};
-use burrow_netd::protocol::Policy;
+use burrow_netd::protocol::{Forward, Policy};
 
 /// A change of network policy: fields left out keep their value.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -52,6 +52,30 @@ impl Engine {
         .await
     }
 
+    /// Forwards a host port (given, or chosen ≥ 1024) to `guest_port` of a workspace.
+    pub async fn port_forward_add(
+        &self,
+        reference: &str,
+        guest_port: u16,
+        host_port: Option<u16>,
+    ) -> Result<Forward> {
+        let rec = self.db.resolve(reference)?;
+        let net = self.network()?;
+        blocking_net(move || net.forward_add(&rec.id, guest_port, host_port)).await
+    }
+
+    pub async fn port_forward_rm(&self, reference: &str, guest_port: u16) -> Result<()> {
+        let rec = self.db.resolve(reference)?;
+        let net = self.network()?;
+        blocking_net(move || net.forward_rm(&rec.id, guest_port)).await
+    }
+
+    pub async fn port_forward_ls(&self, reference: &str) -> Result<Vec<Forward>> {
+        let rec = self.db.resolve(reference)?;
+        let net = self.network()?;
+        blocking_net(move || net.forward_ls(&rec.id)).await
+    }
+
     pub(super) fn network(&self) -> Result<crate::net::Network> {
         self.net.clone().ok_or_else(|| {
             Error::invalid(
@@ -71,6 +95,8 @@ async fn blocking_net<T: Send + 'static>(
             let field = match field.as_str() {
                 "workspace" => "workspace",
                 "allowed_ports" => "allowed_ports",
+                "host_port" => "host-port",
+                "guest_port" => "guest-port",
                 _ => "network",
             };
             Err(Error::invalid(field, message))

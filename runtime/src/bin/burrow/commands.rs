@@ -18,7 +18,7 @@ use crate::output::{print_entries, print_info, print_job, print_list};
 use crate::SnapshotCommand;
 use crate::{
     daemon, Cli, Command, DaemonCommand, EnvCommand, FileCommand, ImageCommand, JobCommand,
-    TeamCommand,
+    PortForwardCommand, TeamCommand,
 };
 
 /// Exit code of an exec killed by its timeout, as timeout(1) uses.
@@ -180,6 +180,7 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
         }
         Command::Snapshot(cmd) => snapshot(&c, cmd).await?,
         Command::Team(cmd) => team(&c, cmd).await?,
+        Command::PortForward(cmd) => port_forward(&c, cmd).await?,
         Command::Fork(a) => {
             let p = ForkParams {
                 snapshot: a.snapshot,
@@ -607,6 +608,55 @@ async fn daemon_command(
         },
     }
     Ok(0)
+}
+
+async fn port_forward(c: &Client, cmd: PortForwardCommand) -> Result<(), Failure> {
+    use burrow_netd::protocol::Forward;
+    match cmd {
+        PortForwardCommand::Add {
+            workspace,
+            guest_port,
+            host_port,
+            json,
+        } => {
+            let f: Forward = c
+                .post(
+                    &ws_path(&workspace, "/port-forwards"),
+                    &json!({"guest_port": guest_port, "host_port": host_port}),
+                )
+                .await?;
+            if json {
+                print_json(&f);
+            } else {
+                println!("{}", f.host_port);
+            }
+        }
+        PortForwardCommand::Ls { workspace, json } => {
+            let list: Vec<Forward> = c.get(&ws_path(&workspace, "/port-forwards")).await?;
+            if json {
+                print_json(&list);
+            } else {
+                println!("{:<10} GUEST_PORT", "HOST_PORT");
+                for f in list {
+                    println!("{:<10} {}", f.host_port, f.guest_port);
+                }
+            }
+        }
+        PortForwardCommand::Rm {
+            workspace,
+            guest_port,
+        } => {
+            let _: Value = c
+                .call(
+                    hyper::Method::DELETE,
+                    &ws_path(&workspace, &format!("/port-forwards/{guest_port}")),
+                    None::<&()>,
+                )
+                .await?;
+            println!("{workspace}: {guest_port} no longer forwarded");
+        }
+    }
+    Ok(())
 }
 
 async fn team(c: &Client, cmd: TeamCommand) -> Result<(), Failure> {

@@ -64,6 +64,9 @@ pub enum Command {
     Diff(DiffArgs),
     /// What a workspace may reach on the network; changes take effect at once.
     NetworkPolicy(NetworkPolicyArgs),
+    /// Host ports forwarded to a workspace's ports.
+    #[command(subcommand)]
+    PortForward(PortForwardCommand),
     /// Teams: workspaces made together that reach each other, and nothing else.
     #[command(subcommand)]
     Team(TeamCommand),
@@ -234,6 +237,29 @@ pub struct StartArgs {
     pub workspace: String,
     #[arg(long)]
     pub boot_timeout: Option<u64>,
+}
+
+#[derive(Subcommand)]
+pub enum PortForwardCommand {
+    /// Forward a host port to GUEST_PORT; prints the host port.
+    Add {
+        workspace: String,
+        guest_port: u16,
+        /// The host port (≥ 1024); chosen when left out.
+        #[arg(long)]
+        host_port: Option<u16>,
+        #[arg(long)]
+        json: bool,
+    },
+    Ls {
+        workspace: String,
+        #[arg(long)]
+        json: bool,
+    },
+    Rm {
+        workspace: String,
+        guest_port: u16,
+    },
 }
 
 #[derive(Subcommand)]
