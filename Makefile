@@ -28,9 +28,10 @@ test: image
 
 bench: build
 	bash scripts/install-deps.sh --bench
-	cargo build --release -p burrow-fs --examples
+	cargo build --release -p burrow-fs -p burrow-netd --examples
 	bash scripts/bench.sh target/release
 	target/release/examples/store_bench
+	target/release/examples/rule_bench
 	python3 scripts/bench_volumes.py target/release --store btrfs
 	python3 scripts/bench_volumes.py target/release --store fuse
 
