@@ -58,7 +58,7 @@ if ! static_busybox "$BUSYBOX"; then
 fi
 command -v cpio >/dev/null 2>&1 || apt_install cpio
 APPLETS=$("$BUSYBOX" --list) || die "$BUSYBOX --list failed"
-for a in sh mount umount modprobe switch_root reboot sleep mkdir cp chmod hostname ip; do
+for a in sh mount umount modprobe switch_root reboot sleep mkdir cp chmod hostname ip rm; do
   [[ $'\n'$APPLETS$'\n' == *$'\n'$a$'\n'* ]] || die "busybox at $BUSYBOX lacks the $a applet"
 done
 
@@ -148,6 +148,12 @@ done
 
 [ -d /newroot/run ] || mkdir /newroot/run || fail "mkdir /newroot/run"
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /newroot/run || fail "mount tmpfs on /newroot/run"
+# The gateway answers DNS (burrow-netd forwards the queries of workspaces allowed
+# out), so the resolver never changes with the policy.
+if [ -n "$gw" ]; then
+	[ -L /newroot/etc/resolv.conf ] && rm -f /newroot/etc/resolv.conf
+	echo "nameserver $gw" >/newroot/etc/resolv.conf || fail "write /etc/resolv.conf"
+fi
 cp /burrow-agent /newroot/run/burrow-agent || fail "copy agent to /newroot/run"
 chmod 0755 /newroot/run/burrow-agent || fail "chmod agent"
 [ -d /newroot/dev ] || mkdir /newroot/dev || fail "mkdir /newroot/dev"

@@ -169,7 +169,8 @@ fn workspaces_reach_the_host_and_not_each_other() {
 #[test]
 fn network_policy_takes_effect_on_running_workspaces() {
     require_root!();
-    let b = Burrow::new();
+    // The internet's resolver: netd forwards allowed guests' queries there.
+    let b = Burrow::new().with_env("BURROW_UPSTREAM_DNS", "192.0.2.1");
     let ns = b.netns.as_ref().expect("a network namespace");
     let inet = burrow_tests::Netns::new(&format!("{}i", ns.0)).expect("internet namespace");
     // The internet: 192.0.2.1, one veth away from the host's namespace.
@@ -194,7 +195,9 @@ fn network_policy_takes_effect_on_running_workspaces() {
             "import socket, threading\n\
              def serve(p):\n  s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('192.0.2.1', p)); s.listen()\n  while True: s.accept()[0].close()\n\
              ls=[threading.Thread(target=serve, args=(p,), daemon=True) for p in (22, 80, 443)]\n\
-             [t.start() for t in ls]\nprint('up', flush=True)\nthreading.Event().wait()",
+             [t.start() for t in ls]\n\
+             def dns():\n  u=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(('192.0.2.1', 53))\n  while True:\n    q,a=u.recvfrom(512); end=12\n    while q[end]: end+=q[end]+1\n    end+=5\n    u.sendto(q[:2]+b'\\x81\\x80'+q[4:6]+b'\\x00\\x01\\x00\\x00\\x00\\x00'+q[12:end]+b'\\xc0\\x0c\\x00\\x01\\x00\\x01\\x00\\x00\\x00\\x3c\\x00\\x04'+bytes([192,0,2,1]), a)\n\
+             threading.Thread(target=dns, daemon=True).start()\nprint('up', flush=True)\nthreading.Event().wait()",
         )
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -235,8 +238,29 @@ fn network_policy_takes_effect_on_running_workspaces() {
         !reaches("a", "192.0.2.1", 80),
         "internet reachable by default"
     );
+    let resolve = |ws: &str| {
+        let out = b.run(&[
+            "exec",
+            ws,
+            "--",
+            "python3",
+            "-c",
+            "import socket; print(socket.gethostbyname('example.test'))",
+        ]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(
+        resolve("a"),
+        "",
+        "DNS answered a workspace that may not go out"
+    );
     let out = b.ok(&["network-policy", "a", "--allow-internet", "true"]);
     assert!(out.contains("allow_internet=true"), "{out}");
+    assert_eq!(
+        resolve("a"),
+        "192.0.2.1",
+        "DNS does not work once allowed out"
+    );
     assert!(reaches("a", "192.0.2.1", 80));
     assert!(reaches("a", "192.0.2.1", 22));
     assert!(!reaches("c", "192.0.2.1", 80), "c got a's policy");

@@ -32,6 +32,9 @@ pub struct Config {
     pub socket: PathBuf,
     /// A network namespace (`ip netns` name) to do everything in.
     pub netns: Option<String>,
+    /// The resolver guests' queries are forwarded to (when their policy allows
+    /// internet access); none: the first of /etc/resolv.conf.
+    pub upstream_dns: Option<Ipv4Addr>,
     pub gateway: Ipv4Addr,
     pub prefix: u8,
 }
@@ -74,6 +77,17 @@ fn route_through_host() -> Result<(), String> {
     set(format!("{conf}/proxy_arp_pvlan"), "1")?;
     set(format!("{conf}/send_redirects"), "0")?;
     set("/proc/sys/net/ipv4/conf/all/send_redirects".into(), "0")
+}
+
+/// The host's first IPv4 name server (not a loopback one: the guests' queries are
+/// sent from here, and a stub on 127.0.0.53 would not be reachable the same way).
+fn system_resolver() -> Option<Ipv4Addr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .ok()?
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+        .find(|a| !a.is_loopback())
 }
 
 /// Joins `name` (a file in /run/netns). Call before any other thread exists: a
@@ -132,6 +146,28 @@ pub async fn run(cfg: Config, ready: impl FnOnce()) -> Result<(), String> {
         bridge,
         store: Mutex::new(net),
     });
+    if let Some(upstream) = daemon.cfg.upstream_dns.or_else(system_resolver) {
+        let d = daemon.clone();
+        crate::dns::serve(daemon.cfg.gateway, upstream, move |ip| {
+            let d = d.clone();
+            tokio::spawn(async move {
+                let n = d.store.lock().await;
+                let ws = n
+                    .store
+                    .leases
+                    .by_workspace
+                    .iter()
+                    .find(|(_, a)| **a == ip)
+                    .map(|(w, _)| w.clone());
+                ws.and_then(|w| n.store.leases.policies.get(&w).map(|p| p.allow_internet))
+                    .unwrap_or(false)
+            })
+        })
+        .await
+        .map_err(|e| format!("resolver on {}:53: {e}", daemon.cfg.gateway))?;
+    } else {
+        tracing::warn!("no upstream resolver: guests get no DNS");
+    }
     ready();
     loop {
         let (conn, _) = listener

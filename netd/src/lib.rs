@@ -19,6 +19,7 @@
 
 pub mod client;
 pub mod daemon;
+mod dns;
 mod fdpass;
 mod forwards;
 mod links;

@@ -3,7 +3,8 @@
 //! VMs) outlives a daemon restart.
 //!
 //! `BURROW_NETNS` names a network namespace (`ip netns`) for netd to work in:
-//! tests give each instance its own. Without root there is no netd and workspaces
+//! tests give each instance its own. `BURROW_UPSTREAM_DNS` is the resolver netd
+//! forwards guests' queries to (default: the host's first in /etc/resolv.conf). Without root there is no netd and workspaces
 //! have no network.
 
 use std::io::BufRead;
@@ -87,6 +88,9 @@ impl Network {
             .stderr(stderr);
         if let Ok(ns) = std::env::var("BURROW_NETNS") {
             cmd.args(["--netns", &ns]);
+        }
+        if let Ok(dns) = std::env::var("BURROW_UPSTREAM_DNS") {
+            cmd.args(["--upstream-dns", &dns]);
         }
         // SAFETY: setsid is async-signal-safe.
         unsafe {

@@ -1,4 +1,5 @@
-//! `burrow-netd --state DIR --socket PATH [--netns NAME] [--subnet 10.213.0.1/16]`
+//! `burrow-netd --state DIR --socket PATH [--netns NAME] [--subnet 10.213.0.1/16]
+//! [--upstream-dns A.B.C.D]`
 //!
 //! Started by burrowd (in a session of its own, so that it outlives a daemon
 //! restart); prints `ready` on stdout once it serves.
@@ -11,7 +12,7 @@ use burrow_netd::daemon::{enter_netns, run, Config};
 
 fn usage(msg: &str) -> ! {
     eprintln!("burrow-netd: {msg}");
-    eprintln!("usage: burrow-netd --state DIR --socket PATH [--netns NAME] [--subnet A.B.C.D/N]");
+    eprintln!("usage: burrow-netd --state DIR --socket PATH [--netns NAME] [--subnet A.B.C.D/N] [--upstream-dns A.B.C.D]");
     std::process::exit(2);
 }
 
@@ -20,7 +21,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let mut args = std::env::args().skip(1);
-    let (mut state, mut socket, mut netns) = (None, None, None);
+    let (mut state, mut socket, mut netns, mut dns) = (None, None, None, None);
     let mut subnet = (Ipv4Addr::new(10, 213, 0, 1), 16u8);
     while let Some(a) = args.next() {
         let mut value = || {
@@ -31,6 +32,14 @@ fn main() {
             "--state" => state = Some(PathBuf::from(value())),
             "--socket" => socket = Some(PathBuf::from(value())),
             "--netns" => netns = Some(value()),
+            "--upstream-dns" => {
+                let v = value();
+                dns = Some(v.parse::<Ipv4Addr>().unwrap_or_else(|_| {
+                    usage(&format!(
+                        "invalid --upstream-dns {v:?}: use an IPv4 address"
+                    ))
+                }));
+            }
             "--subnet" => {
                 let v = value();
                 let parsed = v.split_once('/').and_then(|(ip, p)| {
@@ -60,6 +69,7 @@ fn main() {
         state_dir,
         socket,
         netns,
+        upstream_dns: dns,
         gateway: subnet.0,
         prefix: subnet.1,
     };
