@@ -34,6 +34,7 @@ bench: build
 	target/release/examples/rule_bench
 	python3 scripts/bench_volumes.py target/release --store btrfs
 	python3 scripts/bench_volumes.py target/release --store fuse
+	python3 scripts/bench_network.py target/release
 
 clean:
 	cargo clean
