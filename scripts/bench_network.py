@@ -13,6 +13,7 @@ Usage: bench_network.py BIN_DIR [--runs N] [--mb M]
 """
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -104,12 +105,11 @@ def main():
             b("network-policy", w, "--allow-inter-vm", "true")
             b("file", "write", w, "/root/recv.py", stdin=RECEIVER)
             b("file", "write", w, "/root/send.py", stdin=SENDER)
-        ip2 = b("info", "g2", "--json").split('"ip": "')[1].split('"')[0]
-        b("job", "start", "g2", "--", "python3", "/root/recv.py", "0.0.0.0", "5001")
+        ip2 = json.loads(b("info", "g2", "--json"))["ip"]
+        job = b("job", "start", "g2", "--", "python3", "/root/recv.py", "0.0.0.0", "5001").strip()
+        # The receiver prints `up` once it listens.
         deadline = time.monotonic() + 60
-        while subprocess.run([b.bin, "--state-dir", state, "exec", "g2", "--", "python3", "-c",
-                              "import socket; socket.create_connection(('127.0.0.1', 5001)).close()"],
-                             env=b.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode != 0:
+        while "up" not in json.loads(b("job", "poll", "g2", job, "--json"))["stdout"]:
             if time.monotonic() > deadline:
                 raise SystemExit("the receiver in g2 did not come up")
             time.sleep(0.2)

@@ -30,9 +30,7 @@ fn kill9_of_daemon_and_of_qemu() {
     // which re-adopts it.
     let daemon = b.daemon_pid().expect("daemon pid");
     kill9(daemon);
-    wait_until("daemon to die", Duration::from_secs(10), || {
-        !process_exists(daemon)
-    });
+    burrow_tests::wait_exit("daemon", daemon, Duration::from_secs(10));
     assert!(process_exists(qemu), "the VM died with the daemon");
     let out = b.run(&["ls", "--json"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -72,9 +70,7 @@ fn kill9_of_daemon_and_of_qemu() {
         || b.info("crashy")["state"] == "stopped",
     );
     for p in sidecars {
-        wait_until("sidecar to end", Duration::from_secs(10), || {
-            !process_exists(p)
-        });
+        burrow_tests::wait_exit("sidecar", p, Duration::from_secs(10));
     }
     assert!(
         b.vm_processes().is_empty(),
@@ -92,15 +88,11 @@ fn kill9_of_daemon_and_of_qemu() {
     let daemon = b.daemon_pid().expect("daemon pid");
     let info = b.info("crashy");
     kill9(daemon);
-    wait_until("daemon to die", Duration::from_secs(10), || {
-        !process_exists(daemon)
-    });
+    burrow_tests::wait_exit("daemon", daemon, Duration::from_secs(10));
     for p in ["qemu", "virtiofsd", "vsock"] {
         let pid = info["pids"][p].as_i64().expect("pid") as i32;
         kill9(pid);
-        wait_until("VM process to die", Duration::from_secs(10), || {
-            !process_exists(pid)
-        });
+        burrow_tests::wait_exit("VM process", pid, Duration::from_secs(10));
     }
     assert_eq!(b.info("crashy")["state"], "stopped");
     assert!(!b.run_root().join(&id).exists(), "stale run dir kept");
@@ -135,9 +127,7 @@ fn kill9_during_fork_leaves_whole_workspaces_or_none() {
     });
     kill9(daemon);
     let _ = fork.wait();
-    wait_until("daemon to die", Duration::from_secs(10), || {
-        !process_exists(daemon)
-    });
+    burrow_tests::wait_exit("daemon", daemon, Duration::from_secs(10));
 
     let list = b.json(&["ls", "--json"]);
     let list = list.as_array().expect("array");
@@ -202,9 +192,7 @@ fn kill9_of_daemon_on_the_fuse_store() {
 
     let daemon = b.daemon_pid().expect("daemon pid");
     kill9(daemon);
-    wait_until("daemon to die", Duration::from_secs(10), || {
-        !process_exists(daemon)
-    });
+    burrow_tests::wait_exit("daemon", daemon, Duration::from_secs(10));
     assert!(
         process_exists(cowfs),
         "the FUSE server died with the daemon"
@@ -231,9 +219,7 @@ fn kill9_of_daemon_on_the_fuse_store() {
 
     b.ok(&["destroy", "layered"]);
     b.ok(&["daemon", "stop"]);
-    wait_until("FUSE server to exit", Duration::from_secs(10), || {
-        !process_exists(cowfs)
-    });
+    burrow_tests::wait_exit("FUSE server", cowfs, Duration::from_secs(10));
     assert!(
         !burrow_tests::is_mountpoint(&b.state.join("fuse/mnt")),
         "the FUSE mount outlived the daemon"

@@ -8,6 +8,30 @@ use std::time::Duration;
 
 use burrow_tests::{require_root, wait_until, Burrow};
 
+/// A TCP server on port 8000 that closes each connection, after sending
+/// `greeting` if there is one. It prints `up` once it listens.
+fn tcp_server(greeting: &str) -> String {
+    format!(
+        "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', 8000)); s.listen(); print('up', flush=True)\n\
+         while True:\n  c=s.accept()[0]; c.sendall(b'{greeting}'); c.close()"
+    )
+}
+
+/// Starts `script` as a job in `ws` and waits for the `up` it prints once it
+/// listens.
+fn start_server(b: &Burrow, ws: &str, script: &str) {
+    let job = b
+        .ok(&["job", "start", ws, "--", "python3", "-c", script])
+        .trim()
+        .to_string();
+    wait_until("a server to listen", Duration::from_secs(60), || {
+        let s = b.json(&["job", "poll", ws, &job, "--json"]);
+        assert_eq!(s["running"], true, "the server ended: {s}");
+        s["stdout"].as_str().is_some_and(|o| o.contains("up"))
+    });
+}
+
 /// A Python one-liner that exits 0 if a TCP connection to ip:port succeeds.
 fn connect(ip: &str, port: u16) -> String {
     format!("import socket; socket.create_connection(('{ip}', {port}), timeout=3).close()")
@@ -24,23 +48,7 @@ fn workspaces_reach_the_host_and_not_each_other() {
     let ip_b = b.info("b")["ip"].as_str().expect("ip of b").to_string();
     assert_eq!((ip_a.as_str(), ip_b.as_str()), ("10.213.0.2", "10.213.0.3"));
 
-    // b listens; it is up once it can reach itself.
-    b.ok(&[
-        "job", "start", "b", "--", "python3", "-c",
-        "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('0.0.0.0', 8000)); s.listen()\nwhile True:\n  c=s.accept()[0]; c.sendall(b'hello from b'); c.close()",
-    ]);
-    wait_until("b to listen", Duration::from_secs(60), || {
-        b.run(&[
-            "exec",
-            "b",
-            "--",
-            "python3",
-            "-c",
-            &connect("127.0.0.1", 8000),
-        ])
-        .status
-        .success()
-    });
+    start_server(&b, "b", &tcp_server("hello from b"));
     // The host (the namespace) reaches b.
     let out = ns.exec(&["python3", "-c", &connect(&ip_b, 8000)]);
     assert!(
@@ -146,9 +154,13 @@ fn workspaces_reach_the_host_and_not_each_other() {
         read_from("9090").is_empty(),
         "the forward outlived its workspace"
     );
+    let netd: i32 = std::fs::read_to_string(b.state.join("netd.pid"))
+        .expect("netd.pid")
+        .trim()
+        .parse()
+        .expect("pid");
     b.ok(&["daemon", "stop"]);
-    let netd_gone = || !b.state.join("netd.sock").exists();
-    wait_until("netd to exit", Duration::from_secs(10), netd_gone);
+    burrow_tests::wait_exit("netd", netd, Duration::from_secs(10));
     let links = String::from_utf8_lossy(&ns.exec(&["ip", "-br", "link"]).stdout).into_owned();
     assert!(
         !links.contains("burrow0") && !links.contains("bw"),
@@ -212,22 +224,7 @@ fn network_policy_takes_effect_on_running_workspaces() {
     b.ok(&["create", "--name", "a"]);
     b.ok(&["create", "--name", "c"]);
     let ip_c = b.info("c")["ip"].as_str().expect("ip of c").to_string();
-    b.ok(&[
-        "job", "start", "c", "--", "python3", "-c",
-        "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('0.0.0.0', 8000)); s.listen()\nwhile True: s.accept()[0].close()",
-    ]);
-    wait_until("c to listen", Duration::from_secs(60), || {
-        b.run(&[
-            "exec",
-            "c",
-            "--",
-            "python3",
-            "-c",
-            &connect("127.0.0.1", 8000),
-        ])
-        .status
-        .success()
-    });
+    start_server(&b, "c", &tcp_server(""));
     let reaches = |ws: &str, ip: &str, port: u16| {
         b.run(&["exec", ws, "--", "python3", "-c", &connect(ip, port)])
             .status
@@ -360,8 +357,6 @@ threads = [threading.Thread(target=probe, args=(ip,)) for ip in sys.argv[1:]]
 print(json.dumps(out))
 "#;
 
-const LISTEN: &str = "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('0.0.0.0', 8000)); s.listen()\nwhile True: s.accept()[0].close()";
-
 /// Two teams of two and a loner: every pair, both ways, by TCP and ping, reaches
 /// the other exactly when both are in one team. Then the team commands' bad input
 /// and a team destroy that takes its members and its rules with it.
@@ -392,23 +387,10 @@ fn teams_reach_their_members_and_nobody_else() {
         "loner".into(),
         b.info("loner")["ip"].as_str().expect("ip").to_string(),
     ));
+    let listener = tcp_server("");
     for (name, _) in &ips {
-        b.ok(&["job", "start", name, "--", "python3", "-c", LISTEN]);
+        start_server(&b, name, &listener);
         b.run_with_stdin(&["file", "write", name, "/root/probe.py"], PROBE.as_bytes());
-    }
-    for (name, _) in &ips {
-        wait_until("a listener", Duration::from_secs(60), || {
-            b.run(&[
-                "exec",
-                name,
-                "--",
-                "python3",
-                "-c",
-                &connect("127.0.0.1", 8000),
-            ])
-            .status
-            .success()
-        });
     }
     for (from, _) in &ips {
         let targets: Vec<&str> = ips
@@ -507,9 +489,7 @@ fn kill9_of_netd_and_burrowd_leaves_the_network_exact() {
         .parse()
         .expect("pid");
     burrow_tests::kill9(netd);
-    wait_until("netd to die", Duration::from_secs(10), || {
-        !burrow_tests::process_exists(netd)
-    });
+    burrow_tests::wait_exit("netd", netd, Duration::from_secs(10));
     // The next request starts netd again, which rebuilds the table from its records.
     let p = b.json(&["network-policy", "k", "--json"]);
     assert_eq!(p["allowed_ports"], serde_json::json!([443]));
@@ -517,9 +497,7 @@ fn kill9_of_netd_and_burrowd_leaves_the_network_exact() {
 
     let daemon = b.daemon_pid().expect("daemon pid");
     burrow_tests::kill9(daemon);
-    wait_until("daemon to die", Duration::from_secs(10), || {
-        !burrow_tests::process_exists(daemon)
-    });
+    burrow_tests::wait_exit("daemon", daemon, Duration::from_secs(10));
     assert_eq!(b.info("k")["state"], "running");
     assert_eq!(snapshot(), before, "not exact after burrowd's restart");
     let out = ns.exec(&[

@@ -235,25 +235,24 @@ mod tests {
     async fn finds_processes_by_command_line() {
         let t = tempfile::tempdir().unwrap();
         let marker = t.path().join("marker");
-        let child = std::process::Command::new("sh")
+        let mut child = std::process::Command::new("sh")
             .arg("-c")
-            .arg("sleep 30; : $0")
+            .arg("echo up; sleep 30; : $0")
             .arg(&marker)
-            .stdout(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .process_group(0)
             .spawn()
             .unwrap();
-        // The child's command line is readable once it has exec'd; under a loaded
-        // host that can trail spawn() by a moment.
-        let mut found = processes_mentioning(&[t.path()]);
-        for _ in 0..100 {
-            if !found.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            found = processes_mentioning(&[t.path()]);
-        }
+        // The shell's first line says it runs: its command line is readable by then.
+        let mut up = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut up,
+        )
+        .unwrap();
+        assert_eq!(up, "up\n");
+        let found = processes_mentioning(&[t.path()]);
         // The shell, and for an instant its fork for `sleep`, name the marker; nothing
         // else does.
         let pids: Vec<i32> = found.iter().map(|p| p.pid).collect();

@@ -374,6 +374,30 @@ pub fn process_exists(pid: i32) -> bool {
     !is_zombie(pid) && Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Waits until process `pid` has exited, on a pidfd (readable once it has),
+/// failing the test after `timeout`. `what` names it in the failure.
+pub fn wait_exit(what: &str, pid: i32, timeout: Duration) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return; // already gone (and reaped)
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd that lives across the call.
+    let ready = unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) };
+    assert!(
+        ready > 0,
+        "timed out after {timeout:?} waiting for {what} (pid {pid}) to exit"
+    );
+}
+
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }

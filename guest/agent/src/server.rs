@@ -94,13 +94,20 @@ impl Listener {
         }
     }
 
-    /// Tells the host that requests can come: on vsock, connects to the host's
-    /// [`READY_PORT`] and sends one [`HelloReply`], so the host never has to poll a
-    /// booting guest. Nothing to do on a Unix socket (whoever started the agent
-    /// polls it).
+    /// Tells whoever waits that requests can come: on vsock, connects to the
+    /// host's [`READY_PORT`] and sends one [`HelloReply`], so the host never has to
+    /// poll a booting guest; on a Unix socket (dev mode), prints `ready` on stdout
+    /// for whoever started the agent.
     pub fn announce_ready(&self) {
-        if matches!(self, Listener::Vsock(_)) {
-            tokio::spawn(announce_ready());
+        match self {
+            Listener::Vsock(_) => {
+                tokio::spawn(announce_ready());
+            }
+            Listener::Unix(_) => {
+                use std::io::Write;
+                let mut out = std::io::stdout();
+                let _ = writeln!(out, "ready").and_then(|_| out.flush());
+            }
         }
     }
 

@@ -35,7 +35,7 @@ impl AgentProcess {
             .arg("--listen")
             .arg(format!("unix:{}", sock.display()))
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
             .expect("spawn burrow-agent");
@@ -44,19 +44,14 @@ impl AgentProcess {
         agent
     }
 
-    /// Polls until the socket accepts, within a bounded time.
+    /// Waits for the agent's `ready` line (printed once it listens); end of
+    /// output instead means it exited.
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if std::os::unix::net::UnixStream::connect(&self.sock).is_ok() {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("agent exited early ({status}): {}", self.log());
-            }
-            assert!(Instant::now() < deadline, "agent not ready: {}", self.log());
-            std::thread::sleep(Duration::from_millis(10));
+        let mut line = String::new();
+        if let Some(out) = self.child.stdout.take() {
+            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line);
         }
+        assert_eq!(line.trim(), "ready", "agent not ready: {}", self.log());
     }
 
     fn log(&self) -> String {
@@ -93,14 +88,7 @@ impl AgentProcess {
 
     /// Waits, bounded, for the agent to exit by itself.
     fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "agent did not exit");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        exited_within(&mut self.child, limit).expect("agent did not exit")
     }
 }
 
@@ -114,16 +102,34 @@ impl Drop for AgentProcess {
         unsafe {
             libc::kill(pid, libc::SIGTERM);
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        if exited_within(&mut self.child, Duration::from_secs(5)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
+}
+
+/// Waits up to `limit` for `child` to exit (on a pidfd, which becomes readable
+/// when it does) and reaps it.
+fn exited_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
+    }
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
+    if fd >= 0 {
+        // SAFETY: a fresh fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd that lives across the call.
+        unsafe { libc::poll(&mut p, 1, limit.as_millis() as i32) };
+    }
+    child.try_wait().ok().flatten()
 }
 
 struct Client {
