@@ -66,9 +66,13 @@ impl State {
                 layer: top,
                 index: None,
                 handles: Vec::new(),
+                real: None,
             }))
         };
         self.dentries.insert(key, ino);
+        if !is_dir {
+            self.note_inode(ino);
+        }
         Ok(ino)
     }
 

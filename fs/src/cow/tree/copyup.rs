@@ -66,6 +66,7 @@ impl State {
         let f = self.file_mut(ino)?;
         f.layer = top;
         f.index = index;
+        self.note_inode(ino);
         self.reopen_handles(ino)
     }
 

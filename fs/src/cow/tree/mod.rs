@@ -77,6 +77,8 @@ struct FileNode {
     /// Set when the data is a hard-link index entry rather than the first name.
     index: Option<PathBuf>,
     handles: Vec<u64>,
+    /// (device, inode) of the layer file, as recorded in `State::inodes`.
+    real: Option<(u64, u64)>,
 }
 
 enum Kind {
@@ -125,6 +127,9 @@ pub(crate) struct State {
     snapshot_views: HashMap<(String, String), u64>,
     nodes: HashMap<u64, Node>,
     dentries: HashMap<(u64, OsString), u64>,
+    /// (view, device, inode) of a layer file → the file node showing it, so that
+    /// another name of a hard-linked file finds the node the kernel already has.
+    inodes: HashMap<(u64, u64, u64), u64>,
     handles: HashMap<u64, Handle>,
     /// Open directories: which, and their entries once read.
     listings: HashMap<u64, (u64, Option<Vec<DirEntry>>)>,
@@ -240,6 +245,7 @@ impl State {
             snapshot_views: HashMap::new(),
             nodes,
             dentries: HashMap::new(),
+            inodes: HashMap::new(),
             handles: HashMap::new(),
             listings: HashMap::new(),
             next_ino: FIRST_DYNAMIC,
@@ -535,13 +541,18 @@ impl State {
                     self.file_mut(ino)?.names.push(key.clone());
                     ino
                 }
-                None => self.insert(Kind::File(FileNode {
-                    view,
-                    names: vec![key.clone()],
-                    layer,
-                    index,
-                    handles: Vec::new(),
-                })),
+                None => {
+                    let ino = self.insert(Kind::File(FileNode {
+                        view,
+                        names: vec![key.clone()],
+                        layer,
+                        index,
+                        handles: Vec::new(),
+                        real: None,
+                    }));
+                    self.note_inode(ino);
+                    ino
+                }
             },
         };
         self.dentries.insert(key, ino);
@@ -554,13 +565,31 @@ impl State {
         if meta.nlink() < 2 {
             return None;
         }
-        self.nodes.iter().find_map(|(ino, n)| match &n.kind {
-            Kind::File(f) if f.view == view => {
-                let m = std::fs::symlink_metadata(self.file_path(*ino).ok()?).ok()?;
-                (m.dev() == meta.dev() && m.ino() == meta.ino()).then_some(*ino)
+        let ino = *self.inodes.get(&(view, meta.dev(), meta.ino()))?;
+        // Checked, not trusted: a layer file deleted since may have left its
+        // inode number to another.
+        let m = std::fs::symlink_metadata(self.file_path(ino).ok()?).ok()?;
+        (m.dev() == meta.dev() && m.ino() == meta.ino()).then_some(ino)
+    }
+
+    /// Records which layer file file node `ino` shows now (after it was made,
+    /// found again or copied up).
+    pub(super) fn note_inode(&mut self, ino: u64) {
+        let Ok(path) = self.file_path(ino) else {
+            return;
+        };
+        let Ok(m) = std::fs::symlink_metadata(path) else {
+            return;
+        };
+        let Ok(f) = self.file_mut(ino) else { return };
+        let view = f.view;
+        let old = f.real.replace((m.dev(), m.ino()));
+        if let Some((dev, i)) = old {
+            if self.inodes.get(&(view, dev, i)) == Some(&ino) {
+                self.inodes.remove(&(view, dev, i));
             }
-            _ => None,
-        })
+        }
+        self.inodes.insert((view, m.dev(), m.ino()), ino);
     }
 
     fn relocate(&mut self, ino: u64, found: Found) -> Result<(), Errno> {
@@ -570,6 +599,7 @@ impl State {
                 let f = self.file_mut(ino)?;
                 f.layer = layer;
                 f.index = index;
+                self.note_inode(ino);
             }
         }
         Ok(())
@@ -654,7 +684,14 @@ impl State {
         }
         let names: Vec<(u64, OsString)> = match &node.kind {
             Kind::File(f) if !f.handles.is_empty() => return,
-            Kind::File(f) => f.names.clone(),
+            Kind::File(f) => {
+                if let Some((dev, i)) = f.real {
+                    if self.inodes.get(&(f.view, dev, i)) == Some(&ino) {
+                        self.inodes.remove(&(f.view, dev, i));
+                    }
+                }
+                f.names.clone()
+            }
             Kind::Dir(d) if d.root => {
                 if let Some(view) = self.views.get_mut(&d.view) {
                     view.root = None;
