@@ -26,6 +26,19 @@ enum Refusal {
     Failed(String),
 }
 
+impl Refusal {
+    fn reply(self) -> (Reply, Option<std::os::fd::OwnedFd>) {
+        let reply = match self {
+            Refusal::Field(field, message) => Reply::Refused {
+                field: Some(field.into()),
+                message,
+            },
+            Refusal::Failed(e) => Reply::Failed(e),
+        };
+        (reply, None)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub state_dir: PathBuf,
@@ -338,8 +351,7 @@ impl Daemon {
                     .await
                 {
                     Ok(p) => (Reply::Policy(p), None),
-                    Err(Refusal::Field(f, m)) => (refused(f, m), None),
-                    Err(Refusal::Failed(e)) => (Reply::Failed(e), None),
+                    Err(r) => r.reply(),
                 }
             }
             Request::ForwardAdd {
@@ -361,8 +373,7 @@ impl Daemon {
                 }
                 match self.forward_add(&workspace, guest_port, host_port).await {
                     Ok(f) => (Reply::Forward(f), None),
-                    Err(Refusal::Field(f, m)) => (refused(f, m), None),
-                    Err(Refusal::Failed(e)) => (Reply::Failed(e), None),
+                    Err(r) => r.reply(),
                 }
             }
             Request::ForwardRm {
@@ -373,9 +384,7 @@ impl Daemon {
                 let found = n
                     .store
                     .leases
-                    .forwards
-                    .values()
-                    .find(|f| f.workspace == workspace && f.guest_port == guest_port)
+                    .forward_of(&workspace, guest_port)
                     .map(|f| f.host_port);
                 let Some(host_port) = found else {
                     return (
@@ -495,13 +504,7 @@ impl Daemon {
             *n.store.leases.by_workspace.get(workspace).ok_or_else(|| {
                 Refusal::Field("workspace", format!("{workspace:?} has no address"))
             })?;
-        if let Some(f) = n
-            .store
-            .leases
-            .forwards
-            .values()
-            .find(|f| f.workspace == workspace && f.guest_port == guest_port)
-        {
+        if let Some(f) = n.store.leases.forward_of(workspace, guest_port) {
             return Err(Refusal::Field(
                 "guest_port",
                 format!(

@@ -31,6 +31,17 @@ impl Leases {
         self.forwards.retain(|_, f| f.workspace != workspace);
     }
 
+    /// The forward of `workspace`'s `guest_port`, if there is one.
+    pub fn forward_of(
+        &self,
+        workspace: &str,
+        guest_port: u16,
+    ) -> Option<&crate::protocol::Forward> {
+        self.forwards
+            .values()
+            .find(|f| f.workspace == workspace && f.guest_port == guest_port)
+    }
+
     /// Team name → the addresses of its members that have one.
     pub fn team_addresses(&self) -> BTreeMap<String, Vec<Ipv4Addr>> {
         self.teams
