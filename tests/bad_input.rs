@@ -22,6 +22,8 @@ fn bad_input_is_refused_and_changes_nothing() {
         (&["create", "--name", "bad name"], "invalid name"),
         (&["create", "--name", "a/b"], "invalid name"),
         (&["create", "--name", &"x".repeat(65)], "invalid name"),
+        (&["create", "--name", ".."], "invalid name"),
+        (&["create", "--name", "."], "invalid name"),
         (&["create", "--name", "ok", "--vcpus", "0"], "invalid vcpus"),
         (
             &["create", "--name", "ok", "--vcpus", "999"],
@@ -117,4 +119,45 @@ fn images_are_listed_and_a_build_of_a_built_image_is_quick() {
         .join("usr/bin/git")
         .exists());
     assert!(b.ok(&["image", "ls"]).contains("debian"));
+}
+
+/// One HTTP/1.1 request on the daemon's socket; returns (status line, body).
+fn http(b: &Burrow, method: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s =
+        std::os::unix::net::UnixStream::connect(b.state.join("burrowd.sock")).expect("connect");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: burrowd\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+    )
+    .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    let status = out.lines().next().unwrap_or_default().to_string();
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    (status, body)
+}
+
+#[test]
+fn query_and_path_errors_are_the_json_error() {
+    require_root!();
+    let b = Burrow::new();
+    b.ok(&["daemon", "start"]);
+    for (method, path, want) in [
+        ("GET", "/v1/workspaces/x/logs?lines=many", "lines"),
+        ("POST", "/v1/images/debian/build?force=perhaps", "force"),
+        (
+            "DELETE",
+            "/v1/workspaces/x/port-forwards/http",
+            "invalid path",
+        ),
+    ] {
+        let (status, body) = http(&b, method, path);
+        assert!(status.contains(" 400 "), "{method} {path}: {status}");
+        let v: serde_json::Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {body:?}"));
+        let msg = v["error"].as_str().unwrap_or_default();
+        assert!(msg.contains(want), "{method} {path}: {msg}");
+        assert_eq!(v["class"], "invalid", "{body}");
+    }
 }

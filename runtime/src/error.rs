@@ -71,6 +71,8 @@ pub enum ErrorClass {
     Conflict,
     Invalid,
     Unavailable,
+    /// The client may not use this daemon.
+    Forbidden,
     Internal,
 }
 

@@ -3,6 +3,7 @@
 //! The front doors (`burrowd`'s HTTP API, the `burrow` CLI through it) are thin:
 //! they parse, call [`engine::Engine`], and format the answer.
 
+pub mod access;
 pub mod api;
 pub mod db;
 pub mod engine;

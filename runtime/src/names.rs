@@ -2,8 +2,15 @@
 
 use crate::error::{Error, Result};
 
-/// Workspace names: `[A-Za-z0-9._-]{1,64}`.
+/// Names of workspaces, snapshots and teams: `[A-Za-z0-9._-]{1,64}`, but not `.`
+/// or `..` (they name directories on the host and in URLs).
 pub fn validate_name(field: &'static str, name: &str) -> Result<()> {
+    if name == "." || name == ".." {
+        return Err(Error::invalid(
+            field,
+            format!("{name:?} is reserved; choose another name"),
+        ));
+    }
     if name.is_empty() || name.len() > 64 {
         return Err(Error::invalid(
             field,
@@ -49,7 +56,7 @@ mod tests {
         for ok in ["dev", "a", "A.b_c-9", &"x".repeat(64)] {
             validate_name("name", ok).unwrap();
         }
-        for bad in ["", "a b", "a/b", "ü", &"x".repeat(65), "a;rm"] {
+        for bad in ["", "a b", "a/b", "ü", &"x".repeat(65), "a;rm", ".", ".."] {
             let e = validate_name("name", bad).unwrap_err().to_string();
             assert!(e.starts_with("invalid name:"), "{e}");
         }

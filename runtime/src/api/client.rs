@@ -20,6 +20,9 @@ pub enum ClientError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The socket is there but closed to this user.
+    #[error("permission denied: {path}: burrowd serves root and the members of its --group only")]
+    Forbidden { path: PathBuf },
     /// The daemon answered with an error.
     #[error("{message}")]
     Api { status: u16, message: String },
@@ -52,9 +55,14 @@ impl Client {
         let stream =
             UnixStream::connect(&self.socket)
                 .await
-                .map_err(|source| ClientError::NotRunning {
-                    path: self.socket.clone(),
-                    source,
+                .map_err(|source| match source.kind() {
+                    std::io::ErrorKind::PermissionDenied => ClientError::Forbidden {
+                        path: self.socket.clone(),
+                    },
+                    _ => ClientError::NotRunning {
+                        path: self.socket.clone(),
+                        source,
+                    },
                 })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await

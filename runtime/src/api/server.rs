@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -112,6 +113,7 @@ impl From<Error> for ApiError {
             ErrorClass::Conflict => StatusCode::CONFLICT,
             ErrorClass::Invalid => StatusCode::BAD_REQUEST,
             ErrorClass::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorClass::Forbidden => StatusCode::FORBIDDEN,
             ErrorClass::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, class, e.to_string())
@@ -143,6 +145,50 @@ fn rejection(e: JsonRejection) -> ApiError {
         ErrorClass::Invalid,
         format!("invalid request body: {text}"),
     )
+}
+
+/// axum's `Path`, with our JSON error for a segment that does not parse (a port
+/// that is not a number, a name that is not UTF-8).
+pub struct Path<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(Path(v)),
+            Err(e) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorClass::Invalid,
+                format!("invalid path: {}", e.body_text()),
+            )),
+        }
+    }
+}
+
+/// axum's `Query`, with our JSON error naming the parameter that does not parse.
+pub struct Query<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Query(v)),
+            Err(e) => {
+                let text = e.body_text();
+                let text = text
+                    .strip_prefix("Failed to deserialize query string: ")
+                    .unwrap_or(&text)
+                    .to_string();
+                Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorClass::Invalid,
+                    format!("invalid query: {text}"),
+                ))
+            }
+        }
+    }
 }
 
 type ApiResult<T> = Result<axum::Json<T>, ApiError>;

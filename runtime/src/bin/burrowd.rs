@@ -7,6 +7,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
+use burrow::access::{Access, CheckedListener};
 use burrow::api::server::{router, AppState};
 use burrow::engine::Engine;
 use burrow::paths::{CacheDir, StateDir, DEFAULT_CACHE_DIR, DEFAULT_STATE_DIR};
@@ -34,6 +35,9 @@ struct Args {
     /// Btrfs image as root, else the FUSE layer store), btrfs, fuse, or copy.
     #[arg(long, env = "BURROW_STORE", default_value = "auto")]
     store: String,
+    /// A group whose members may use this daemon besides root (e.g. `burrow`).
+    #[arg(long, env = "BURROW_GROUP")]
+    group: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,10 +71,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         // SAFETY: fcntl on an fd we own.
         unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
     }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{}", burrow::access::NEEDS_ROOT);
+    }
+    // Whatever the umask of whoever started us: everything this daemon and the
+    // processes it starts create (sockets, logs, volumes, the store image) is
+    // theirs alone unless given another mode on purpose.
+    // SAFETY: umask has no preconditions.
+    unsafe { libc::umask(0o077) };
+    let access = Access::new(args.group.as_deref())?;
     let state = StateDir::new(&args.state_dir).context("state dir")?;
     let cache = CacheDir::new(&args.cache_dir).context("cache dir")?;
-    std::fs::create_dir_all(state.root())
-        .with_context(|| format!("create {}", state.root().display()))?;
+    // Guests' files, consoles and the socket live below: nobody but root (and the
+    // access group, to reach the socket) gets in, whatever the umask.
+    access.secure_state_dir(state.root())?;
 
     // One daemon per state dir: an exclusive lock on the pid file, held for life.
     let pid_path = state.pid_file();
@@ -98,6 +113,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&sock);
     let listener = tokio::net::UnixListener::bind(&sock)
         .with_context(|| format!("bind {}", sock.display()))?;
+    access.secure_socket(&sock)?;
+    let listener = CheckedListener {
+        inner: listener,
+        access,
+    };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let app = router(AppState {
         engine: engine.clone(),

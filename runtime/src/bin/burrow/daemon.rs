@@ -2,6 +2,7 @@
 
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -43,12 +44,18 @@ pub async fn connect(state: &StateDir, cache_dir: &Path) -> Result<Client, Strin
 /// Starts burrowd detached (own session, output to its log) and waits for its
 /// readiness line on a pipe.
 pub async fn start(state: &StateDir, cache_dir: &Path) -> Result<u32, String> {
-    std::fs::create_dir_all(state.root())
-        .map_err(|e| format!("create {}: {e}", state.root().display()))?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(burrow::access::NEEDS_ROOT.to_string());
+    }
+    burrow::access::Access::default()
+        .secure_state_dir(state.root())
+        .map_err(|e| e.to_string())?;
     let log_path = state.daemon_log();
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(&log_path)
         .map_err(|e| format!("open {}: {e}", log_path.display()))?;
     let log_err = log
