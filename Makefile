@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: run test deps build build-debug image bench clean
+.PHONY: run test deps build build-debug image bench bench-smoke clean
 
 deps:
 	bash scripts/install-deps.sh
@@ -23,18 +23,20 @@ run: build
 image: build-debug
 	bash scripts/prepare-image.sh target/debug
 
+# The tests, then one iteration of every benchmark (no targets asserted), so that
+# a benchmark that breaks breaks the build.
 test: image
 	cargo nextest run --workspace --no-fail-fast --profile ci
+	$(MAKE) bench-smoke
+
+bench-smoke: image
+	cargo build -p burrow-fs -p burrow-netd --examples
+	bash scripts/bench.sh debug --smoke
 
 bench: build
 	bash scripts/install-deps.sh --bench
 	cargo build --release -p burrow-fs -p burrow-netd --examples
-	bash scripts/bench.sh target/release
-	target/release/examples/store_bench
-	target/release/examples/rule_bench
-	python3 scripts/bench_volumes.py target/release --store btrfs
-	python3 scripts/bench_volumes.py target/release --store fuse
-	python3 scripts/bench_network.py target/release
+	bash scripts/bench.sh release
 
 clean:
 	cargo clean
