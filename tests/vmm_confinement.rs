@@ -31,12 +31,8 @@ fn a_vmm_escape_is_not_host_root() {
         .to_string();
     let info = b.info("attacker");
     let pid = |k: &str| info["pids"][k].as_i64().expect("pid") as i32;
-    let (qemu, vsock, virtiofsd, console) = (
-        pid("qemu"),
-        pid("vsock"),
-        pid("virtiofsd"),
-        pid("console"),
-    );
+    let (qemu, vsock, virtiofsd, console) =
+        (pid("qemu"), pid("vsock"), pid("virtiofsd"), pid("console"));
 
     // QEMU and vhost-device-vsock: not root, no capability now or ever, and a root
     // of their own that holds neither the neighbour's volume nor the database.
@@ -110,27 +106,31 @@ fn a_vmm_escape_is_not_host_root() {
             .map(str::trim)
             .and_then(|v| u64::from_str_radix(v, 16).ok())
             .unwrap_or(0);
-        assert_eq!(eff & (1 << 27), 0, "virtiofsd {p} may mknod (bounding {bnd:x})");
-        assert_eq!(eff & (1 << 31), 0, "virtiofsd {p} may set file capabilities");
+        assert_eq!(
+            eff & (1 << 27),
+            0,
+            "virtiofsd {p} may mknod (bounding {bnd:x})"
+        );
+        assert_eq!(
+            eff & (1 << 31),
+            0,
+            "virtiofsd {p} may set file capabilities"
+        );
     }
 
     // QEMU's seccomp sandbox: asked over QMP to run a helper program (a bridge
     // helper is forked and exec'd), it refuses and spawns nothing.
     let marker = b.state.parent().expect("tmp").join("spawned");
     let helper = b.state.parent().expect("tmp").join("helper.sh");
-    std::fs::write(
-        &helper,
-        format!("#!/bin/sh\ntouch {}\n", marker.display()),
-    )
-    .expect("helper");
-    std::fs::set_permissions(
-        &helper,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .expect("chmod");
+    std::fs::write(&helper, format!("#!/bin/sh\ntouch {}\n", marker.display())).expect("helper");
+    std::fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
     let reply = qmp_hmp(
         &b.run_root().join(&id).join("qmp.sock"),
-        &format!("netdev_add bridge,id=evil,br=burrow0,helper={}", helper.display()),
+        &format!(
+            "netdev_add bridge,id=evil,br=burrow0,helper={}",
+            helper.display()
+        ),
     );
     assert!(
         reply.contains("Operation not permitted"),
@@ -139,7 +139,10 @@ fn a_vmm_escape_is_not_host_root() {
     assert!(!marker.exists(), "QEMU ran a program");
     assert!(children(qemu).is_empty(), "QEMU has children");
     assert!(process_exists(qemu), "QEMU survives the refusal");
-    assert_eq!(b.ok(&["exec", "attacker", "--", "echo", "still here"]), "still here\n");
+    assert_eq!(
+        b.ok(&["exec", "attacker", "--", "echo", "still here"]),
+        "still here\n"
+    );
 
     // Per-workspace limits: every process of the VM sits in one cgroup that bounds
     // CPU, memory (guest RAM + overhead) and tasks, and `info` says so.
@@ -185,7 +188,11 @@ fn a_vmm_escape_is_not_host_root() {
         std::fs::read_to_string(&log).is_ok_and(|t| t.contains("FLOOD-DONE"))
     });
     let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-    assert!(size(&log) <= CONSOLE_MAX, "console.log is {} bytes", size(&log));
+    assert!(
+        size(&log) <= CONSOLE_MAX,
+        "console.log is {} bytes",
+        size(&log)
+    );
     assert!(
         size(&rotated) <= CONSOLE_MAX,
         "console.log.1 is {} bytes",
@@ -193,20 +200,32 @@ fn a_vmm_escape_is_not_host_root() {
     );
     let text = std::fs::read_to_string(&log).expect("log");
     let tail: Vec<&str> = text.lines().map(|l| l.trim_end_matches('\r')).collect();
-    let done = tail.iter().position(|l| *l == "FLOOD-DONE").expect("marker");
+    let done = tail
+        .iter()
+        .position(|l| *l == "FLOOD-DONE")
+        .expect("marker");
     assert_eq!(tail[done - 1], "flood-line-19999", "newest lines lost");
 
     // A new daemon re-adopts the jailed VM (found by its command line and start
     // times), console writer included, and `logs` reads the bounded log.
-    assert!(process_exists(console), "the console writer died with the daemon");
+    assert!(
+        process_exists(console),
+        "the console writer died with the daemon"
+    );
     let again = b.info("attacker");
     assert_eq!(again["state"], "running");
     assert_eq!(again["pids"]["qemu"], qemu, "re-adopted, not restarted");
     assert_eq!(again["pids"]["console"], console);
-    assert!(b.ok(&["logs", "attacker", "--lines", "5"]).contains("FLOOD-DONE"));
+    assert!(b
+        .ok(&["logs", "attacker", "--lines", "5"])
+        .contains("FLOOD-DONE"));
 
     b.ok(&["destroy", "attacker"]);
-    assert!(!cgroup_dir.exists(), "cgroup left: {}", cgroup_dir.display());
+    assert!(
+        !cgroup_dir.exists(),
+        "cgroup left: {}",
+        cgroup_dir.display()
+    );
     assert!(!process_exists(console), "console writer left running");
     b.ok(&["destroy", "victim"]);
 }

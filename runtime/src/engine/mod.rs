@@ -168,7 +168,9 @@ impl Engine {
         }
         match &vmm.cgroups {
             Some(c) => tracing::info!(version = c.version(), "per-workspace cgroups"),
-            None => tracing::warn!("no cgroups: workspaces run without CPU, memory and pids limits"),
+            None => {
+                tracing::warn!("no cgroups: workspaces run without CPU, memory and pids limits")
+            }
         }
         let opened = {
             let state = state.clone();

@@ -246,7 +246,10 @@ impl Cgroups {
                 )?;
                 write(&dirs[2].join("pids.max"), &limits.pids.to_string())?;
                 Ok(WorkspaceCgroup {
-                    procs: dirs.iter().map(|d| cstring(&d.join("cgroup.procs"))).collect(),
+                    procs: dirs
+                        .iter()
+                        .map(|d| cstring(&d.join("cgroup.procs")))
+                        .collect(),
                 })
             }
         }

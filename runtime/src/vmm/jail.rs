@@ -78,9 +78,8 @@ impl VmmUser {
         let mut groups = vec![0 as libc::gid_t; 64];
         let mut n = groups.len() as libc::c_int;
         // SAFETY: groups has room for n entries; n is updated to the count.
-        let rc = unsafe {
-            libc::getgrouplist(cname.as_ptr(), pw.pw_gid, groups.as_mut_ptr(), &mut n)
-        };
+        let rc =
+            unsafe { libc::getgrouplist(cname.as_ptr(), pw.pw_gid, groups.as_mut_ptr(), &mut n) };
         groups.truncate(if rc < 0 { 0 } else { n.max(0) as usize });
         // Root's group never goes to a VMM, whatever the group file says.
         groups.retain(|g| *g != 0);
@@ -118,7 +117,10 @@ impl VmmUser {
 enum Step {
     Mkdir(CString),
     Touch(CString),
-    Symlink { target: CString, link: CString },
+    Symlink {
+        target: CString,
+        link: CString,
+    },
     /// A bind mount, then (for read-only ones) its remount with `remount` flags.
     Bind {
         src: CString,
@@ -167,8 +169,7 @@ impl JailBuilder {
 
     /// `path` inside the jail, seen from the host before pivot_root.
     fn inside(&self, path: &Path) -> PathBuf {
-        self.root
-            .join(path.strip_prefix("/").unwrap_or(path))
+        self.root.join(path.strip_prefix("/").unwrap_or(path))
     }
 
     fn mkdirs(&mut self, path: &Path) -> Result<(), JailError> {
@@ -362,14 +363,20 @@ impl Jail {
             check(libc::chdir(self.root.as_ptr()))?;
             // pivot_root(".", "."): the old root ends up stacked under the new one
             // and is detached at once; no directory for it is needed.
-            check(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int)?;
+            check(
+                libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int,
+            )?;
             check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
             check(libc::chdir(c"/".as_ptr()))?;
             check(libc::mount(
                 null,
                 c"/".as_ptr(),
                 null,
-                libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                libc::MS_REMOUNT
+                    | libc::MS_RDONLY
+                    | libc::MS_NOSUID
+                    | libc::MS_NODEV
+                    | libc::MS_NOEXEC,
                 std::ptr::null(),
             ))?;
             // No capability can come back: not through exec, not through a setuid
@@ -434,12 +441,17 @@ mod tests {
             .collect();
         let inside = root.join(f.strip_prefix("/").unwrap());
         assert_eq!(dsts, vec![inside.display().to_string()], "bound once");
-        assert!(matches!(b.steps.last(), Some(Step::Bind { remount: Some(fl), .. }) if fl & libc::MS_RDONLY != 0));
+        assert!(
+            matches!(b.steps.last(), Some(Step::Bind { remount: Some(fl), .. }) if fl & libc::MS_RDONLY != 0)
+        );
     }
 
     #[test]
     fn the_vmm_user_is_never_root() {
-        assert!(matches!(VmmUser::lookup("root"), Err(JailError::RootUser(_))));
+        assert!(matches!(
+            VmmUser::lookup("root"),
+            Err(JailError::RootUser(_))
+        ));
         assert!(matches!(
             VmmUser::lookup("no-such-user-burrow"),
             Err(JailError::NoUser(_))
