@@ -300,7 +300,7 @@ impl Jail {
     /// Only raw syscalls on data built before the fork: meant for `pre_exec`.
     pub unsafe fn enter(&self) -> std::io::Result<()> {
         let null = std::ptr::null::<libc::c_char>();
-        // SAFETY (whole block): every call is a raw syscall; pointers are either
+        // SAFETY: (the whole block) every call is a raw syscall; pointers are either
         // null or NUL-terminated strings owned by self, alive across the call.
         unsafe {
             check(libc::unshare(
