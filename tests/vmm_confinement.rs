@@ -88,6 +88,19 @@ fn a_vmm_escape_is_not_host_root() {
             "{what} can write its root"
         );
     }
+    // The console writer keeps root's ownership of the log and nothing else.
+    let status = std::fs::read_to_string(format!("/proc/{console}/status")).expect("status");
+    for (field, want) in [
+        ("CapEff:", "0000000000000000"),
+        ("CapBnd:", "0000000000000000"),
+        ("NoNewPrivs:", "1"),
+    ] {
+        let got = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .map(str::trim);
+        assert_eq!(got, Some(want), "console writer {field}");
+    }
     // virtiofsd must stay root to serve files of every owner, but it cannot make
     // device nodes or set file capabilities.
     let status = std::fs::read_to_string(format!("/proc/{virtiofsd}/status")).expect("status");

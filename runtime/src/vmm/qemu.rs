@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::jail::{find_program, Jail, JailBuilder};
+use super::jail::{find_program, Jail, JailBuilder, NoCapabilities};
 use super::{Accel, VmPaths, VmSpec, WorkspaceCgroup};
 use crate::db::{ProcId, VmPids};
 use crate::process::pass_fd;
@@ -225,11 +225,21 @@ pub async fn launch(spec: &VmSpec) -> Result<VmPids, LaunchError> {
         .open(paths.console_writer_log())
         .map_err(|e| prepare(&paths.console_writer_log(), e))?;
     cmd.stderr(out);
+    // It stays root only to own the log files it writes; it needs no capability.
     let cg = cgroup.clone();
-    if let Some(cg) = cg {
-        // SAFETY: join only calls open, write and close.
-        unsafe { cmd.pre_exec(move || cg.join()) };
-    }
+    let nocaps = spec.confine.as_ref().map(|_| NoCapabilities::default());
+    // SAFETY: join only calls open, write and close; apply only prctl and capset.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(cg) = &cg {
+                cg.join()?;
+            }
+            if let Some(n) = &nocaps {
+                n.apply()?;
+            }
+            Ok(())
+        })
+    };
     let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
         what: "burrow-console",
         source,
