@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use burrow_tests::{kill9, process_exists, require_root, wait_until, Burrow};
+use burrow_tests::{cgroup_file, kill9, process_exists, require_root, wait_until, Burrow};
 
 /// Bound on console.log (and console.log.1) for this test's daemon.
 const CONSOLE_MAX: u64 = 64 * 1024;
@@ -262,32 +262,6 @@ fn read_u64(p: &Path) -> u64 {
         .trim()
         .parse()
         .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-/// A file of `pid`'s cgroup for `controller`: the unified hierarchy's if
-/// /sys/fs/cgroup is one, else the controller's own v1 hierarchy.
-fn cgroup_file(pid: i32, controller: &str, file: &str) -> PathBuf {
-    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
-    let unified = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
-    for line in own.lines() {
-        let mut f = line.splitn(3, ':');
-        let (_, ctrls, path) = (
-            f.next().unwrap_or(""),
-            f.next().unwrap_or(""),
-            f.next().unwrap_or(""),
-        );
-        let path = path.trim_start_matches('/');
-        if unified && ctrls.is_empty() {
-            return Path::new("/sys/fs/cgroup").join(path).join(file);
-        }
-        if !unified && ctrls.split(',').any(|c| c == controller) {
-            return Path::new("/sys/fs/cgroup")
-                .join(controller)
-                .join(path)
-                .join(file);
-        }
-    }
-    panic!("no {controller} cgroup for {pid}: {own}");
 }
 
 /// Runs one human monitor command over QMP and returns its output (or error).

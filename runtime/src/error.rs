@@ -51,7 +51,7 @@ pub enum Error {
     #[error("{0}")]
     Vmm(String),
     #[error("VMM confinement: {0}")]
-    Confinement(#[from] crate::vmm::ConfigError),
+    Confinement(crate::vmm::ConfigError),
     #[error("volume: {0}")]
     Store(#[from] burrow_fs::StoreError),
     #[error("state database: {0}")]

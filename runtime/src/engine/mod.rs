@@ -161,7 +161,7 @@ impl Engine {
                 .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         }
         let db = Db::open(&state.database())?;
-        let vmm = VmmConfig::from_env(state.root())?;
+        let vmm = VmmConfig::from_env(state.root()).map_err(Error::Confinement)?;
         match &vmm.confine {
             Some(u) => tracing::info!(user = %u.name, "VMMs run jailed and unprivileged"),
             None => tracing::warn!("VMMs run unconfined, as the daemon's user"),

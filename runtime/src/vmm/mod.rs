@@ -68,8 +68,9 @@ pub struct VmmConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The jail's error, as text: one line, not a chain.
     #[error("{0}; or set BURROW_UNCONFINED=1 to run VMMs as root, for benchmarking only")]
-    User(#[from] jail::JailError),
+    User(String),
     #[error("burrow-console not found next to burrowd (set BURROW_CONSOLE to its path)")]
     NoConsoleWriter,
     #[error("invalid BURROW_CONSOLE_MAX_BYTES: {0:?} is not a number of bytes >= 1024")]
@@ -95,7 +96,7 @@ impl VmmConfig {
         let confine = if unconfined || !root {
             None
         } else {
-            Some(VmmUser::from_env()?)
+            Some(VmmUser::from_env().map_err(|e| ConfigError::User(e.to_string()))?)
         };
         let cgroups = if unconfined || !root {
             None
