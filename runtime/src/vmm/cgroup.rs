@@ -403,6 +403,69 @@ mod tests {
         assert!(a.starts_with("burrow-") && a.len() == 7 + 16, "{a}");
     }
 
+    /// Both layouts, on plain directories standing in for the cgroup file systems
+    /// (the kernel's files are written and read the same way): the limits land in
+    /// each version's own files, every hierarchy gets the workspace, and removal
+    /// and listing see them all.
+    #[test]
+    fn both_versions_write_their_own_files() {
+        let t = tempfile::tempdir().unwrap();
+        let limits = Limits::for_vm(1, 256);
+        let root = t.path().join("v2");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("cgroup.subtree_control"), "cpu memory pids").unwrap();
+        let parent = root.join("burrow-x");
+        std::fs::create_dir_all(&parent).unwrap();
+        std::fs::write(parent.join("cgroup.subtree_control"), "cpu memory pids").unwrap();
+        let v2 = Cgroups {
+            hierarchy: Hierarchy::V2 {
+                parent: parent.clone(),
+            },
+        };
+        let cg = v2.create("ws1", &limits).unwrap();
+        let dir = parent.join("ws1");
+        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
+        assert_eq!(read(dir.join("cpu.max")), "150000 100000");
+        assert_eq!(
+            read(dir.join("memory.max")),
+            limits.memory_bytes.to_string()
+        );
+        assert_eq!(read(dir.join("pids.max")), "512");
+        assert_eq!(cg.procs.len(), 1);
+        assert_eq!(v2.ids(), vec!["ws1".to_string()]);
+
+        let v1root = t.path().join("v1");
+        let parents = ["cpu", "memory", "pids"].map(|c| v1root.join(c).join("burrow-x"));
+        let v1 = Cgroups {
+            hierarchy: Hierarchy::V1 {
+                parents: parents.clone(),
+            },
+        };
+        for c in ["cpu", "memory", "pids"] {
+            std::fs::create_dir_all(v1root.join(c)).unwrap();
+        }
+        let cg = v1.create("ws1", &limits).unwrap();
+        assert_eq!(read(parents[0].join("ws1/cpu.cfs_quota_us")), "150000");
+        assert_eq!(read(parents[0].join("ws1/cpu.cfs_period_us")), "100000");
+        assert_eq!(
+            read(parents[1].join("ws1/memory.limit_in_bytes")),
+            limits.memory_bytes.to_string()
+        );
+        assert_eq!(read(parents[2].join("ws1/pids.max")), "512");
+        assert_eq!(cg.procs.len(), 3);
+        assert_eq!(v1.dirs("ws1").len(), 3);
+        // A real cgroup dir empties itself; here the limit files go first.
+        for d in v1.dirs("ws1") {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                std::fs::remove_file(e.path()).unwrap();
+            }
+        }
+        v1.remove("ws1").unwrap();
+        assert!(v1.ids().is_empty());
+        v1.remove_parent();
+        assert!(!parents[0].exists());
+    }
+
     #[test]
     fn own_paths_and_escapes() {
         let own = "9:name=systemd:/\n4:memory:/a/b\n1:cpu,cpuacct:/c\n0::/\n";
