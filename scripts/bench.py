@@ -5,10 +5,16 @@
       (same machine type, memory and accelerator as a workspace; the initramfs's
       `burrow.floor=1` hook reboots as soon as /init runs, and -no-reboot makes QEMU exit)
   (b) `burrow create` until the agent is ready (the CLI returns only then)
+  (b'') the same on a daemon started with BURROW_UNCONFINED=1 (no jail, no seccomp
+      sandbox, no cgroups: VMMs as root), alternating with (b): the cost of the
+      VMM's confinement (target <= 1.05 x)
   (c) `burrow exec ws -- true` round trip
   (d) `docker exec` of `true` on runc, when a Docker engine answers
 
-Usage: bench.py BIN_DIR [--runs N] [--exec-runs N]
+Each daemon works in a network namespace of its own, made and removed here.
+
+Usage: bench.py BIN_DIR [--runs N] [--exec-runs N] [--smoke]
+  --smoke: one iteration of everything, docker skipped, no target judged
 """
 
 import argparse
@@ -31,11 +37,14 @@ def run(cmd, **kw):
 
 
 class Burrow:
-    def __init__(self, bin_dir, state):
+    def __init__(self, bin_dir, state, netns, **env):
         self.bin = os.path.join(bin_dir, "burrow")
         self.state = state
         self.env = dict(os.environ, BURROWD=os.path.join(bin_dir, "burrowd"),
-                        BURROW_AGENT=os.path.join(bin_dir, "burrow-agent"))
+                        BURROW_AGENT=os.path.join(bin_dir, "burrow-agent"),
+                        BURROW_NETNS=netns)
+        self.env.pop("BURROW_UNCONFINED", None)
+        self.env.update(env)
 
     def __call__(self, *args):
         return run([self.bin, "--state-dir", self.state, *args], env=self.env).stdout
@@ -63,9 +72,11 @@ def floor_boot(qemu_argv, runs):
         while i < len(qemu_argv):
             a = qemu_argv[i]
             v = qemu_argv[i + 1] if i + 1 < len(qemu_argv) else ""
-            if a in ("-chardev", "-device", "-mon", "-name"):
-                # Devices and control sockets go; the console stays, in a file of ours.
-                if a == "-chardev" and v.startswith("file,id=console"):
+            if a in ("-chardev", "-device", "-mon", "-name", "-netdev", "-sandbox"):
+                # Devices (the TAP's too: there is none here), control sockets and
+                # the seccomp sandbox go; the console stays, in a file of ours
+                # (the workspace's goes to its console writer's pipe).
+                if a == "-chardev" and v.split(",", 1)[-1].startswith("id=console"):
                     argv += [a, f"file,id=console,path={console}"]
                 i += 2
             elif a == "-append":
@@ -150,14 +161,24 @@ def main():
     ap.add_argument("bin_dir")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--exec-runs", type=int, default=30)
+    ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
+    if args.smoke:
+        args.runs, args.exec_runs = 1, 1
     bin_dir = os.path.abspath(args.bin_dir)
     state = tempfile.mkdtemp(prefix="burrow-bench-", dir="/tmp")
-    b = Burrow(bin_dir, state)
+    state_u = tempfile.mkdtemp(prefix="burrow-bench-u-", dir="/tmp")
+    nets = [f"bbench{os.getpid()}a", f"bbench{os.getpid()}b"]
+    for n in nets:
+        run(["ip", "netns", "add", n])
+    b = Burrow(bin_dir, state, nets[0])
+    # The same daemon with the VMM's confinement off (a benchmarking aid only).
+    u = Burrow(bin_dir, state_u, nets[1], BURROW_UNCONFINED="1")
     results = {}
     try:
         b("image", "build", "debian")
         b("daemon", "start")
+        u("daemon", "start")
         store = json.loads(b("daemon", "status", "--json"))["store"]
         # The copy store prepares a spare copy in the background; Btrfs needs none.
         wait = b.wait_spare if store == "copy" else (lambda: None)
@@ -165,18 +186,24 @@ def main():
         # imports the image into the store.
         wait()
         b("create", "--name", "warm")
+        # The unconfined daemon's own warm-up: its store imports the image too.
+        u("create", "--name", "warm-u")
+        u("destroy", "warm-u")
         info = json.loads(b("info", "warm", "--json"))
         qemu_pid = info["pids"]["qemu"]
         qemu_argv = open(f"/proc/{qemu_pid}/cmdline", "rb").read().rstrip(b"\0").split(b"\0")
         qemu_argv = [a.decode() for a in qemu_argv]
 
-        creates, creates_cold = [], []
+        creates, creates_cold, creates_u = [], [], []
         for i in range(args.runs):
-            wait()
-            t0 = time.monotonic()
-            b("create", "--name", f"bench-{i}")
-            creates.append(ms(t0))
-            b("destroy", f"bench-{i}")
+            # Confined and unconfined alternate, so drift on the host hits both.
+            for d, out in ((b, creates), (u, creates_u)):
+                if store == "copy":
+                    d.wait_spare()
+                t0 = time.monotonic()
+                d("create", "--name", f"bench-{i}")
+                out.append(ms(t0))
+                d("destroy", f"bench-{i}")
         if store == "copy":
             # One create with no spare ready: what back-to-back creates cost here.
             wait()
@@ -195,12 +222,17 @@ def main():
         b("destroy", "warm")
 
         floors = floor_boot(qemu_argv, args.runs)
-        docker, docker_note = docker_exec(args.exec_runs)
+        if args.smoke:
+            docker, docker_note = None, "smoke run"
+        else:
+            docker, docker_note = docker_exec(args.exec_runs)
 
         results = {
             "accel": info["accel"],
             "floor_boot_ms": med(floors),
             "create_ms": med(creates),
+            "create_unconfined_ms": med(creates_u),
+            "confinement_ratio": med(creates) / med(creates_u),
             "store": store,
             "create_without_spare_ms": creates_cold[0] if creates_cold else None,
             "exec_ms": med(execs),
@@ -209,6 +241,7 @@ def main():
         print(f"burrow spine benchmark ({info['accel']}, {store} store, {os.cpu_count()} host CPUs, medians)")
         print(f"  (a) floor: qemu boot to /init         {med(floors):8.0f} ms   (runs: {', '.join(f'{x:.0f}' for x in floors)})")
         print(f"  (b) burrow create to agent-ready      {med(creates):8.0f} ms   = {med(creates) / med(floors):.2f} x floor (target <= 1.30)")
+        print(f"  (b'') the same, VMM unconfined        {med(creates_u):8.0f} ms   -> confined = {med(creates) / med(creates_u):.2f} x unconfined (target <= 1.05)")
         if creates_cold:
             print(f"      create with no spare volume ready {creates_cold[0]:8.0f} ms   (plain copy of the image)")
         print(f"  (c) burrow exec ws -- true            {med(execs):8.0f} ms   (min {min(execs):.0f}, max {max(execs):.0f})")
@@ -218,14 +251,17 @@ def main():
             print(f"  (d) docker exec: skipped, {docker_note}")
         print("JSON " + json.dumps(results))
     finally:
-        try:
-            for w in json.loads(b("ls", "--json")):
-                b("destroy", w["id"])
-        except Exception as e:  # noqa: BLE001 - best effort clean-up, report and go on
-            print(f"clean-up: {e}", file=sys.stderr)
-        subprocess.run([b.bin, "--state-dir", state, "daemon", "stop"], env=b.env,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        shutil.rmtree(state, ignore_errors=True)
+        for d in (b, u):
+            try:
+                for w in json.loads(d("ls", "--json")):
+                    d("destroy", w["id"])
+            except Exception as e:  # noqa: BLE001 - best effort clean-up, report and go on
+                print(f"clean-up: {e}", file=sys.stderr)
+            subprocess.run([d.bin, "--state-dir", d.state, "daemon", "stop"], env=d.env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            shutil.rmtree(d.state, ignore_errors=True)
+        for n in nets:
+            subprocess.run(["ip", "netns", "delete", n], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 if __name__ == "__main__":

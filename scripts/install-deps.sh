@@ -64,4 +64,22 @@ if [ -c /dev/fuse ] && [ "$(stat -c %a /dev/fuse)" != 666 ]; then
   log "chmod 0666 /dev/fuse (as Debian's udev rule sets it)"
   chmod 0666 /dev/fuse
 fi
+# QEMU and vhost-device-vsock run as this unprivileged system user, each jailed
+# (see docs/containment.md); group kvm gives it /dev/kvm where KVM works.
+vmm_user=burrow-vmm
+getent group kvm >/dev/null || { log "groupadd --system kvm"; groupadd --system kvm; }
+if ! id -u "$vmm_user" >/dev/null 2>&1; then
+  log "useradd --system $vmm_user (groups: kvm)"
+  useradd --system --user-group --groups kvm --no-create-home \
+    --home-dir /nonexistent --shell /usr/sbin/nologin "$vmm_user"
+elif ! id -nG "$vmm_user" | tr ' ' '\n' | grep -qx kvm; then
+  log "usermod -aG kvm $vmm_user"
+  usermod -aG kvm "$vmm_user"
+fi
+# Debian's udev rule makes /dev/kvm root:kvm 0660; a host without udev may not have.
+if [ -c /dev/kvm ] && [ "$(stat -c %G:%a /dev/kvm)" != kvm:660 ]; then
+  log "chgrp kvm /dev/kvm; chmod 0660 /dev/kvm (as Debian's udev rule sets it)"
+  chgrp kvm /dev/kvm
+  chmod 0660 /dev/kvm
+fi
 log "ok"

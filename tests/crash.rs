@@ -87,6 +87,12 @@ fn kill9_of_daemon_and_of_qemu() {
     // daemon marks it stopped and leaves nothing behind.
     let daemon = b.daemon_pid().expect("daemon pid");
     let info = b.info("crashy");
+    let cgroup = burrow_tests::cgroup_file(
+        info["pids"]["qemu"].as_i64().expect("pid") as i32,
+        "pids",
+        "",
+    );
+    assert!(cgroup.ends_with(&id), "{}", cgroup.display());
     kill9(daemon);
     burrow_tests::wait_exit("daemon", daemon, Duration::from_secs(10));
     for p in ["qemu", "virtiofsd", "vsock"] {
@@ -96,6 +102,7 @@ fn kill9_of_daemon_and_of_qemu() {
     }
     assert_eq!(b.info("crashy")["state"], "stopped");
     assert!(!b.run_root().join(&id).exists(), "stale run dir kept");
+    assert!(!cgroup.exists(), "stale cgroup kept: {}", cgroup.display());
     b.ok(&["destroy", "crashy"]);
     b.ok(&["destroy", "idle"]);
     b.assert_gone(&id);

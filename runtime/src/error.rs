@@ -50,6 +50,8 @@ pub enum Error {
     GuestUnreachable { name: String, reason: String },
     #[error("{0}")]
     Vmm(String),
+    #[error("VMM confinement: {0}")]
+    Confinement(crate::vmm::ConfigError),
     #[error("volume: {0}")]
     Store(#[from] burrow_fs::StoreError),
     #[error("state database: {0}")]

@@ -431,3 +431,29 @@ pub fn guest_kernel_release() -> String {
         .trim()
         .to_string()
 }
+
+/// A file of `pid`'s cgroup for `controller`: the unified hierarchy's if
+/// /sys/fs/cgroup is one, else the controller's own v1 hierarchy.
+pub fn cgroup_file(pid: i32, controller: &str, file: &str) -> PathBuf {
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
+    let unified = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    for line in own.lines() {
+        let mut f = line.splitn(3, ':');
+        let (_, ctrls, path) = (
+            f.next().unwrap_or(""),
+            f.next().unwrap_or(""),
+            f.next().unwrap_or(""),
+        );
+        let path = path.trim_start_matches('/');
+        if unified && ctrls.is_empty() {
+            return Path::new("/sys/fs/cgroup").join(path).join(file);
+        }
+        if !unified && ctrls.split(',').any(|c| c == controller) {
+            return Path::new("/sys/fs/cgroup")
+                .join(controller)
+                .join(path)
+                .join(file);
+        }
+    }
+    panic!("no {controller} cgroup for {pid}: {own}");
+}

@@ -68,11 +68,23 @@ pub struct VmPids {
     pub qemu: ProcId,
     pub virtiofsd: ProcId,
     pub vsock: ProcId,
+    /// The console writer (burrow-console), in QEMU's process group; absent in
+    /// records of older builds, whose QEMU wrote its console itself.
+    #[serde(default)]
+    pub console: Option<ProcId>,
 }
 
 impl VmPids {
+    /// The three processes the VM cannot run without.
     pub fn all(&self) -> [ProcId; 3] {
         [self.qemu, self.virtiofsd, self.vsock]
+    }
+
+    /// Every process of the VM, the console writer included.
+    pub fn every(&self) -> Vec<ProcId> {
+        let mut v = self.all().to_vec();
+        v.extend(self.console);
+        v
     }
 }
 
@@ -393,6 +405,10 @@ mod tests {
                 pid: 5,
                 start_time: 6,
             },
+            console: Some(ProcId {
+                pid: 7,
+                start_time: 8,
+            }),
         };
         db.set_pids("aaaaaaaaaaaa", Some(&pids)).unwrap();
         db.set_state("aaaaaaaaaaaa", State::Running).unwrap();

@@ -153,11 +153,11 @@ impl Engine {
     /// The last `lines` lines of a workspace's log. Works whether or not it runs.
     pub fn logs(&self, reference: &str, kind: LogKind, lines: usize) -> Result<Vec<String>> {
         let rec = self.db.resolve(reference)?;
-        let console = self.paths(&rec.id).console();
+        let paths = self.paths(&rec.id);
         Ok(match kind {
-            LogKind::Console => vmm::tail_lines(&console, lines),
+            LogKind::Console => vmm::console_tail(&paths, lines),
             LogKind::Agent => {
-                let all = vmm::tail_lines(&console, usize::MAX);
+                let all = vmm::console_tail(&paths, usize::MAX);
                 let mine: Vec<String> = all
                     .into_iter()
                     .filter(|l| l.contains("burrow-agent: "))

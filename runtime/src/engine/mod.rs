@@ -34,7 +34,7 @@ use crate::image::{ImageCache, Progress, DEFAULT_IMAGE};
 use crate::names::{new_id, validate_name};
 use crate::paths::{CacheDir, StateDir};
 use crate::storage::{self, StoreKind};
-use crate::vmm::{Accel, VmPaths};
+use crate::vmm::{Accel, Limits, VmPaths, VmmConfig};
 
 pub const DEFAULT_VCPUS: u32 = 1;
 pub const DEFAULT_MEMORY_MIB: u32 = 512;
@@ -77,6 +77,9 @@ pub struct WorkspaceInfo {
     /// Its address on the workspaces' network (kept while it exists).
     #[serde(default)]
     pub ip: Option<String>,
+    /// The CPU, memory and pids limits of its VM's cgroup (none without cgroups).
+    #[serde(default)]
+    pub limits: Option<Limits>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -84,6 +87,8 @@ pub struct PidsInfo {
     pub qemu: i32,
     pub virtiofsd: i32,
     pub vsock: i32,
+    #[serde(default)]
+    pub console: Option<i32>,
 }
 
 impl From<WorkspaceRecord> for WorkspaceInfo {
@@ -103,9 +108,11 @@ impl From<WorkspaceRecord> for WorkspaceInfo {
                 qemu: p.qemu.pid,
                 virtiofsd: p.virtiofsd.pid,
                 vsock: p.vsock.pid,
+                console: p.console.map(|c| c.pid),
             }),
             forked_from: r.forked_from,
             ip: None,
+            limits: None,
         }
     }
 }
@@ -133,6 +140,8 @@ pub struct Engine {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The task watching each running VM's processes.
     watchers: Mutex<HashMap<String, JoinHandle<()>>>,
+    /// How VMs are confined (user, jail, cgroups) and where their consoles go.
+    vmm: VmmConfig,
 }
 
 impl Engine {
@@ -152,6 +161,17 @@ impl Engine {
                 .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         }
         let db = Db::open(&state.database())?;
+        let vmm = VmmConfig::from_env(state.root()).map_err(Error::Confinement)?;
+        match &vmm.confine {
+            Some(u) => tracing::info!(user = %u.name, "VMMs run jailed and unprivileged"),
+            None => tracing::warn!("VMMs run unconfined, as the daemon's user"),
+        }
+        match &vmm.cgroups {
+            Some(c) => tracing::info!(version = c.version(), "per-workspace cgroups"),
+            None => {
+                tracing::warn!("no cgroups: workspaces run without CPU, memory and pids limits")
+            }
+        }
         let opened = {
             let state = state.clone();
             tokio::task::spawn_blocking(move || storage::open(&state, store))
@@ -176,6 +196,7 @@ impl Engine {
             accel: tokio::sync::OnceCell::new(),
             locks: Mutex::new(HashMap::new()),
             watchers: Mutex::new(HashMap::new()),
+            vmm,
         });
         engine.reconcile().await?;
         if let Some(source) = engine.image_source(DEFAULT_IMAGE) {
@@ -235,6 +256,9 @@ impl Engine {
 
     pub fn info(&self, reference: &str) -> Result<WorkspaceInfo> {
         let mut info: WorkspaceInfo = self.db.resolve(reference)?.into();
+        if self.vmm.cgroups.is_some() {
+            info.limits = Some(Limits::for_vm(info.vcpus, info.memory_mib));
+        }
         if let Some(net) = &self.net {
             info.ip = net
                 .leases()
@@ -404,6 +428,9 @@ impl Engine {
         if let Some(net) = &self.net {
             net.shutdown();
         }
+        if let Some(c) = &self.vmm.cgroups {
+            c.remove_parent();
+        }
         if let Some(mount) = &self.mount {
             if let Err(e) = mount.unmount() {
                 tracing::warn!("unmount {}: {e}", mount.mountpoint.display());
@@ -462,6 +489,7 @@ impl Engine {
         if let Some(pids) = self.db.get(&rec.id)?.and_then(|r| r.pids) {
             self.shutdown_vm(rec, &pids).await;
         }
+        self.release_cgroup(&rec.id).await;
         self.clear_run_dir(&rec.id);
         if let Some(net) = &self.net {
             net.release(&rec.id);

@@ -58,10 +58,11 @@ impl Engine {
                 State::Starting | State::Running | State::Stopping => {
                     tracing::info!(workspace = %rec.id, "reconcile: VM of a {} workspace is gone; marking it stopped", rec.state);
                     if let Some(pids) = rec.pids {
-                        for p in pids.all() {
+                        for p in pids.every() {
                             p.kill().await;
                         }
                     }
+                    self.release_cgroup(&rec.id).await;
                     self.clear_run_dir(&rec.id);
                     self.db.set_pids(&rec.id, None)?;
                     self.db.set_state(&rec.id, State::Stopped)?;
@@ -101,7 +102,7 @@ impl Engine {
         for id in adopted {
             if let Ok(Some(rec)) = self.db.get(id) {
                 if let Some(p) = rec.pids {
-                    keep.extend(p.all().iter().map(|p| p.pid));
+                    keep.extend(p.every().iter().map(|p| p.pid));
                 }
             }
         }
@@ -114,6 +115,16 @@ impl Engine {
             if !keep.contains(&p.pid) && !keep.contains(&group) {
                 tracing::info!(pid = p.pid, "reconcile: killing orphaned VM process");
                 p.kill().await;
+            }
+        }
+        // Cgroups of VMs that do not run: what is left in them is killed, then they
+        // go. Adopted VMs keep theirs.
+        if let Some(cgroups) = &self.vmm.cgroups {
+            for id in cgroups.ids() {
+                if !adopted.contains(&id) {
+                    tracing::info!(workspace = %id, "reconcile: removing a stale cgroup");
+                    self.release_cgroup(&id).await;
+                }
             }
         }
         if let Ok(rd) = std::fs::read_dir(&run_root) {

@@ -13,12 +13,6 @@ use crate::guest::ReadyListener;
 use crate::image::Progress;
 use crate::vmm::{self, VmPaths, VmSpec};
 
-/// The guest writes the console log, so it is capped: past CONSOLE_MAX bytes only
-/// the last CONSOLE_KEEP are kept, checked every CONSOLE_TRIM_EVERY.
-const CONSOLE_MAX: u64 = 16 << 20;
-const CONSOLE_KEEP: u64 = 4 << 20;
-const CONSOLE_TRIM_EVERY: Duration = Duration::from_secs(5);
-
 impl Engine {
     pub(super) async fn start_locked(
         self: &Arc<Self>,
@@ -33,10 +27,9 @@ impl Engine {
             .await;
         let paths = self.paths(&rec.id);
         self.clear_run_dir(&rec.id);
-        for dir in [&paths.run_dir, &paths.log_dir] {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
-        }
+        paths
+            .prepare(self.vmm.confine.as_ref())
+            .map_err(|e| Error::io(format!("create {}", paths.run_dir.display()), e))?;
         let _ = append_line(
             &paths.console(),
             &format!(
@@ -47,14 +40,32 @@ impl Engine {
         );
         self.db.set_state(&rec.id, State::Starting)?;
         self.db.set_accel(&rec.id, accel.as_str())?;
-        let ready = ReadyListener::bind(&paths.vsock_listener(READY_PORT))?;
+        let ready_path = paths.vsock_listener(READY_PORT);
+        let ready = ReadyListener::bind(&ready_path)?;
+        if let Some(user) = &self.vmm.confine {
+            // vhost-device-vsock, as the VMM user, connects to it for the guest.
+            if let Err(e) = user.own(&ready_path, 0o600) {
+                return self.boot_aborted(rec, Error::Vmm(e.to_string()));
+            }
+        }
+        // The cgroup is named by the id (its record): made before any process.
+        let cgroup = match &self.vmm.cgroups {
+            Some(c) => match c.create(&rec.id, &vmm::Limits::for_vm(rec.vcpus, rec.memory_mib)) {
+                Ok(cg) => Some(cg),
+                Err(e) => return self.boot_aborted(rec, Error::Vmm(e.to_string())),
+            },
+            None => None,
+        };
         let net = match &self.net {
             Some(n) => match n.attach(&rec.id) {
                 Ok((lease, net)) => {
                     tracing::info!(workspace = %rec.id, ip = %lease.ip, tap = %lease.tap, "network");
                     Some(net)
                 }
-                Err(e) => return self.boot_aborted(rec, Error::Vmm(format!("network: {e}"))),
+                Err(e) => {
+                    self.release_cgroup(&rec.id).await;
+                    return self.boot_aborted(rec, Error::Vmm(format!("network: {e}")));
+                }
             },
             None => None,
         };
@@ -70,10 +81,14 @@ impl Engine {
             run_dir: paths.run_dir.clone(),
             log_dir: paths.log_dir.clone(),
             net,
+            confine: self.vmm.confine.clone(),
+            cgroup,
+            console: self.vmm.console.clone(),
         };
         let pids = match vmm::launch(&spec).await {
             Ok(p) => p,
             Err(e) => {
+                self.release_cgroup(&rec.id).await;
                 self.clear_run_dir(&rec.id);
                 self.db.set_state(&rec.id, State::Stopped)?;
                 return Err(Error::Vmm(e.to_string()));
@@ -86,17 +101,18 @@ impl Engine {
             _ = pids.qemu.exited() => Err(Error::BootFailed {
                 name: rec.name.clone(),
                 reason: boot_failure_reason(&paths),
-                tail: vmm::console_tail_one_line(&paths.console()),
+                tail: vmm::console_tail_one_line(&paths),
             }),
             _ = tokio::time::sleep(timeout) => Err(Error::BootTimeout {
                 name: rec.name.clone(),
                 secs: timeout.as_secs(),
-                tail: vmm::console_tail_one_line(&paths.console()),
+                tail: vmm::console_tail_one_line(&paths),
             }),
         };
         drop(ready);
         if let Err(e) = outcome {
             self.shutdown_vm(rec, &pids).await;
+            self.release_cgroup(&rec.id).await;
             self.clear_run_dir(&rec.id);
             self.db.set_pids(&rec.id, None)?;
             self.db.set_state(&rec.id, State::Stopped)?;
@@ -114,9 +130,28 @@ impl Engine {
         if let Some(pids) = rec.pids {
             self.shutdown_vm(rec, &pids).await;
         }
+        self.release_cgroup(&rec.id).await;
         self.clear_run_dir(&rec.id);
         self.db.set_pids(&rec.id, None)?;
         self.db.set_state(&rec.id, State::Stopped)
+    }
+
+    /// Removes a workspace's cgroup once its VM is down. Whatever still runs in it
+    /// is by construction a process of that VM (a straggler, or an orphan of a
+    /// crashed daemon), so it is killed first.
+    pub(super) async fn release_cgroup(&self, id: &str) {
+        let Some(cgroups) = &self.vmm.cgroups else {
+            return;
+        };
+        for pid in cgroups.pids(id) {
+            if let Some(p) = crate::db::ProcId::of(pid) {
+                tracing::info!(workspace = %id, pid, "killing a process left in the VM's cgroup");
+                p.kill().await;
+            }
+        }
+        if let Err(e) = cgroups.remove(id) {
+            tracing::warn!(workspace = %id, "{e}");
+        }
     }
 
     /// Ends a VM: the agent powers the guest off; failing that QMP `quit`; failing
@@ -156,6 +191,15 @@ impl Engine {
         for p in [pids.virtiofsd, pids.vsock] {
             p.terminate(Duration::from_secs(3)).await;
         }
+        // The console writer ends by itself once QEMU's end of the pipe closes.
+        if let Some(c) = pids.console {
+            if tokio::time::timeout(Duration::from_secs(3), c.exited())
+                .await
+                .is_err()
+            {
+                c.kill().await;
+            }
+        }
     }
 
     /// A boot given up before QEMU started: the workspace is stopped again.
@@ -179,23 +223,13 @@ impl Engine {
     pub(super) fn watch(self: &Arc<Self>, id: String, pids: VmPids) {
         let engine = Arc::downgrade(self);
         let wid = id.clone();
-        let console = self.paths(&id).console();
+        // The console needs no trimming here: its writer bounds it.
         let task = tokio::spawn(async move {
             let [a, b, c] = pids.all();
-            let (qa, qb, qc) = (a.exited(), b.exited(), c.exited());
-            tokio::pin!(qa, qb, qc);
-            let mut trim = tokio::time::interval(CONSOLE_TRIM_EVERY);
-            let which = loop {
-                tokio::select! {
-                    _ = &mut qa => break "qemu",
-                    _ = &mut qb => break "virtiofsd",
-                    _ = &mut qc => break "vhost-device-vsock",
-                    _ = trim.tick() => {
-                        if let Err(e) = vmm::trim_log(&console, CONSOLE_MAX, CONSOLE_KEEP) {
-                            tracing::warn!("trim {}: {e}", console.display());
-                        }
-                    }
-                }
+            let which = tokio::select! {
+                _ = a.exited() => "qemu",
+                _ = b.exited() => "virtiofsd",
+                _ = c.exited() => "vhost-device-vsock",
             };
             let Some(engine) = engine.upgrade() else {
                 return;
@@ -230,6 +264,11 @@ impl Engine {
         for p in pids.all() {
             p.kill().await;
         }
+        if let Some(c) = pids.console {
+            // Its pipe closed with QEMU: it ends by itself.
+            let _ = tokio::time::timeout(Duration::from_secs(3), c.exited()).await;
+        }
+        self.release_cgroup(id).await;
         self.clear_run_dir(id);
         let _ = self.db.set_pids(id, None);
         let _ = self.db.set_state(id, State::Stopped);
@@ -254,7 +293,7 @@ impl Engine {
 /// Why QEMU exited during boot: the initramfs's own reason if it gave one, else
 /// QEMU's last words.
 fn boot_failure_reason(paths: &VmPaths) -> String {
-    let console = vmm::tail_lines(&paths.console(), 50);
+    let console = vmm::console_tail(paths, 50);
     if let Some(l) = console
         .iter()
         .rev()

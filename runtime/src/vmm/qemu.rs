@@ -1,16 +1,18 @@
 //! Starting one VM: the two vhost-user back ends, then QEMU.
 
 use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Accel, VmPaths, VmSpec};
+use super::jail::{find_program, Jail, JailBuilder, NoCapabilities};
+use super::{Accel, VmPaths, VmSpec, WorkspaceCgroup};
 use crate::db::{ProcId, VmPids};
 use crate::process::pass_fd;
-use std::os::fd::AsRawFd;
 
 /// virtio-fs tag of the root file system; the initramfs mounts it (`burrow.root=`).
 pub const ROOT_TAG: &str = "rootfs";
@@ -33,6 +35,8 @@ pub enum LaunchError {
         reason: String,
         log: String,
     },
+    #[error("{0}")]
+    Jail(String),
     #[error("prepare {path}: {source}")]
     Prepare {
         path: String,
@@ -59,22 +63,37 @@ impl Drop for Started {
     }
 }
 
-/// Starts the sidecars and QEMU. Returns once QEMU runs; the caller waits for the
-/// agent. The run dir must exist and be empty; the log dir must exist.
+/// Starts the sidecars, QEMU and its console writer. Returns once QEMU runs; the
+/// caller waits for the agent. The run dir must have been made by
+/// [`VmPaths::prepare`]; the log dir must exist.
 pub async fn launch(spec: &VmSpec) -> Result<VmPids, LaunchError> {
     let paths = VmPaths::new(spec.run_dir.clone(), spec.log_dir.clone());
     let mut started = Started(Vec::new());
+    let cgroup = spec.cgroup.clone().map(Arc::new);
 
     // vhost-device-vsock. Its group is the VM's id: VMs in one group may reach each
     // other over vsock, and workspaces must not.
     let vsock_dev = paths.vsock_device();
-    let mut cmd = Command::new("vhost-device-vsock");
+    let vsock_bin = program("vhost-device-vsock")?;
+    let mut cmd = Command::new(&vsock_bin);
     cmd.arg("--vm").arg(format!(
         "guest-cid=3,socket={},uds-path={},groups=burrow-{}",
         vsock_dev.display(),
         paths.vsock_uds().display(),
         spec.id
     ));
+    let jail = match &spec.confine {
+        Some(user) => {
+            let mut j = JailBuilder::new(&paths.jail());
+            j.system()
+                .and_then(|j| j.bind(&vsock_bin, false))
+                .and_then(|j| j.bind(&paths.vsock_dir(), true))
+                .map_err(jail_error)?;
+            Some(j.build(user).map_err(jail_error)?)
+        }
+        None => None,
+    };
+    confine(&mut cmd, cgroup.clone(), jail);
     let vsock = spawn(cmd, &paths.vsock_log(), "vhost-device-vsock")?;
     started.0.push(vsock);
 
@@ -82,7 +101,11 @@ pub async fn launch(spec: &VmSpec) -> Result<VmPids, LaunchError> {
     // it exists and there is nothing to wait for.
     let fs_sock = paths.virtiofs();
     let fs_listener = UnixListener::bind(&fs_sock).map_err(|e| prepare(&fs_sock, e))?;
-    let mut cmd = Command::new("virtiofsd");
+    if let Some(user) = &spec.confine {
+        // QEMU, as the VMM user, connects to it.
+        user.own(&fs_sock, 0o600).map_err(jail_error)?;
+    }
+    let mut cmd = Command::new(program("virtiofsd")?);
     cmd.arg(format!("--fd={PASSED_FD}"))
         .arg("--shared-dir")
         .arg(&spec.root)
@@ -98,8 +121,24 @@ pub async fn launch(spec: &VmSpec) -> Result<VmPids, LaunchError> {
             "--xattr",
             "--announce-submounts",
         ]);
-    // SAFETY: pass_fd only calls dup2, which is async-signal-safe.
-    unsafe { cmd.pre_exec(move || pass_fd(&fs_listener, PASSED_FD)) };
+    if spec.confine.is_some() {
+        // virtiofsd must stay root to serve files of every owner (chown, any
+        // uid's permission bits), but it needs neither to make device nodes nor to
+        // set file capabilities: a guest gets neither on the host (libvirt drops
+        // the same two).
+        cmd.arg("--modcaps=-mknod:-setfcap");
+    }
+    let cg = cgroup.clone();
+    // SAFETY: pass_fd only calls dup2; join only open, write and close.
+    unsafe {
+        cmd.pre_exec(move || {
+            pass_fd(&fs_listener, PASSED_FD)?;
+            if let Some(cg) = &cg {
+                cg.join()?;
+            }
+            Ok(())
+        })
+    };
     let virtiofsd = spawn(cmd, &paths.virtiofsd_log(), "virtiofsd")?;
     started.0.push(virtiofsd);
 
@@ -114,8 +153,29 @@ pub async fn launch(spec: &VmSpec) -> Result<VmPids, LaunchError> {
 
     let qmp_sock = paths.qmp();
     let qmp_listener = UnixListener::bind(&qmp_sock).map_err(|e| prepare(&qmp_sock, e))?;
-    let mut cmd = Command::new("qemu-system-x86_64");
+    let qemu_bin = program("qemu-system-x86_64")?;
+    let mut cmd = Command::new(&qemu_bin);
     cmd.args(qemu_args(spec, &paths));
+    let jail = match &spec.confine {
+        Some(user) => {
+            let mut j = JailBuilder::new(&paths.jail());
+            j.system()
+                .and_then(|j| j.bind(&qemu_bin, false))
+                .and_then(|j| j.bind(&spec.kernel, false))
+                .and_then(|j| j.bind(&spec.initramfs, false))
+                .and_then(|j| j.bind(&paths.qemu_dir(), false))
+                .and_then(|j| j.bind(&paths.vsock_dir(), false))
+                .map_err(jail_error)?;
+            if spec.accel == Accel::Kvm {
+                j.bind(Path::new("/dev/kvm"), true).map_err(jail_error)?;
+            }
+            Some(j.build(user).map_err(jail_error)?)
+        }
+        None => None,
+    };
+    // The serial console goes to QEMU's stdout, a pipe read by the console writer,
+    // which bounds the log itself.
+    let (console_rx, console_tx) = pipe().map_err(|e| prepare(&paths.console(), e))?;
     let tap = spec.net.as_ref().map(|n| n.tap.clone());
     // SAFETY: pass_fd and fcntl are async-signal-safe.
     unsafe {
@@ -139,15 +199,107 @@ pub async fn launch(spec: &VmSpec) -> Result<VmPids, LaunchError> {
             Ok(())
         })
     };
-    let qemu = spawn(cmd, &paths.qemu_log(), "qemu-system-x86_64")?;
+    confine(&mut cmd, cgroup.clone(), jail);
+    let qemu = spawn_with_stdout(
+        cmd,
+        Stdio::from(console_tx),
+        &paths.qemu_log(),
+        "qemu-system-x86_64",
+    )?;
     started.0.push(qemu);
+
+    // The writer joins QEMU's process group: it is part of the VM.
+    let mut cmd = Command::new(&spec.console.writer);
+    cmd.arg("--log")
+        .arg(paths.console())
+        .arg("--max-bytes")
+        .arg(spec.console.max_bytes.to_string())
+        .arg("--run-dir")
+        .arg(&paths.run_dir)
+        .stdin(Stdio::from(console_rx))
+        .stdout(Stdio::null())
+        .process_group(qemu.pid);
+    let out = File::options()
+        .create(true)
+        .append(true)
+        .open(paths.console_writer_log())
+        .map_err(|e| prepare(&paths.console_writer_log(), e))?;
+    cmd.stderr(out);
+    // It stays root only to own the log files it writes; it needs no capability.
+    let cg = cgroup.clone();
+    let nocaps = spec.confine.as_ref().map(|_| NoCapabilities::default());
+    // SAFETY: join only calls open, write and close; apply only prctl and capset.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(cg) = &cg {
+                cg.join()?;
+            }
+            if let Some(n) = &nocaps {
+                n.apply()?;
+            }
+            Ok(())
+        })
+    };
+    let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
+        what: "burrow-console",
+        source,
+    })?;
+    let console = ProcId::of(child.id() as i32).ok_or_else(|| LaunchError::Spawn {
+        what: "burrow-console",
+        source: std::io::Error::other("exited immediately"),
+    })?;
 
     std::mem::take(&mut started.0);
     Ok(VmPids {
         qemu,
         virtiofsd,
         vsock,
+        console: Some(console),
     })
+}
+
+/// Adds to `cmd`'s pre_exec: joining the cgroup, then entering the jail (which drops
+/// privileges, so it comes last).
+fn confine(cmd: &mut Command, cgroup: Option<Arc<WorkspaceCgroup>>, jail: Option<Jail>) {
+    if cgroup.is_none() && jail.is_none() {
+        return;
+    }
+    // SAFETY: join uses open, write and close; enter only raw syscalls on data
+    // built before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(cg) = &cgroup {
+                cg.join()?;
+            }
+            if let Some(j) = &jail {
+                j.enter()?;
+            }
+            Ok(())
+        })
+    };
+}
+
+fn jail_error(e: super::jail::JailError) -> LaunchError {
+    LaunchError::Jail(e.to_string())
+}
+
+/// The absolute path of a VM binary: a jail binds it at that path.
+fn program(name: &'static str) -> Result<PathBuf, LaunchError> {
+    find_program(name).ok_or_else(|| LaunchError::Spawn {
+        what: name,
+        source: std::io::Error::new(std::io::ErrorKind::NotFound, "not found on PATH"),
+    })
+}
+
+/// A pipe: (read end, write end), both close-on-exec.
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills two fds into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both fds are fresh and owned by nothing else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// A raw fd number in the child, for pass_fd.
@@ -213,11 +365,10 @@ fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
         // The agent powers the guest off by resetting it; -no-reboot turns a reset
         // into QEMU's exit, and panic=-1 does the same for a kernel panic.
         "-no-reboot".into(),
+        // The console is QEMU's stdout (a pipe to the console writer); signal=off
+        // keeps ^C in guest output from reaching QEMU as a signal.
         "-chardev".into(),
-        format!(
-            "file,id=console,path={},append=on",
-            paths.console().display()
-        ),
+        "stdio,id=console,signal=off".into(),
         "-serial".into(),
         "chardev:console".into(),
         "-kernel".into(),
@@ -241,6 +392,15 @@ fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
         "-mon".into(),
         "chardev=qmp,mode=control".into(),
     ];
+    if spec.confine.is_some() {
+        // QEMU's own seccomp filter, installed once it is set up: no obsolete
+        // system calls, no setuid and friends, no fork or exec, no changing of
+        // priorities, affinities or limits.
+        args.extend([
+            "-sandbox".into(),
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
+        ]);
+    }
     if let Some(net) = &spec.net {
         args.extend([
             "-netdev".into(),
@@ -267,15 +427,29 @@ fn host_tsc_khz() -> Option<u64> {
 }
 
 /// Spawns a VM process in its own process group with its output in `log`.
-fn spawn(mut cmd: Command, log: &Path, what: &'static str) -> Result<ProcId, LaunchError> {
+fn spawn(cmd: Command, log: &Path, what: &'static str) -> Result<ProcId, LaunchError> {
     let out = File::options()
         .create(true)
         .append(true)
         .open(log)
         .map_err(|e| prepare(log, e))?;
-    let err = out.try_clone().map_err(|e| prepare(log, e))?;
+    spawn_with_stdout(cmd, Stdio::from(out), log, what)
+}
+
+/// Spawns a VM process in its own process group: stdout as given, stderr to `log`.
+fn spawn_with_stdout(
+    mut cmd: Command,
+    stdout: Stdio,
+    log: &Path,
+    what: &'static str,
+) -> Result<ProcId, LaunchError> {
+    let err = File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| prepare(log, e))?;
     cmd.stdin(Stdio::null())
-        .stdout(out)
+        .stdout(stdout)
         .stderr(err)
         .process_group(0);
     let child = cmd
