@@ -49,14 +49,17 @@ impl Engine {
         self.db.set_accel(&rec.id, accel.as_str())?;
         let ready = ReadyListener::bind(&paths.vsock_listener(READY_PORT))?;
         let net = match &self.net {
-            Some(n) => match n.attach(&rec.id) {
+            Ok(n) => match n.attach(&rec.id) {
                 Ok((lease, net)) => {
                     tracing::info!(workspace = %rec.id, ip = %lease.ip, tap = %lease.tap, "network");
                     Some(net)
                 }
                 Err(e) => return self.boot_aborted(rec, Error::Vmm(format!("network: {e}"))),
             },
-            None => None,
+            Err(_) => match self.network() {
+                Err(e) => return self.boot_aborted(rec, e),
+                Ok(_) => None,
+            },
         };
         let spec = VmSpec {
             id: rec.id.clone(),
