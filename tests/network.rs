@@ -471,9 +471,14 @@ fn kill9_of_netd_and_burrowd_leaves_the_network_exact() {
         "443",
     ]);
     let snapshot = || {
-        // Stateless: the rebuilt tables' counters start again from zero.
-        let table = String::from_utf8_lossy(&ns.exec(&["nft", "-s", "list", "ruleset"]).stdout)
-            .into_owned();
+        // Stateless (the rebuilt tables' counters start again from zero), and
+        // table by table (a rebuilt table is listed last).
+        let table = ["inet", "netdev"]
+            .map(|family| {
+                let out = ns.exec(&["nft", "-s", "list", "table", family, "burrow0"]);
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            })
+            .concat();
         let mut links: Vec<String> =
             String::from_utf8_lossy(&ns.exec(&["ip", "-br", "link"]).stdout)
                 .lines()
