@@ -301,8 +301,6 @@ fn a_guest_cannot_take_another_workspaces_identity() {
     ]);
     // DNS in A's name: the gateway's forwarder answers A, not B.
     spoof(&["dns", &gw_mac, &mac_b, &ip_a, gw, "spoofed.test"]);
-    // ARP: "A's address is at B's MAC", to the gateway and gratuitously.
-    spoof(&["arp", &gw_mac, &mac_b, &ip_a, gw]);
 
     // A's own datagram and query take the same path after the spoofed ones:
     // once they are in, the spoofed ones would have been too.
@@ -327,6 +325,9 @@ fn a_guest_cannot_take_another_workspaces_identity() {
         !dns.contains("spoofed"),
         "the forwarder answered B's query as A's: {dns}"
     );
+    // ARP, last as it would cut A off: "A's address is at B's MAC", to the
+    // gateway and gratuitously.
+    spoof(&["arp", &gw_mac, &mac_b, &ip_a, gw]);
     let neigh =
         String::from_utf8_lossy(&ns.exec(&["ip", "neigh", "show", &ip_a]).stdout).into_owned();
     assert!(
@@ -533,7 +534,7 @@ fn two_state_dirs_in_one_namespace_keep_their_own_networks() {
         let all = String::from_utf8_lossy(&ns.exec(&["nft", "-s", "list", "ruleset"]).stdout)
             .into_owned();
         all.split("\ntable ")
-            .map(|t| t.trim_start_matches("table "))
+            .map(|t| t.trim_start_matches("table ").trim_end())
             .filter(|t| {
                 ["inet burrow0 ", "netdev burrow0 ", "inet burrow "]
                     .iter()
@@ -585,4 +586,15 @@ fn two_state_dirs_in_one_namespace_keep_their_own_networks() {
         "the second state dir's stop took the first's rules"
     );
     assert_eq!(reaches(&first, "x", &gateway), all(&gateway, true));
+
+    // A third given a subnet that overlaps the first's gets no network, and
+    // says so: create refuses in one line, nothing of the first is touched.
+    let third = Burrow::new()
+        .with_env("BURROW_NETNS", &ns.0)
+        .with_env("BURROW_SUBNET", "10.213.128.1/17");
+    third.ok(&["daemon", "start"]);
+    let (_, err) = third.fails(&["create", "--name", "z"]);
+    assert!(err.contains("overlaps"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert_eq!(rules(), before);
 }
