@@ -145,6 +145,15 @@ pub async fn run(cfg: Config, ready: impl FnOnce()) -> Result<(), String> {
     let bridge =
         links::ensure_bridge(&handle, &bridge_name, network.gateway, network.prefix).await?;
     route_through_host(&bridge_name)?;
+    let mut store = store;
+    // Addresses from another subnet (the state dir was given a new one) are
+    // given up; their workspaces get new ones when they next boot.
+    let subnet = network.subnet();
+    let before = store.leases.by_workspace.len();
+    store.leases.by_workspace.retain(|_, ip| subnet.contains(*ip));
+    if store.leases.by_workspace.len() != before {
+        store.save().map_err(|e| format!("save leases: {e}"))?;
+    }
     let mut net = Net {
         store,
         installed: Installed::default(),
