@@ -150,7 +150,10 @@ pub async fn run(cfg: Config, ready: impl FnOnce()) -> Result<(), String> {
     // given up; their workspaces get new ones when they next boot.
     let subnet = network.subnet();
     let before = store.leases.by_workspace.len();
-    store.leases.by_workspace.retain(|_, ip| subnet.contains(*ip));
+    store
+        .leases
+        .by_workspace
+        .retain(|_, ip| subnet.contains(*ip));
     if store.leases.by_workspace.len() != before {
         store.save().map_err(|e| format!("save leases: {e}"))?;
     }

@@ -7,10 +7,10 @@
 //!
 //! ```text
 //! chain port_<tap> (hook ingress device <tap>):
+//!     ether type ip ether saddr MAC ip saddr IP accept (the common case first)
 //!     ether saddr != MAC counter drop                  "spoofed mac"
 //!     arp (Ethernet/IPv4) sender MAC, IP its own accept
 //!     ether type arp counter drop                      "spoofed arp"
-//!     ether type ip ip saddr IP accept
 //!     ether type ip counter drop                       "spoofed ip"
 //!     counter drop                                     "not ipv4"  (IPv6 included)
 //! ```
@@ -513,6 +513,16 @@ fn add_port_chain(batch: &mut Batch, table: &Table, port: &Port) -> io::Result<(
         })
     };
 
+    // The common case first, in one rule: IPv4 from its own MAC and address.
+    let mut r = Rule::new(&chain);
+    ether_type(&mut r, libc::ETH_P_IP as u16);
+    r.add_expr(&Payload::LinkLayer(LLHeaderField::Saddr));
+    r.add_expr(&nft_expr!(cmp == mac));
+    r.add_expr(&nft_expr!(payload ipv4 saddr));
+    r.add_expr(&nft_expr!(cmp == port.ip));
+    r.add_expr(&nft_expr!(verdict accept));
+    batch.add(&r, MsgType::Add);
+
     let mut r = Rule::new(&chain);
     r.add_expr(&Payload::LinkLayer(LLHeaderField::Saddr));
     r.add_expr(&nft_expr!(cmp != mac));
@@ -540,12 +550,7 @@ fn add_port_chain(batch: &mut Batch, table: &Table, port: &Port) -> io::Result<(
     comment(&mut r, c"spoofed arp");
     batch.add(&r, MsgType::Add);
 
-    let mut r = Rule::new(&chain);
-    ether_type(&mut r, libc::ETH_P_IP as u16);
-    r.add_expr(&nft_expr!(payload ipv4 saddr));
-    r.add_expr(&nft_expr!(cmp == port.ip));
-    r.add_expr(&nft_expr!(verdict accept));
-    batch.add(&r, MsgType::Add);
+    // IPv4 that the first rule did not accept comes from another address.
     let mut r = Rule::new(&chain);
     ether_type(&mut r, libc::ETH_P_IP as u16);
     r.add_expr(&nft_expr!(counter));
