@@ -215,9 +215,15 @@ pub fn claim(
     })
 }
 
-/// The subnets of every state dir's network in this namespace, for refusing
-/// connections that come from a workspace.
-pub fn all_subnets() -> Vec<Cidr> {
+/// Whether `ip` is a workspace's address in any state dir's network of this
+/// namespace (in a subnet, and not its gateway, which is the host).
+pub fn is_workspace_address(ip: Ipv4Addr) -> bool {
+    all_networks()
+        .iter()
+        .any(|n| n.subnet().contains(ip) && ip != n.gateway)
+}
+
+fn all_networks() -> Vec<NetworkId> {
     let Ok(dir) = claims_dir() else {
         return Vec::new();
     };
@@ -225,7 +231,7 @@ pub fn all_subnets() -> Vec<Cidr> {
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         if let Ok(mut f) = std::fs::File::open(e.path()) {
             if let Some(o) = read_owner(&mut f) {
-                out.push(o.network.subnet());
+                out.push(o.network);
             }
         }
     }

@@ -80,8 +80,8 @@ impl Relays {
     }
 }
 
-/// Whether `peer` is in a workspace subnet of this namespace (this netd's or
-/// another state dir's).
+/// Whether `peer` is a workspace of this namespace (this netd's or another state
+/// dir's); a gateway address is the host's own.
 fn from_a_workspace(peer: SocketAddr) -> bool {
     let ip = match peer.ip() {
         std::net::IpAddr::V4(ip) => ip,
@@ -90,5 +90,5 @@ fn from_a_workspace(peer: SocketAddr) -> bool {
             None => return false,
         },
     };
-    crate::claim::all_subnets().iter().any(|s| s.contains(ip))
+    crate::claim::is_workspace_address(ip)
 }
