@@ -56,7 +56,9 @@ fn workspaces_reach_the_host_and_not_each_other() {
         "host -> b: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // a reaches its gateway: a listener on the host side answers.
+    // a reaches its gateway where the host serves it: a listener on the host
+    // side answers once a's policy opens its port.
+    b.ok(&["network-policy", "a", "--allow-host-ports", "8111"]);
     let mut listener = Command::new("ip")
         .args(["netns", "exec", &ns.0, "python3", "-c"])
         .arg("import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('10.213.0.1', 8111)); s.listen(); print('up', flush=True)\nwhile True: s.accept()[0].close()")
@@ -141,7 +143,7 @@ fn workspaces_reach_the_host_and_not_each_other() {
     );
 
     let table =
-        String::from_utf8_lossy(&ns.exec(&["nft", "list", "table", "inet", "burrow"]).stdout)
+        String::from_utf8_lossy(&ns.exec(&["nft", "list", "table", "inet", "burrow0"]).stdout)
             .into_owned();
     assert!(table.contains("iifname \"burrow0\""), "{table}");
     let links = String::from_utf8_lossy(&ns.exec(&["ip", "-br", "link"]).stdout).into_owned();
@@ -446,7 +448,7 @@ fn teams_reach_their_members_and_nobody_else() {
     assert_eq!(names.len(), 3, "{names:?}");
     assert!(!names.iter().any(|n| n.starts_with('r')), "{names:?}");
     let table =
-        String::from_utf8_lossy(&ns.exec(&["nft", "list", "table", "inet", "burrow"]).stdout)
+        String::from_utf8_lossy(&ns.exec(&["nft", "list", "table", "inet", "burrow0"]).stdout)
             .into_owned();
     assert!(!table.contains("team_red"), "{table}");
     assert!(table.contains("team_blue"), "{table}");
@@ -469,8 +471,14 @@ fn kill9_of_netd_and_burrowd_leaves_the_network_exact() {
         "443",
     ]);
     let snapshot = || {
-        let table =
-            String::from_utf8_lossy(&ns.exec(&["nft", "list", "ruleset"]).stdout).into_owned();
+        // Stateless (the rebuilt tables' counters start again from zero), and
+        // table by table (a rebuilt table is listed last).
+        let table = ["inet", "netdev"]
+            .map(|family| {
+                let out = ns.exec(&["nft", "-s", "list", "table", family, "burrow0"]);
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            })
+            .concat();
         let mut links: Vec<String> =
             String::from_utf8_lossy(&ns.exec(&["ip", "-br", "link"]).stdout)
                 .lines()

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::fdpass::recv_with_fd;
-use crate::protocol::{Forward, Lease, Policy, Reply, Request, MAX_LINE};
+use crate::protocol::{Forward, Lease, Policy, PolicyChange, Reply, Request, MAX_LINE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -106,18 +106,14 @@ impl NetClient {
     }
 
     /// Changes `workspace`'s policy (None keeps a field) and returns the result.
-    pub fn set_policy(
-        &self,
-        workspace: &str,
-        allow_internet: Option<bool>,
-        allow_inter_vm: Option<bool>,
-        allowed_ports: Option<Vec<u16>>,
-    ) -> Result<Policy, NetError> {
+    pub fn set_policy(&self, workspace: &str, change: PolicyChange) -> Result<Policy, NetError> {
         match self.call(&Request::SetPolicy {
             workspace: workspace.to_string(),
-            allow_internet,
-            allow_inter_vm,
-            allowed_ports,
+            allow_internet: change.allow_internet,
+            allow_inter_vm: change.allow_inter_vm,
+            allowed_ports: change.allowed_ports,
+            allow_host_ports: change.allow_host_ports,
+            allow_cidr: change.allow_cidr,
         })? {
             (Reply::Policy(p), _) => Ok(p),
             _ => Err(NetError::Failed("set_policy: unexpected reply".into())),
@@ -138,11 +134,13 @@ impl NetClient {
         workspace: &str,
         guest_port: u16,
         host_port: Option<u16>,
+        bind: Option<std::net::Ipv4Addr>,
     ) -> Result<Forward, NetError> {
         match self.call(&Request::ForwardAdd {
             workspace: workspace.to_string(),
             guest_port,
             host_port,
+            bind,
         })? {
             (Reply::Forward(f), _) => Ok(f),
             _ => Err(NetError::Failed("forward_add: unexpected reply".into())),

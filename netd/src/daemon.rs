@@ -10,16 +10,15 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Mutex;
 
-use std::collections::BTreeSet;
-
+use crate::claim::{Claim, NetworkId};
 use crate::forwards::Relays;
 use crate::protocol::{
-    validate_team, validate_workspace, Forward, Lease, Policy, Reply, Request, MAX_LINE,
+    parse_cidrs, validate_team, validate_workspace, Forward, Lease, Policy, Reply, Request,
+    MAX_LINE,
 };
+use crate::rules::{Installed, Names, Port};
 use crate::state::{mac_for, mac_string, Store};
-use crate::{fdpass, links, rules};
-
-pub const BRIDGE: &str = "burrow0";
+use crate::{claim, fdpass, links, rules};
 
 enum Refusal {
     Field(&'static str, String),
@@ -48,13 +47,27 @@ pub struct Config {
     /// The resolver guests' queries are forwarded to (when their policy allows
     /// internet access); none: the first of /etc/resolv.conf.
     pub upstream_dns: Option<Ipv4Addr>,
-    pub gateway: Ipv4Addr,
-    pub prefix: u8,
+    /// A configured subnet (gateway address and prefix length); none: the one
+    /// this state dir had, else a free default one (see [`claim`]).
+    pub subnet: Option<(Ipv4Addr, u8)>,
+}
+
+/// A policy change as asked: fields left out keep their value.
+#[derive(Debug, Default)]
+struct PolicyChange {
+    allow_internet: Option<bool>,
+    allow_inter_vm: Option<bool>,
+    allowed_ports: Option<Vec<u16>>,
+    allow_host_ports: Option<Vec<u16>>,
+    allow_cidr: Option<Vec<crate::protocol::Cidr>>,
 }
 
 struct Daemon {
     cfg: Config,
     handle: rtnetlink::Handle,
+    /// This network's index, held for netd's lifetime.
+    claim: Claim,
+    names: Names,
     bridge: u32,
     /// Addresses and policies, and the port sets the table has: changed together.
     store: Mutex<Net>,
@@ -62,8 +75,9 @@ struct Daemon {
 
 struct Net {
     store: Store,
-    ports: BTreeSet<u16>,
+    installed: Installed,
     relays: Relays,
+    names: Names,
 }
 
 impl Net {
@@ -71,8 +85,8 @@ impl Net {
     fn install(&mut self) -> Result<(), String> {
         let members = self.store.leases.members();
         let teams = self.store.leases.team_addresses();
-        rules::install(BRIDGE, &members, &teams).map_err(|e| format!("nftables: {e}"))?;
-        self.ports = rules::installed_ports(&members);
+        rules::install(&self.names, &members, &teams).map_err(|e| format!("nftables: {e}"))?;
+        self.installed = Installed::of(&members);
         Ok(())
     }
 }
@@ -80,12 +94,12 @@ impl Net {
 /// Routing between workspaces (when policy allows it) goes through the host:
 /// forwarding on, proxy ARP across the isolated bridge ports, and no ICMP
 /// redirects telling a guest to go around the host.
-fn route_through_host() -> Result<(), String> {
+fn route_through_host(bridge: &str) -> Result<(), String> {
     let set = |path: String, value: &str| {
         std::fs::write(&path, value).map_err(|e| format!("{path}: {e}"))
     };
     set("/proc/sys/net/ipv4/ip_forward".into(), "1")?;
-    let conf = format!("/proc/sys/net/ipv4/conf/{BRIDGE}");
+    let conf = format!("/proc/sys/net/ipv4/conf/{bridge}");
     set(format!("{conf}/proxy_arp"), "1")?;
     set(format!("{conf}/proxy_arp_pvlan"), "1")?;
     set(format!("{conf}/send_redirects"), "0")?;
@@ -121,14 +135,47 @@ pub async fn run(cfg: Config, ready: impl FnOnce()) -> Result<(), String> {
     let store = Store::load(&cfg.state_dir).map_err(|e| format!("state: {e}"))?;
     let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| format!("netlink: {e}"))?;
     tokio::spawn(conn);
-    let bridge = links::ensure_bridge(&handle, BRIDGE, cfg.gateway, cfg.prefix).await?;
-    route_through_host()?;
+    // This state dir's own network, never another's: an index claimed among
+    // the netds of this namespace, and a subnet no route or other state dir has.
+    let routes = links::routes(&handle).await?;
+    let claim = claim::claim(&cfg.state_dir, cfg.subnet, &routes)?;
+    let network: NetworkId = claim.network;
+    let bridge_name = network.bridge();
+    let names = Names::new(&bridge_name, network.gateway).map_err(|e| e.to_string())?;
+    let bridge =
+        links::ensure_bridge(&handle, &bridge_name, network.gateway, network.prefix).await?;
+    route_through_host(&bridge_name)?;
+    let mut store = store;
+    // Addresses from another subnet (the state dir was given a new one) are
+    // given up; their workspaces get new ones when they next boot.
+    let subnet = network.subnet();
+    let before = store.leases.by_workspace.len();
+    store
+        .leases
+        .by_workspace
+        .retain(|_, ip| subnet.contains(*ip));
+    if store.leases.by_workspace.len() != before {
+        store.save().map_err(|e| format!("save leases: {e}"))?;
+    }
     let mut net = Net {
         store,
-        ports: BTreeSet::new(),
+        installed: Installed::default(),
         relays: Relays::default(),
+        names: names.clone(),
     };
     net.install()?;
+    // The identity checks of the VMs already on the bridge (netd restarted
+    // while they ran).
+    let running = links::ports(&handle, bridge).await?;
+    let guarded: Vec<Port> = net
+        .store
+        .leases
+        .by_workspace
+        .iter()
+        .map(|(w, ip)| port_of(w, *ip))
+        .filter(|p| running.contains(&p.tap))
+        .collect();
+    rules::install_ports(&names, &guarded).map_err(|e| format!("nftables: {e}"))?;
     // The recorded forwards again (a port another process took meanwhile is
     // reported and skipped).
     for f in net
@@ -144,24 +191,34 @@ pub async fn run(cfg: Config, ready: impl FnOnce()) -> Result<(), String> {
         };
         if let Err(e) = net
             .relays
-            .start(f.host_port, (ip, f.guest_port).into())
+            .start(f.bind, f.host_port, (ip, f.guest_port).into())
             .await
         {
             tracing::warn!(host_port = f.host_port, "forward: {e}");
         }
     }
     let _ = std::fs::remove_file(&cfg.socket);
+    // netd's umask (077, set in main) makes the socket 0600 at bind, before
+    // anyone can connect; the chmod says so whatever the umask was.
     let listener = UnixListener::bind(&cfg.socket)
         .map_err(|e| format!("bind {}: {e}", cfg.socket.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("chmod {}: {e}", cfg.socket.display()))?;
+    }
+    let gateway = network.gateway;
     let daemon = Arc::new(Daemon {
         cfg,
         handle,
+        claim,
+        names,
         bridge,
         store: Mutex::new(net),
     });
     if let Some(upstream) = daemon.cfg.upstream_dns.or_else(system_resolver) {
         let d = daemon.clone();
-        crate::dns::serve(daemon.cfg.gateway, upstream, move |ip| {
+        crate::dns::serve(gateway, upstream, move |ip| {
             let d = d.clone();
             tokio::spawn(async move {
                 let n = d.store.lock().await;
@@ -177,7 +234,7 @@ pub async fn run(cfg: Config, ready: impl FnOnce()) -> Result<(), String> {
             })
         })
         .await
-        .map_err(|e| format!("resolver on {}:53: {e}", daemon.cfg.gateway))?;
+        .map_err(|e| format!("resolver on {gateway}:53: {e}"))?;
     } else {
         tracing::warn!("no upstream resolver: guests get no DNS");
     }
@@ -196,8 +253,33 @@ pub async fn run(cfg: Config, ready: impl FnOnce()) -> Result<(), String> {
     }
 }
 
+/// The identity of `workspace`'s port: its TAP, MAC and address.
+fn port_of(workspace: &str, ip: Ipv4Addr) -> Port {
+    Port {
+        tap: format!("bw{workspace}"),
+        mac: mac_for(ip),
+        ip,
+    }
+}
+
 impl Daemon {
     async fn serve(&self, conn: UnixStream) -> std::io::Result<()> {
+        // Only root drives the host's network, whatever the socket's mode.
+        let uid = conn.peer_cred().map(|c| c.uid()).ok();
+        if uid != Some(0) {
+            use tokio::io::AsyncWriteExt;
+            let reply = Reply::Refused {
+                field: None,
+                message: format!(
+                    "burrow-netd serves root only (peer uid {})",
+                    uid.map_or("unknown".to_string(), |u| u.to_string())
+                ),
+            };
+            let mut out = serde_json::to_vec(&reply).map_err(std::io::Error::other)?;
+            out.push(b'\n');
+            let mut conn = conn;
+            return conn.write_all(&out).await;
+        }
         let mut reader = BufReader::new(conn);
         let mut line = String::new();
         let n = (&mut reader)
@@ -276,6 +358,9 @@ impl Daemon {
                 n.store.leases.remove(&workspace);
                 let forwards: Vec<_> = n.store.leases.forwards.values().cloned().collect();
                 n.relays.retain(&forwards);
+                if let Err(e) = rules::unguard_port(&self.names, &format!("bw{workspace}")) {
+                    return (Reply::Failed(format!("nftables: {e}")), None);
+                }
                 if in_team {
                     // Its address leaves the team's set with a rebuild.
                     return self.saved_and_installed(&mut n);
@@ -284,8 +369,10 @@ impl Daemon {
                     return (Reply::Failed(format!("save leases: {e}")), None);
                 }
                 let cleared = match ip {
-                    Some(ip) => rules::update(ip, &old, &Policy::default(), &n.ports)
-                        .map_err(|e| format!("nftables: {e}")),
+                    Some(ip) => {
+                        rules::update(&self.names, ip, &old, &Policy::default(), &n.installed)
+                            .map_err(|e| format!("nftables: {e}"))
+                    }
                     None => Ok(true),
                 };
                 match cleared {
@@ -336,6 +423,8 @@ impl Daemon {
                 allow_internet,
                 allow_inter_vm,
                 allowed_ports,
+                allow_host_ports,
+                allow_cidr,
             } => {
                 if let Err(m) = validate_workspace(&workspace) {
                     return (refused("workspace", m), None);
@@ -346,10 +435,24 @@ impl Daemon {
                         None,
                     );
                 }
-                match self
-                    .set_policy(&workspace, allow_internet, allow_inter_vm, allowed_ports)
-                    .await
-                {
+                if let Some(p) = allow_host_ports.iter().flatten().find(|p| **p == 0) {
+                    return (
+                        refused("allow_host_ports", format!("{p} is not a port (1-65535)")),
+                        None,
+                    );
+                }
+                let allow_cidr = match allow_cidr.as_deref().map(parse_cidrs).transpose() {
+                    Ok(c) => c,
+                    Err(m) => return (refused("allow_cidr", m), None),
+                };
+                let change = PolicyChange {
+                    allow_internet,
+                    allow_inter_vm,
+                    allowed_ports,
+                    allow_host_ports,
+                    allow_cidr,
+                };
+                match self.set_policy(&workspace, change).await {
                     Ok(p) => (Reply::Policy(p), None),
                     Err(r) => r.reply(),
                 }
@@ -358,6 +461,7 @@ impl Daemon {
                 workspace,
                 guest_port,
                 host_port,
+                bind,
             } => {
                 if let Err(m) = validate_workspace(&workspace) {
                     return (refused("workspace", m), None);
@@ -371,7 +475,17 @@ impl Daemon {
                 if let Some(h) = host_port.filter(|h| *h < 1024) {
                     return (refused("host_port", format!("{h} is below 1024")), None);
                 }
-                match self.forward_add(&workspace, guest_port, host_port).await {
+                let bind = bind.unwrap_or_else(crate::protocol::default_bind);
+                if bind.is_multicast() || bind.is_broadcast() {
+                    return (
+                        refused("bind", format!("{bind} is not a host address")),
+                        None,
+                    );
+                }
+                match self
+                    .forward_add(&workspace, guest_port, host_port, bind)
+                    .await
+                {
                     Ok(f) => (Reply::Forward(f), None),
                     Err(r) => r.reply(),
                 }
@@ -460,8 +574,8 @@ impl Daemon {
             workspace: workspace.to_string(),
             tap: format!("bw{workspace}"),
             ip,
-            prefix: self.cfg.prefix,
-            gateway: self.cfg.gateway,
+            prefix: self.claim.network.prefix,
+            gateway: self.claim.network.gateway,
             mac: mac_string(mac_for(ip)),
         }
     }
@@ -473,7 +587,7 @@ impl Daemon {
         if !ports.is_empty() {
             return Err(format!("VMs are on the network: {}", ports.join(", ")));
         }
-        rules::remove().map_err(|e| format!("nftables: {e}"))?;
+        rules::remove(&self.names).map_err(|e| format!("nftables: {e}"))?;
         links::delete(&self.handle, self.bridge).await?;
         let _ = std::fs::remove_file(&self.cfg.socket);
         Ok(())
@@ -498,6 +612,7 @@ impl Daemon {
         workspace: &str,
         guest_port: u16,
         host_port: Option<u16>,
+        bind: Ipv4Addr,
     ) -> Result<Forward, Refusal> {
         let mut n = self.store.lock().await;
         let ip =
@@ -515,7 +630,7 @@ impl Daemon {
         }
         let port = match n
             .relays
-            .start(host_port.unwrap_or(0), (ip, guest_port).into())
+            .start(bind, host_port.unwrap_or(0), (ip, guest_port).into())
             .await
         {
             Ok(p) => p,
@@ -525,12 +640,19 @@ impl Daemon {
                     format!("{} is already taken", host_port.unwrap_or(0)),
                 ))
             }
+            Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                return Err(Refusal::Field(
+                    "bind",
+                    format!("{bind} is not an address of this host"),
+                ))
+            }
             Err(e) => return Err(Refusal::Failed(format!("bind: {e}"))),
         };
         let f = Forward {
             workspace: workspace.to_string(),
             guest_port,
             host_port: port,
+            bind,
         };
         n.store.leases.forwards.insert(port, f.clone());
         if let Err(e) = n.store.save() {
@@ -543,13 +665,14 @@ impl Daemon {
 
     /// Applies a policy change: set elements only, unless a port is new to the
     /// table (then one rebuild). Recorded first.
-    async fn set_policy(
-        &self,
-        workspace: &str,
-        allow_internet: Option<bool>,
-        allow_inter_vm: Option<bool>,
-        allowed_ports: Option<Vec<u16>>,
-    ) -> Result<Policy, Refusal> {
+    async fn set_policy(&self, workspace: &str, change: PolicyChange) -> Result<Policy, Refusal> {
+        let PolicyChange {
+            allow_internet,
+            allow_inter_vm,
+            allowed_ports,
+            allow_host_ports,
+            allow_cidr,
+        } = change;
         let mut n = self.store.lock().await;
         let ip =
             *n.store.leases.by_workspace.get(workspace).ok_or_else(|| {
@@ -574,6 +697,14 @@ impl Daemon {
             ports.dedup();
             new.allowed_ports = (!ports.is_empty()).then_some(ports);
         }
+        if let Some(mut ports) = allow_host_ports {
+            ports.sort_unstable();
+            ports.dedup();
+            new.allow_host_ports = ports;
+        }
+        if let Some(cidrs) = allow_cidr {
+            new.allow_cidr = cidrs;
+        }
         n.store
             .leases
             .policies
@@ -581,8 +712,7 @@ impl Daemon {
         n.store
             .save()
             .map_err(|e| Refusal::Failed(format!("save: {e}")))?;
-        let ports = n.ports.clone();
-        let incremental = rules::update(ip, &old, &new, &ports)
+        let incremental = rules::update(&self.names, ip, &old, &new, &n.installed)
             .map_err(|e| Refusal::Failed(format!("nftables: {e}")))?;
         if !incremental {
             n.install().map_err(Refusal::Failed)?;
@@ -593,8 +723,9 @@ impl Daemon {
     async fn attach(&self, workspace: &str) -> Result<(Lease, std::os::fd::OwnedFd), String> {
         let mut n = self.store.lock().await;
         let s = &mut n.store;
+        let network = self.claim.network;
         let ip = s
-            .allocate(workspace, self.cfg.gateway, self.cfg.prefix)
+            .allocate(workspace, network.gateway, network.prefix)
             .ok_or_else(|| "no free address left in the subnet".to_string())?;
         // Recorded before the device exists.
         s.save().map_err(|e| format!("save leases: {e}"))?;
@@ -604,6 +735,10 @@ impl Daemon {
             return Err(format!("{} is already running on the network", workspace));
         }
         let fd = links::open_tap(&lease.tap, mac_for(ip))?;
+        // Its identity is checked before the port joins the bridge: no frame of
+        // it is ever seen unchecked.
+        rules::guard_port(&self.names, &port_of(workspace, ip))
+            .map_err(|e| format!("nftables: guard {}: {e}", lease.tap))?;
         links::plug(&self.handle, &lease.tap, self.bridge).await?;
         Ok((lease, fd))
     }

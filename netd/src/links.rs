@@ -176,3 +176,61 @@ pub(crate) async fn delete(handle: &Handle, index: u32) -> LinkResult<()> {
         .await
         .map_err(|e| format!("delete link {index}: {e}"))
 }
+
+/// The namespace's IPv4 routes (every table): destination and output device.
+pub(crate) async fn routes(handle: &Handle) -> LinkResult<Vec<(crate::protocol::Cidr, String)>> {
+    use rtnetlink::packet_route::link::LinkAttribute;
+    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
+    let mut names = std::collections::HashMap::new();
+    let mut links = handle.link().get().execute();
+    while let Some(l) = links
+        .try_next()
+        .await
+        .map_err(|e| format!("list links: {e}"))?
+    {
+        if let Some(n) = l.attributes.iter().find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n.clone()),
+            _ => None,
+        }) {
+            names.insert(l.header.index, n);
+        }
+    }
+    let mut out = Vec::new();
+    let mut routes = handle
+        .route()
+        .get(rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    while let Some(r) = routes
+        .try_next()
+        .await
+        .map_err(|e| format!("list routes: {e}"))?
+    {
+        let dst = r.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+            _ => None,
+        });
+        let dev = r
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                RouteAttribute::Oif(i) => names.get(i).cloned(),
+                _ => None,
+            })
+            .unwrap_or_default();
+        let prefix = r.header.destination_prefix_length;
+        let net = dst.unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let mask = if prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(prefix.min(32)))
+        };
+        out.push((
+            crate::protocol::Cidr {
+                net: Ipv4Addr::from(u32::from(net) & mask),
+                prefix,
+            },
+            dev,
+        ));
+    }
+    Ok(out)
+}

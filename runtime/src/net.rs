@@ -4,8 +4,13 @@
 //!
 //! `BURROW_NETNS` names a network namespace (`ip netns`) for netd to work in:
 //! tests give each instance its own. `BURROW_UPSTREAM_DNS` is the resolver netd
-//! forwards guests' queries to (default: the host's first in /etc/resolv.conf). Without root there is no netd and workspaces
-//! have no network.
+//! forwards guests' queries to (default: the host's first in /etc/resolv.conf).
+//! `BURROW_SUBNET=A.B.C.D/N` gives this state dir's gateway and subnet; without it
+//! netd keeps the one the state dir had or claims a free one, so several state
+//! dirs share a host (or namespace) without sharing a network. When no network
+//! can be had (not root, no free subnet), [`Network::open`] says why, and the
+//! engine refuses to boot workspaces with that reason: never a workspace without
+//! network while nothing says so.
 
 use std::io::BufRead;
 use std::os::unix::process::CommandExt;
@@ -25,13 +30,16 @@ pub struct Network {
 }
 
 impl Network {
-    /// Connects to this state dir's netd, starting it if none answers. `None`
-    /// (logged) when the host cannot give workspaces a network.
-    pub fn open(state: &StateDir) -> Option<Network> {
+    /// Connects to this state dir's netd, starting it if none answers. An error
+    /// (one line, logged) when the host cannot give workspaces a network.
+    pub fn open(state: &StateDir) -> Result<Network, String> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            tracing::warn!("not root: workspaces get no network");
-            return None;
+            let why =
+                "burrowd is not root, and workspace networks (TAP devices, nftables) need root"
+                    .to_string();
+            tracing::warn!("{why}");
+            return Err(why);
         }
         let socket = state.root().join("netd.sock");
         let net = Network {
@@ -40,13 +48,13 @@ impl Network {
             state: state.clone(),
         };
         if net.client.ping().is_ok() {
-            return Some(net);
+            return Ok(net);
         }
         match net.start() {
-            Ok(()) => Some(net),
+            Ok(()) => Ok(net),
             Err(e) => {
-                tracing::warn!("burrow-netd: {e}; workspaces get no network");
-                None
+                tracing::warn!("burrow-netd: {e}");
+                Err(format!("burrow-netd: {e}"))
             }
         }
     }
@@ -92,6 +100,9 @@ impl Network {
         if let Ok(dns) = std::env::var("BURROW_UPSTREAM_DNS") {
             cmd.args(["--upstream-dns", &dns]);
         }
+        if let Ok(subnet) = std::env::var("BURROW_SUBNET") {
+            cmd.args(["--subnet", &subnet]);
+        }
         // SAFETY: setsid is async-signal-safe.
         unsafe {
             cmd.pre_exec(|| {
@@ -108,6 +119,8 @@ impl Network {
         std::thread::spawn(move || child.wait());
         if line.trim() == "ready" {
             Ok(())
+        } else if let Some(why) = line.trim().strip_prefix("failed: ") {
+            Err(why.to_string())
         } else {
             let tail = std::fs::read_to_string(&log).unwrap_or_default();
             Err(tail
@@ -171,18 +184,9 @@ impl Network {
     pub fn set_policy(
         &self,
         workspace: &str,
-        allow_internet: Option<bool>,
-        allow_inter_vm: Option<bool>,
-        allowed_ports: Option<Vec<u16>>,
+        change: burrow_netd::protocol::PolicyChange,
     ) -> Result<burrow_netd::protocol::Policy, burrow_netd::NetError> {
-        self.with(|c| {
-            c.set_policy(
-                workspace,
-                allow_internet,
-                allow_inter_vm,
-                allowed_ports.clone(),
-            )
-        })
+        self.with(|c| c.set_policy(workspace, change.clone()))
     }
 
     pub fn policy(
@@ -197,8 +201,9 @@ impl Network {
         workspace: &str,
         guest_port: u16,
         host_port: Option<u16>,
+        bind: Option<std::net::Ipv4Addr>,
     ) -> Result<burrow_netd::protocol::Forward, NetError> {
-        self.with(|c| c.forward_add(workspace, guest_port, host_port))
+        self.with(|c| c.forward_add(workspace, guest_port, host_port, bind))
     }
 
     pub fn forward_rm(&self, workspace: &str, guest_port: u16) -> Result<(), NetError> {

@@ -1,5 +1,8 @@
-//! `burrow-netd --state DIR --socket PATH [--netns NAME] [--subnet 10.213.0.1/16]
+//! `burrow-netd --state DIR --socket PATH [--netns NAME] [--subnet A.B.C.D/N]
 //! [--upstream-dns A.B.C.D]`
+//!
+//! `--subnet` gives the gateway address and prefix; without it the state dir
+//! keeps the network it had, or claims a free one (10.213.0.1/16, 10.214.0.1/16, …).
 //!
 //! Started by burrowd (in a session of its own, so that it outlives a daemon
 //! restart); prints `ready` on stdout once it serves.
@@ -17,12 +20,16 @@ fn usage(msg: &str) -> ! {
 }
 
 fn main() {
+    // Everything netd makes (its socket, its records) is root's alone; set
+    // while this is the only thread, before any file exists.
+    // SAFETY: umask has no preconditions.
+    unsafe { libc::umask(0o077) };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .init();
     let mut args = std::env::args().skip(1);
     let (mut state, mut socket, mut netns, mut dns) = (None, None, None, None);
-    let mut subnet = (Ipv4Addr::new(10, 213, 0, 1), 16u8);
+    let mut subnet = None;
     while let Some(a) = args.next() {
         let mut value = || {
             args.next()
@@ -46,11 +53,11 @@ fn main() {
                     let p: u8 = p.parse().ok().filter(|p| (8..=30).contains(p))?;
                     Some((ip.parse::<Ipv4Addr>().ok()?, p))
                 });
-                subnet = parsed.unwrap_or_else(|| {
+                subnet = Some(parsed.unwrap_or_else(|| {
                     usage(&format!(
                         "invalid --subnet {v:?}: use A.B.C.D/N, N in 8..=30"
                     ))
-                });
+                }));
             }
             other => usage(&format!("unknown argument {other:?}")),
         }
@@ -70,8 +77,7 @@ fn main() {
         socket,
         netns,
         upstream_dns: dns,
-        gateway: subnet.0,
-        prefix: subnet.1,
+        subnet,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

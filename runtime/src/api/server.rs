@@ -459,6 +459,9 @@ struct ForwardParams {
     guest_port: u16,
     #[serde(default)]
     host_port: Option<u16>,
+    /// The host address to listen on; 127.0.0.1 when left out.
+    #[serde(default)]
+    bind: Option<std::net::Ipv4Addr>,
 }
 
 async fn forward_add(
@@ -467,7 +470,7 @@ async fn forward_add(
     ApiJson(p): ApiJson<ForwardParams>,
 ) -> ApiResult<burrow_netd::protocol::Forward> {
     ok(s.engine
-        .port_forward_add(&ws, p.guest_port, p.host_port)
+        .port_forward_add(&ws, p.guest_port, p.host_port, p.bind)
         .await?)
 }
 

@@ -128,8 +128,9 @@ pub struct Engine {
     state: StateDir,
     db: Db,
     store: Arc<dyn Store>,
-    /// burrow-netd, when the host can give workspaces a network.
-    net: Option<crate::net::Network>,
+    /// burrow-netd, or why this host gives workspaces no network (then no
+    /// workspace boots, and create says why).
+    net: std::result::Result<crate::net::Network, String>,
     /// The loop-mounted Btrfs the store lives on, if it has one.
     mount: Option<BtrfsImage>,
     /// Background preparations of the store, awaited before the daemon exits.
@@ -259,7 +260,7 @@ impl Engine {
         if self.vmm.cgroups.is_some() {
             info.limits = Some(Limits::for_vm(info.vcpus, info.memory_mib));
         }
-        if let Some(net) = &self.net {
+        if let Ok(net) = &self.net {
             info.ip = net
                 .leases()
                 .into_iter()
@@ -295,6 +296,8 @@ impl Engine {
         }
         let image = params.image.unwrap_or_else(|| DEFAULT_IMAGE.to_string());
         ImageCache::validate(&image)?;
+        // A workspace without its network is refused, not made silently.
+        self.network()?;
         let boot_timeout = boot_timeout(params.boot_timeout_secs)?;
         let id = new_id()?;
         let name = match params.name {
@@ -425,7 +428,7 @@ impl Engine {
             Err(e) => tracing::warn!("volume store shutdown: {e}"),
             Ok(Ok(())) => {}
         }
-        if let Some(net) = &self.net {
+        if let Ok(net) = &self.net {
             net.shutdown();
         }
         if let Some(c) = &self.vmm.cgroups {
@@ -491,7 +494,7 @@ impl Engine {
         }
         self.release_cgroup(&rec.id).await;
         self.clear_run_dir(&rec.id);
-        if let Some(net) = &self.net {
+        if let Ok(net) = &self.net {
             net.release(&rec.id);
         }
         let store = self.store.clone();

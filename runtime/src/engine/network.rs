@@ -1,22 +1,12 @@
 //! Network policy of workspaces, through burrow-netd.
 
-use serde::{Deserialize, Serialize};
-
 use super::Engine;
 use crate::error::{Error, Result};
-use burrow_netd::protocol::{Forward, Policy};
+use burrow_netd::protocol::{parse_cidrs, Forward, Policy};
 
-/// A change of network policy: fields left out keep their value.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct PolicyChange {
-    #[serde(default)]
-    pub allow_internet: Option<bool>,
-    #[serde(default)]
-    pub allow_inter_vm: Option<bool>,
-    /// [] lifts the limit.
-    #[serde(default)]
-    pub allowed_ports: Option<Vec<u16>>,
-}
+/// A change of network policy: fields left out keep their value; `[]` lifts the
+/// port limit and clears `allow_host_ports` and `allow_cidr`.
+pub use burrow_netd::protocol::PolicyChange;
 
 impl Engine {
     /// What a workspace may reach on the network.
@@ -33,35 +23,37 @@ impl Engine {
         reference: &str,
         change: PolicyChange,
     ) -> Result<Policy> {
-        if let Some(p) = change.allowed_ports.iter().flatten().find(|p| **p == 0) {
-            return Err(Error::invalid(
-                "allowed_ports",
-                format!("{p} is not a TCP port (1-65535)"),
-            ));
+        for (field, ports) in [
+            ("allowed_ports", &change.allowed_ports),
+            ("allow_host_ports", &change.allow_host_ports),
+        ] {
+            if let Some(p) = ports.iter().flatten().find(|p| **p == 0) {
+                return Err(Error::invalid(
+                    field,
+                    format!("{p} is not a TCP port (1-65535)"),
+                ));
+            }
+        }
+        if let Some(list) = &change.allow_cidr {
+            parse_cidrs(list).map_err(|m| Error::invalid("allow_cidr", m))?;
         }
         let rec = self.db.resolve(reference)?;
         let net = self.network()?;
-        blocking_net(move || {
-            net.set_policy(
-                &rec.id,
-                change.allow_internet,
-                change.allow_inter_vm,
-                change.allowed_ports,
-            )
-        })
-        .await
+        blocking_net(move || net.set_policy(&rec.id, change)).await
     }
 
-    /// Forwards a host port (given, or chosen ≥ 1024) to `guest_port` of a workspace.
+    /// Forwards a host port (given, or chosen ≥ 1024) on `bind` (127.0.0.1 if
+    /// none) to `guest_port` of a workspace.
     pub async fn port_forward_add(
         &self,
         reference: &str,
         guest_port: u16,
         host_port: Option<u16>,
+        bind: Option<std::net::Ipv4Addr>,
     ) -> Result<Forward> {
         let rec = self.db.resolve(reference)?;
         let net = self.network()?;
-        blocking_net(move || net.forward_add(&rec.id, guest_port, host_port)).await
+        blocking_net(move || net.forward_add(&rec.id, guest_port, host_port, bind)).await
     }
 
     pub async fn port_forward_rm(&self, reference: &str, guest_port: u16) -> Result<()> {
@@ -76,13 +68,11 @@ impl Engine {
         blocking_net(move || net.forward_ls(&rec.id)).await
     }
 
+    /// netd, or why this daemon has no network (then no workspace boots).
     pub(super) fn network(&self) -> Result<crate::net::Network> {
-        self.net.clone().ok_or_else(|| {
-            Error::invalid(
-                "network",
-                "this host gives workspaces no network (burrowd needs root)",
-            )
-        })
+        self.net
+            .clone()
+            .map_err(|why| Error::invalid("network", format!("no network for workspaces: {why}")))
     }
 }
 
@@ -95,6 +85,9 @@ async fn blocking_net<T: Send + 'static>(
             let field = match field.as_str() {
                 "workspace" => "workspace",
                 "allowed_ports" => "allowed_ports",
+                "allow_host_ports" => "allow_host_ports",
+                "allow_cidr" => "allow_cidr",
+                "bind" => "bind",
                 "host_port" => "host-port",
                 "guest_port" => "guest-port",
                 _ => "network",

@@ -75,7 +75,7 @@ impl Engine {
             }
         }
         // The network keeps addresses for the workspaces there are, no others.
-        if let Some(net) = &self.net {
+        if let Ok(net) = &self.net {
             let ids = self.db.list()?.into_iter().map(|r| r.id).collect();
             net.sync(ids, self.db.teams()?);
         }

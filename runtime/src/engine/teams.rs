@@ -107,7 +107,7 @@ impl Engine {
         if let Some(Err(e)) = done.into_iter().find(Result::is_err) {
             return Err(e);
         }
-        if let Some(net) = &self.net {
+        if let Ok(net) = &self.net {
             let net = net.clone();
             let n = name.to_string();
             let _ = tokio::task::spawn_blocking(move || net.remove_team(&n)).await;

@@ -57,7 +57,7 @@ impl Engine {
             None => None,
         };
         let net = match &self.net {
-            Some(n) => match n.attach(&rec.id) {
+            Ok(n) => match n.attach(&rec.id) {
                 Ok((lease, net)) => {
                     tracing::info!(workspace = %rec.id, ip = %lease.ip, tap = %lease.tap, "network");
                     Some(net)
@@ -67,7 +67,10 @@ impl Engine {
                     return self.boot_aborted(rec, Error::Vmm(format!("network: {e}")));
                 }
             },
-            None => None,
+            Err(_) => match self.network() {
+                Err(e) => return self.boot_aborted(rec, e),
+                Ok(_) => None,
+            },
         };
         let spec = VmSpec {
             id: rec.id.clone(),

@@ -218,13 +218,27 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
         Command::NetworkPolicy(a) => {
             let ports = match &a.allowed_ports {
                 None => None,
-                Some(list) => Some(parse_ports(list)?),
+                Some(list) => Some(parse_ports("allowed-ports", list)?),
             };
-            let body = json!({
-                "allow_internet": a.allow_internet,
-                "allow_inter_vm": a.allow_inter_vm,
-                "allowed_ports": ports,
+            let host_ports = match &a.allow_host_ports {
+                None => None,
+                Some(list) => Some(parse_ports("allow-host-ports", list)?),
+            };
+            // Checked by the daemon (one line naming allow_cidr).
+            let cidrs: Option<Vec<String>> = a.allow_cidr.as_ref().map(|list| {
+                list.split(',')
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .map(str::to_string)
+                    .collect()
             });
+            let body = burrow::engine::PolicyChange {
+                allow_internet: a.allow_internet,
+                allow_inter_vm: a.allow_inter_vm,
+                allowed_ports: ports,
+                allow_host_ports: host_ports,
+                allow_cidr: cidrs,
+            };
             let p: burrow_netd::protocol::Policy = c
                 .post(&ws_path(&a.workspace, "/network-policy"), &body)
                 .await?;
@@ -235,9 +249,25 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
                     .allowed_ports
                     .map(|v| v.iter().map(u16::to_string).collect::<Vec<_>>().join(","))
                     .unwrap_or_else(|| "any".into());
+                let host_ports = p
+                    .allow_host_ports
+                    .iter()
+                    .map(u16::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let cidrs = p
+                    .allow_cidr
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",");
                 println!(
-                    "{}: allow_internet={} allow_inter_vm={} allowed_ports={ports}",
-                    a.workspace, p.allow_internet, p.allow_inter_vm
+                    "{}: allow_internet={} allow_inter_vm={} allowed_ports={ports} allow_host_ports={} allow_cidr={}",
+                    a.workspace,
+                    p.allow_internet,
+                    p.allow_inter_vm,
+                    if host_ports.is_empty() { "none" } else { &host_ports },
+                    if cidrs.is_empty() { "none" } else { &cidrs },
                 );
             }
         }
@@ -617,12 +647,13 @@ async fn port_forward(c: &Client, cmd: PortForwardCommand) -> Result<(), Failure
             workspace,
             guest_port,
             host_port,
+            bind,
             json,
         } => {
             let f: Forward = c
                 .post(
                     &ws_path(&workspace, "/port-forwards"),
-                    &json!({"guest_port": guest_port, "host_port": host_port}),
+                    &json!({"guest_port": guest_port, "host_port": host_port, "bind": bind}),
                 )
                 .await?;
             if json {
@@ -636,9 +667,9 @@ async fn port_forward(c: &Client, cmd: PortForwardCommand) -> Result<(), Failure
             if json {
                 print_json(&list);
             } else {
-                println!("{:<10} GUEST_PORT", "HOST_PORT");
+                println!("{:<16} {:<10} GUEST_PORT", "BIND", "HOST_PORT");
                 for f in list {
-                    println!("{:<10} {}", f.host_port, f.guest_port);
+                    println!("{:<16} {:<10} {}", f.bind, f.host_port, f.guest_port);
                 }
             }
         }
@@ -749,8 +780,8 @@ async fn snapshot(c: &Client, cmd: SnapshotCommand) -> Result<(), Failure> {
     Ok(())
 }
 
-/// `443,80` → [443, 80]; "" → [] (no limit). Anything else names the bad item.
-fn parse_ports(list: &str) -> Result<Vec<u16>, String> {
+/// `443,80` → [443, 80]; "" → []. Anything else names the field and the bad item.
+fn parse_ports(field: &str, list: &str) -> Result<Vec<u16>, String> {
     if list.trim().is_empty() {
         return Ok(Vec::new());
     }
@@ -760,7 +791,7 @@ fn parse_ports(list: &str) -> Result<Vec<u16>, String> {
                 .parse::<u16>()
                 .ok()
                 .filter(|n| *n > 0)
-                .ok_or_else(|| format!("invalid allowed-ports: {p:?} is not a TCP port (1-65535)"))
+                .ok_or_else(|| format!("invalid {field}: {p:?} is not a TCP port (1-65535)"))
         })
         .collect()
 }

@@ -248,6 +248,9 @@ pub enum PortForwardCommand {
         /// The host port (≥ 1024); chosen when left out.
         #[arg(long)]
         host_port: Option<u16>,
+        /// The host address to listen on (default 127.0.0.1: the host only).
+        #[arg(long)]
+        bind: Option<std::net::Ipv4Addr>,
         #[arg(long)]
         json: bool,
     },
@@ -328,6 +331,14 @@ pub struct NetworkPolicyArgs {
     /// Egress only to these TCP ports, e.g. 443,80; "" lifts the limit.
     #[arg(long)]
     pub allowed_ports: Option<String>,
+    /// Host TCP ports this workspace may connect to (any host address), e.g.
+    /// 8000,9000; "" clears. By default it reaches only DNS on its gateway.
+    #[arg(long)]
+    pub allow_host_ports: Option<String>,
+    /// Private, shared or link-local ranges (CIDRs) internet egress may include
+    /// for this workspace, e.g. 10.99.0.0/16,169.254.169.254/32; "" clears.
+    #[arg(long)]
+    pub allow_cidr: Option<String>,
     #[arg(long)]
     pub json: bool,
 }
