@@ -41,9 +41,9 @@ impl BtrfsStore {
     /// A store in `root`, which must be on Btrfs.
     pub fn new(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let root = root.into();
+        crate::private_dir(&root)?;
         for d in ["images", "volumes", "snapshots"] {
-            let dir = root.join(d);
-            std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create", &dir, e))?;
+            crate::private_dir(&root.join(d))?;
         }
         if !is_btrfs(&root)? {
             return Err(StoreError::Btrfs {
@@ -189,7 +189,7 @@ impl Store for BtrfsStore {
             });
         }
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError::io("create", dir, e))?;
+            crate::private_dir(dir)?;
         }
         snapshot(&src.path, &path, true)?;
         Ok(Snapshot {

@@ -5,6 +5,7 @@
 //! releases the loop device in one step; both are run as commands and nothing of
 //! their output is parsed.
 
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -27,14 +28,22 @@ impl BtrfsImage {
             mountpoint: mountpoint.to_path_buf(),
         };
         if me.is_mounted() {
+            // Mounted by an older build, perhaps without nosuid,nodev.
+            me.restrict()?;
             return Ok(me);
         }
-        std::fs::create_dir_all(mountpoint).map_err(|e| StoreError::io("create", mountpoint, e))?;
+        crate::private_dir(mountpoint)?;
         if !image.exists() {
             // Made under a temporary name and renamed, so a crash never leaves an
             // image without a file system that a later start would try to mount.
             let tmp = image.with_extension("partial");
-            let f = std::fs::File::create(&tmp).map_err(|e| StoreError::io("create", &tmp, e))?;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(crate::PRIVATE_FILE_MODE)
+                .open(&tmp)
+                .map_err(|e| StoreError::io("create", &tmp, e))?;
             f.set_len(size)
                 .map_err(|e| StoreError::io("size", &tmp, e))?;
             drop(f);
@@ -45,15 +54,66 @@ impl BtrfsImage {
             )?;
             std::fs::rename(&tmp, image).map_err(|e| StoreError::io("rename", image, e))?;
         }
+        // The image holds guests' files: whatever its mode was (an older build
+        // followed the umask), only root reads or writes it.
+        std::fs::set_permissions(
+            image,
+            std::fs::Permissions::from_mode(crate::PRIVATE_FILE_MODE),
+        )
+        .map_err(|e| StoreError::io("chmod", image, e))?;
+        // nosuid,nodev: a guest is root in its volume and may make setuid-root
+        // files and device nodes there; on the host they must stay inert.
         run(
             Command::new("mount")
-                .args(["-t", "btrfs", "-o", "loop,noatime"])
+                .args(["-t", "btrfs", "-o", MOUNT_OPTIONS])
                 .arg(image)
                 .arg(mountpoint),
             "mount",
             mountpoint,
         )?;
+        // The mountpoint now shows the file system's root, which mkfs made 0755.
+        crate::private_dir(mountpoint)?;
         Ok(me)
+    }
+
+    /// Makes an existing mount nosuid,nodev and its root 0700.
+    fn restrict(&self) -> Result<(), StoreError> {
+        let flags = mount_flags(&self.mountpoint)?;
+        let wanted = libc::ST_NOSUID | libc::ST_NODEV;
+        if flags & wanted != wanted {
+            let c = cpath(&self.mountpoint)?;
+            // A bind remount changes only the per-mount flags; the ones it keeps
+            // (read-only, noatime, noexec) must be named again or they are lost.
+            let mut ms = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV;
+            for (st, m) in [
+                (libc::ST_RDONLY, libc::MS_RDONLY),
+                (libc::ST_NOATIME, libc::MS_NOATIME),
+                (libc::ST_NOEXEC, libc::MS_NOEXEC),
+            ] {
+                if flags & st != 0 {
+                    ms |= m;
+                }
+            }
+            // SAFETY: mount(2) with a NUL-terminated target and no source, type
+            // or data, as a bind remount takes.
+            let r = unsafe {
+                libc::mount(
+                    std::ptr::null(),
+                    c.as_ptr(),
+                    std::ptr::null(),
+                    ms,
+                    std::ptr::null(),
+                )
+            };
+            if r != 0 {
+                return Err(StoreError::io(
+                    "remount nosuid,nodev",
+                    &self.mountpoint,
+                    std::io::Error::last_os_error(),
+                ));
+            }
+        }
+        crate::private_dir(&self.mountpoint)
     }
 
     pub fn is_mounted(&self) -> bool {
@@ -78,6 +138,31 @@ impl BtrfsImage {
         }
         Ok(())
     }
+}
+
+/// Options of the loop mount: see [`BtrfsImage::ensure`].
+pub const MOUNT_OPTIONS: &str = "loop,noatime,nosuid,nodev";
+
+fn cpath(path: &Path) -> Result<std::ffi::CString, StoreError> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| StoreError::io("path", path, std::io::Error::other(e)))
+}
+
+/// The `ST_*` flags of the mount `path` is on (statvfs's `f_flag`).
+pub fn mount_flags(path: &Path) -> Result<u64, StoreError> {
+    let c = cpath(path)?;
+    // SAFETY: statvfs writes into the zeroed struct we own.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the path is NUL-terminated.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(StoreError::io(
+            "statvfs",
+            path,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(st.f_flag)
 }
 
 fn run(cmd: &mut Command, what: &'static str, path: &Path) -> Result<(), StoreError> {

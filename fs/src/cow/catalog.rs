@@ -32,8 +32,11 @@ pub(crate) struct Catalog {
 
 impl Catalog {
     pub fn load(root: &Path) -> io::Result<Catalog> {
-        for d in ["images", "layers", "meta/volumes", "meta/snapshots", "mnt"] {
-            std::fs::create_dir_all(root.join(d))?;
+        // The server runs under umask 0: its directories get their mode here.
+        for d in [
+            "", "images", "layers", "meta", "meta/volumes", "meta/snapshots", "meta/limits", "mnt",
+        ] {
+            crate::private_dir(&root.join(d)).map_err(io::Error::other)?;
         }
         let mut c = Catalog {
             root: root.to_path_buf(),
@@ -101,7 +104,7 @@ impl Catalog {
         chain: Vec<String>,
     ) -> io::Result<()> {
         let dir = self.root.join("meta/snapshots").join(volume);
-        std::fs::create_dir_all(&dir)?;
+        crate::private_dir(&dir).map_err(io::Error::other)?;
         write_chain(&dir, name, &chain)?;
         self.snapshots
             .insert((volume.to_string(), name.to_string()), chain);

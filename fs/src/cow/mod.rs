@@ -95,9 +95,12 @@ impl FuseStore {
     /// unless one already serves `root`.
     pub fn open(root: impl Into<PathBuf>, binary: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let root = root.into();
-        for d in ["images", "layers", "meta/volumes", "meta/snapshots", "mnt"] {
-            let dir = root.join(d);
-            std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create", &dir, e))?;
+        // Layers hold guests' files as they made them (setuid bits, device
+        // nodes) on the host's own file system, which may allow both: only
+        // root may reach them.
+        crate::private_dir(&root)?;
+        for d in ["images", "layers", "meta", "meta/volumes", "meta/snapshots", "mnt"] {
+            crate::private_dir(&root.join(d))?;
         }
         let store = FuseStore {
             root,

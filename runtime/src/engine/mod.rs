@@ -24,7 +24,7 @@ use tracing::Instrument;
 
 pub use guest_ops::LogKind;
 pub use network::PolicyChange;
-pub use snapshots::{Diff, ForkParams, SnapshotInfo, MAX_FORKS};
+pub use snapshots::{Diff, DiffPath, ForkParams, SnapshotInfo, MAX_FORKS};
 pub use teams::{TeamMember, TeamParams};
 
 use crate::db::{Db, ForkedFrom, ProcId, State, VmPids, WorkspaceRecord};

@@ -210,7 +210,7 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
             } else {
                 for (mark, paths) in [("A", &d.added), ("M", &d.modified), ("D", &d.deleted)] {
                     for p in paths {
-                        println!("{mark} {p}");
+                        println!("{mark} {}", crate::output::quote_path(&p.bytes()));
                     }
                 }
             }
