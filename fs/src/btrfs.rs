@@ -25,6 +25,9 @@ use crate::{
 
 pub struct BtrfsStore {
     root: PathBuf,
+    /// Quotas are turned on for the file system at the first limit set: they
+    /// cost on every snapshot delete, so a store that limits nothing goes without.
+    quotas_on: std::sync::atomic::AtomicBool,
     /// One image import at a time: a create and a background prepare may both ask.
     importing: std::sync::Mutex<()>,
 }
@@ -54,6 +57,7 @@ impl BtrfsStore {
         }
         Ok(BtrfsStore {
             root,
+            quotas_on: std::sync::atomic::AtomicBool::new(false),
             importing: std::sync::Mutex::new(()),
         })
     }
@@ -241,6 +245,33 @@ impl Store for BtrfsStore {
 
     fn snapshots(&self, volume: &str) -> Result<Vec<Snapshot>, StoreError> {
         list_snapshots(&self.root.join("snapshots").join(volume), volume)
+    }
+
+    /// The volume's qgroup limits its referenced bytes: everything its guest
+    /// sees, the image's data included. Snapshots and forks have qgroups of
+    /// their own; a restore makes a new subvolume, so the caller sets the
+    /// limit again after one (the engine does at every boot).
+    fn set_disk_limit(&self, id: &str, bytes: Option<u64>) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        let vol = self
+            .get(id)
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+        if !self.quotas_on.load(Ordering::Acquire) {
+            crate::qgroup::enable(&self.root)?;
+            self.quotas_on.store(true, Ordering::Release);
+        }
+        crate::qgroup::set_limit(&vol.path, bytes)
+    }
+
+    fn disk_usage(&self, id: &str) -> Result<crate::DiskUsage, StoreError> {
+        let vol = self
+            .get(id)
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+        crate::qgroup::usage(&vol.path)
+    }
+
+    fn limits_disk(&self) -> bool {
+        true
     }
 
     fn reconcile(&self) -> Result<Vec<PathBuf>, StoreError> {

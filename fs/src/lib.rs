@@ -14,6 +14,7 @@ mod copy;
 pub mod cow;
 mod layout;
 mod loop_image;
+mod qgroup;
 mod usage;
 pub mod walk;
 

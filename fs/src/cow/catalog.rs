@@ -28,6 +28,8 @@ pub(crate) struct Catalog {
     root: PathBuf,
     pub volumes: BTreeMap<String, Vec<String>>,
     pub snapshots: BTreeMap<(String, String), Vec<String>>,
+    /// Disk limits of volumes, in bytes (`meta/limits/<id>`, one decimal number).
+    pub limits: BTreeMap<String, u64>,
 }
 
 impl Catalog {
@@ -42,7 +44,17 @@ impl Catalog {
             root: root.to_path_buf(),
             volumes: BTreeMap::new(),
             snapshots: BTreeMap::new(),
+            limits: BTreeMap::new(),
         };
+        for e in std::fs::read_dir(root.join("meta/limits"))?.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            let bytes = std::fs::read_to_string(e.path())
+                .ok()
+                .and_then(|t| t.trim().parse::<u64>().ok());
+            if let (false, Some(b)) = (id.starts_with('.'), bytes) {
+                c.limits.insert(id, b);
+            }
+        }
         for (id, path) in json_files(&root.join("meta/volumes")) {
             c.volumes.insert(id, read_chain(&path)?);
         }
@@ -91,9 +103,28 @@ impl Catalog {
         Ok(())
     }
 
+    /// Records volume `id`'s disk limit (`None`: none).
+    pub fn set_limit(&mut self, id: &str, bytes: Option<u64>) -> io::Result<()> {
+        let dir = self.root.join("meta/limits");
+        match bytes {
+            Some(b) => {
+                let tmp = dir.join(format!("{PARTIAL}{id}"));
+                std::fs::write(&tmp, format!("{b}\n"))?;
+                std::fs::rename(&tmp, dir.join(id))?;
+                self.limits.insert(id.to_string(), b);
+            }
+            None => {
+                remove_if_there(&dir.join(id))?;
+                self.limits.remove(id);
+            }
+        }
+        Ok(())
+    }
+
     pub fn remove_volume(&mut self, id: &str) -> io::Result<()> {
         remove_if_there(&self.root.join(format!("meta/volumes/{id}.json")))?;
         self.volumes.remove(id);
+        self.set_limit(id, None)?;
         Ok(())
     }
 

@@ -66,6 +66,13 @@ pub(crate) enum Control {
     Collect {
         keep_image: Option<String>,
     },
+    SetLimit {
+        id: String,
+        bytes: Option<u64>,
+    },
+    DiskUsage {
+        id: String,
+    },
     Shutdown,
 }
 
@@ -74,6 +81,7 @@ pub(crate) enum Control {
 pub(crate) enum Reply {
     Ok,
     Collected(Vec<PathBuf>),
+    DiskUsage(crate::DiskUsage),
     Exists(String),
     NotFound(String),
     SnapshotExists { volume: String, name: String },
@@ -234,7 +242,7 @@ impl FuseStore {
 
     fn expect_ok(&self, reply: Reply) -> Result<(), StoreError> {
         match reply {
-            Reply::Ok | Reply::Collected(_) => Ok(()),
+            Reply::Ok | Reply::Collected(_) | Reply::DiskUsage(_) => Ok(()),
             Reply::Exists(id) => Err(StoreError::Exists(id)),
             Reply::NotFound(id) => Err(StoreError::NotFound(id)),
             Reply::SnapshotExists { volume, name } => {
@@ -530,6 +538,40 @@ impl Store for FuseStore {
             }
         }
         Ok(usage)
+    }
+
+    /// The layer server counts the bytes allocated in the volume's upper layer
+    /// (what it wrote since it was made, forked, restored or last snapshotted:
+    /// older layers are its snapshots' cost) and refuses writes past the limit
+    /// with ENOSPC.
+    fn set_disk_limit(&self, id: &str, bytes: Option<u64>) -> Result<(), StoreError> {
+        validate_id(id)?;
+        self.ask(Control::SetLimit {
+            id: id.to_string(),
+            bytes,
+        })
+    }
+
+    fn disk_usage(&self, id: &str) -> Result<crate::DiskUsage, StoreError> {
+        validate_id(id)?;
+        match self.request(&Control::DiskUsage { id: id.to_string() })? {
+            Reply::DiskUsage(u) => Ok(u),
+            other => self
+                .expect_ok(other)
+                .and_then(|_| Err(self.failed("no usage in the answer".into()))),
+        }
+    }
+
+    fn limits_disk(&self) -> bool {
+        true
+    }
+
+    fn server_pid(&self) -> Option<i32> {
+        FuseStore::server_pid(self)
+    }
+
+    fn ensure_ready(&self) -> Result<(), StoreError> {
+        self.ask(Control::Ping)
     }
 
     fn reconcile(&self) -> Result<Vec<PathBuf>, StoreError> {

@@ -312,6 +312,23 @@ fn apply(s: &mut State, root: &Path, req: Control) -> (Reply, Vec<Stale>, Vec<Pa
                 Err(e) => failed(e),
             },
         },
+        Control::SetLimit { id, bytes } => {
+            if !s.catalog.volumes.contains_key(&id) {
+                Reply::NotFound(id)
+            } else {
+                match s.catalog.set_limit(&id, bytes) {
+                    Ok(()) => {
+                        s.set_limit(&id, bytes);
+                        Reply::Ok
+                    }
+                    Err(e) => failed(e),
+                }
+            }
+        }
+        Control::DiskUsage { id } => match s.disk_usage(&id) {
+            Some(u) => Reply::DiskUsage(u),
+            None => Reply::NotFound(id),
+        },
         Control::Collect { keep_image } => {
             doomed = s.catalog.collect(keep_image.as_deref());
             Reply::Collected(doomed.clone())

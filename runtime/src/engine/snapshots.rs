@@ -47,6 +47,9 @@ pub struct ForkParams {
     pub name_prefix: Option<String>,
     #[serde(default)]
     pub boot_timeout_secs: Option<u64>,
+    /// Disk limit of the forks in GiB; by default the source's.
+    #[serde(default)]
+    pub disk_gb: Option<u32>,
 }
 
 /// Paths (as the guest sees them) that differ between a snapshot and the volume now.
@@ -243,6 +246,8 @@ impl Engine {
         let (id, n) = (rec.id.clone(), name.to_string());
         blocking(move || store.restore(&id, &n).map_err(store_err)).await?;
         self.db.set_head(&rec.id, name)?;
+        // A restored Btrfs volume is a new subvolume, without the limit.
+        self.apply_disk_limit(&rec).await?;
         if was_running {
             let rec = self
                 .db
@@ -306,6 +311,10 @@ impl Engine {
             ));
         }
         let timeout = boot_timeout(p.boot_timeout_secs)?;
+        let disk_limit = match p.disk_gb {
+            Some(_) => self.disk_limit(p.disk_gb, None)?,
+            None => source.disk_limit,
+        };
         let names: Vec<String> = match (&p.name, &p.name_prefix, count) {
             (Some(_), Some(_), _) => {
                 return Err(Error::invalid(
@@ -357,6 +366,7 @@ impl Engine {
                     workspace: source.name.clone(),
                     snapshot: p.snapshot.clone(),
                 }),
+                disk_limit,
             });
         }
         let made = futures_util::future::join_all(recs.into_iter().map(|rec| {

@@ -76,6 +76,13 @@ pub fn print_info(w: &WorkspaceInfo) {
     println!("store:      {}", w.store);
     println!("volume:     {}", w.volume.display());
     println!("ip:         {}", w.ip.as_deref().unwrap_or("-"));
+    let gib = |b: u64| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
+    match (w.disk_used_bytes, w.disk_limit_bytes) {
+        (Some(u), Some(l)) => println!("disk:       {} used of {}", gib(u), gib(l)),
+        (Some(u), None) => println!("disk:       {} used, no limit", gib(u)),
+        (None, Some(l)) => println!("disk:       limit {}", gib(l)),
+        (None, None) => println!("disk:       -"),
+    }
     match &w.pids {
         Some(p) => println!(
             "pids:       qemu={} virtiofsd={} vsock={}",
