@@ -120,6 +120,16 @@ impl BtrfsStore {
         Ok(dest)
     }
 
+    /// Turns quotas on, once per store opened (idempotent in the kernel too).
+    fn quotas(&self) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        if !self.quotas_on.load(Ordering::Acquire) {
+            crate::qgroup::enable(&self.root)?;
+            self.quotas_on.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
     fn existing_snapshot(&self, volume: &str, name: &str) -> Result<PathBuf, StoreError> {
         existing_snapshot(&self.root.join("snapshots").join(volume), volume, name)
     }
@@ -252,14 +262,10 @@ impl Store for BtrfsStore {
     /// their own; a restore makes a new subvolume, so the caller sets the
     /// limit again after one (the engine does at every boot).
     fn set_disk_limit(&self, id: &str, bytes: Option<u64>) -> Result<(), StoreError> {
-        use std::sync::atomic::Ordering;
         let vol = self
             .get(id)
             .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
-        if !self.quotas_on.load(Ordering::Acquire) {
-            crate::qgroup::enable(&self.root)?;
-            self.quotas_on.store(true, Ordering::Release);
-        }
+        self.quotas()?;
         crate::qgroup::set_limit(&vol.path, bytes)
     }
 
@@ -267,6 +273,7 @@ impl Store for BtrfsStore {
         let vol = self
             .get(id)
             .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+        self.quotas()?;
         crate::qgroup::usage(&vol.path)
     }
 

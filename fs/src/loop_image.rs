@@ -78,41 +78,7 @@ impl BtrfsImage {
 
     /// Makes an existing mount nosuid,nodev and its root 0700.
     fn restrict(&self) -> Result<(), StoreError> {
-        let flags = mount_flags(&self.mountpoint)?;
-        let wanted = libc::ST_NOSUID | libc::ST_NODEV;
-        if flags & wanted != wanted {
-            let c = cpath(&self.mountpoint)?;
-            // A bind remount changes only the per-mount flags; the ones it keeps
-            // (read-only, noatime, noexec) must be named again or they are lost.
-            let mut ms = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV;
-            for (st, m) in [
-                (libc::ST_RDONLY, libc::MS_RDONLY),
-                (libc::ST_NOATIME, libc::MS_NOATIME),
-                (libc::ST_NOEXEC, libc::MS_NOEXEC),
-            ] {
-                if flags & st != 0 {
-                    ms |= m;
-                }
-            }
-            // SAFETY: mount(2) with a NUL-terminated target and no source, type
-            // or data, as a bind remount takes.
-            let r = unsafe {
-                libc::mount(
-                    std::ptr::null(),
-                    c.as_ptr(),
-                    std::ptr::null(),
-                    ms,
-                    std::ptr::null(),
-                )
-            };
-            if r != 0 {
-                return Err(StoreError::io(
-                    "remount nosuid,nodev",
-                    &self.mountpoint,
-                    std::io::Error::last_os_error(),
-                ));
-            }
-        }
+        remount_nosuid_nodev(&self.mountpoint)?;
         crate::private_dir(&self.mountpoint)
     }
 
@@ -138,6 +104,81 @@ impl BtrfsImage {
         }
         Ok(())
     }
+}
+
+/// Makes the mount at `path` nosuid,nodev if it is not, keeping its other
+/// per-mount flags.
+pub(crate) fn remount_nosuid_nodev(path: &Path) -> Result<(), StoreError> {
+    let flags = mount_flags(path)?;
+    let wanted = libc::ST_NOSUID | libc::ST_NODEV;
+    if flags & wanted == wanted {
+        return Ok(());
+    }
+    // A bind remount changes only the per-mount flags; the ones it keeps
+    // (read-only, noatime, noexec) must be named again or they are lost.
+    let mut ms = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV;
+    for (st, m) in [
+        (libc::ST_RDONLY, libc::MS_RDONLY),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+    ] {
+        if flags & st != 0 {
+            ms |= m;
+        }
+    }
+    mount(None, path, ms, "remount nosuid,nodev")
+}
+
+/// Bind-mounts `dir` on itself, nosuid,nodev (unless it is a mount already,
+/// which is then made so): files below stay where they are but lose the power
+/// of their setuid bits and device numbers.
+pub(crate) fn seal_dir(dir: &Path) -> Result<(), StoreError> {
+    if !is_mountpoint(dir) {
+        mount(Some(dir), dir, libc::MS_BIND, "bind-mount")?;
+    }
+    remount_nosuid_nodev(dir)
+}
+
+/// Lazily unmounts what [`seal_dir`] mounted.
+pub(crate) fn unseal_dir(dir: &Path) -> Result<(), StoreError> {
+    if !is_mountpoint(dir) {
+        return Ok(());
+    }
+    let c = cpath(dir)?;
+    // SAFETY: umount2 with a NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(StoreError::io(
+            "unmount",
+            dir,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+fn mount(
+    source: Option<&Path>,
+    target: &Path,
+    flags: libc::c_ulong,
+    op: &'static str,
+) -> Result<(), StoreError> {
+    let t = cpath(target)?;
+    let s = source.map(cpath).transpose()?;
+    // SAFETY: mount(2) with NUL-terminated paths (or null where the call
+    // takes none); no file system type or data.
+    let r = unsafe {
+        libc::mount(
+            s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+            t.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(StoreError::io(op, target, std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// Options of the loop mount: see [`BtrfsImage::ensure`].

@@ -89,6 +89,9 @@ pub(crate) enum Reply {
     Failed(String),
 }
 
+/// The directories of layer files, sealed nosuid,nodev as root.
+const SEALED: [&str; 2] = ["images", "layers"];
+
 pub struct FuseStore {
     root: PathBuf,
     binary: PathBuf,
@@ -110,6 +113,7 @@ impl FuseStore {
         for d in ["images", "layers", "meta", "meta/volumes", "meta/snapshots", "mnt"] {
             crate::private_dir(&root.join(d))?;
         }
+        seal(&root)?;
         let store = FuseStore {
             root,
             binary: binary.into(),
@@ -177,6 +181,7 @@ impl FuseStore {
     fn start(&self) -> Result<UnixStream, StoreError> {
         let mnt = self.mountpoint();
         self.end_previous();
+        seal(&self.root)?;
         let log = self.root.join("cowfs.log");
         let stderr = std::fs::OpenOptions::new()
             .create(true)
@@ -330,6 +335,19 @@ fn read_chain(path: &Path) -> Option<Vec<String>> {
     }
     let f: ChainFile = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
     Some(f.layers)
+}
+
+/// As root, seals the layer directories: bind-mounted nosuid,nodev, so that
+/// even a layer file reached by other means than its path (a leaked fd, a
+/// loosened mode) is inert. (As a user, the files are that user's own.)
+fn seal(root: &Path) -> Result<(), StoreError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        for d in SEALED {
+            crate::loop_image::seal_dir(&root.join(d))?;
+        }
+    }
+    Ok(())
 }
 
 /// Waits until process `pid` has exited, up to `timeout`; false if it has not.
@@ -598,7 +616,12 @@ impl Store for FuseStore {
             Some(pid) if !wait_exit(pid, Duration::from_secs(10)) => {
                 Err(self.failed(format!("server {pid} did not exit")))
             }
-            _ => Ok(()),
+            _ => {
+                for d in SEALED {
+                    crate::loop_image::unseal_dir(&self.root.join(d))?;
+                }
+                Ok(())
+            }
         }
     }
 }
