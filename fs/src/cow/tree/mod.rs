@@ -769,7 +769,9 @@ impl State {
             ctime: self.started,
             crtime: self.started,
             kind: FileType::Directory,
-            perm: 0o755,
+            // The mount's own directories are the server user's alone, like
+            // the store directory around them.
+            perm: 0o700,
             nlink: 2,
             // SAFETY: getuid/getgid have no preconditions.
             uid: unsafe { libc::getuid() },
