@@ -48,10 +48,16 @@ fn scenario(b: &Burrow, store: &str) {
     // Bad input first: it changes nothing.
     let (_, err) = b.fails(&["create", "--name", "bad", "--disk-gb", "0"]);
     assert!(
-        err.trim().lines().last().is_some_and(|l| l.contains("disk_gb")),
+        err.trim()
+            .lines()
+            .last()
+            .is_some_and(|l| l.contains("disk_gb")),
         "{err}"
     );
-    assert!(b.json(&["ls", "--json"]).as_array().is_some_and(|l| l.is_empty()));
+    assert!(b
+        .json(&["ls", "--json"])
+        .as_array()
+        .is_some_and(|l| l.is_empty()));
 
     let gb = LIMIT_GB.to_string();
     b.ok(&["create", "--name", "victim", "--disk-gb", &gb]);
@@ -113,7 +119,11 @@ fn setuid_and_devices(b: &Burrow, store: &str) {
                 places.push(l.path());
             }
         }
-        assert_eq!(places.len(), 2, "the upper layer holds the files: {places:?}");
+        assert_eq!(
+            places.len(),
+            2,
+            "the upper layer holds the files: {places:?}"
+        );
     }
     for dir in &places {
         let bash = dir.join("suid-bash");
@@ -133,12 +143,7 @@ fn setuid_and_devices(b: &Burrow, store: &str) {
                 "root opened the guest-made device node {}",
                 p.display()
             ));
-            assert_eq!(
-                e.raw_os_error(),
-                Some(libc::EACCES),
-                "{}: {e}",
-                p.display()
-            );
+            assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{}: {e}", p.display());
             let cat = as_nobody(Command::new("head").args(["-c", "1"]).arg(&p));
             assert!(!cat.status.success(), "nobody read {}", p.display());
         }
@@ -220,7 +225,10 @@ fn deep_and_strange_names(b: &Burrow, store: &str) {
     let shown = text(&out.stdout);
     assert!(shown.contains("A /work/a\\xff"), "{shown}");
     assert!(shown.contains("A /work/a\\xfe"), "{shown}");
-    assert!(shown.contains("/leaf"), "deep leaf missing from text output");
+    assert!(
+        shown.contains("/leaf"),
+        "deep leaf missing from text output"
+    );
     // Sizes walk the same way.
     let snaps = b.json(&["snapshot", "ls", "victim", "--json"]);
     assert!(snaps[0]["referenced_bytes"].as_u64().is_some(), "{snaps}");
@@ -308,12 +316,16 @@ fn server_death(b: &Burrow) {
         .parse()
         .expect("server pid");
     kill9(server);
-    wait_until("the workspace back on a new server", Duration::from_secs(180), || {
-        let i = b.info("neighbour");
-        i["state"] == "running"
-            && i["pids"]["qemu"].as_i64().is_some_and(|p| p != old_qemu)
-            && b.run(&["exec", "neighbour", "--", "true"]).status.success()
-    });
+    wait_until(
+        "the workspace back on a new server",
+        Duration::from_secs(180),
+        || {
+            let i = b.info("neighbour");
+            i["state"] == "running"
+                && i["pids"]["qemu"].as_i64().is_some_and(|p| p != old_qemu)
+                && b.run(&["exec", "neighbour", "--", "true"]).status.success()
+        },
+    );
     assert_eq!(b.ok(&["file", "read", "neighbour", "/work-kept"]), "kept\n");
     let new_server: i32 = std::fs::read_to_string(b.state.join("fuse/cowfs.pid"))
         .expect("server pid file")
@@ -324,7 +336,10 @@ fn server_death(b: &Burrow) {
     // A stop and start work on the new server too.
     b.ok(&["stop", "neighbour"]);
     b.ok(&["start", "neighbour"]);
-    assert_eq!(b.ok(&["exec", "neighbour", "--", "cat", "/work-kept"]), "kept\n");
+    assert_eq!(
+        b.ok(&["exec", "neighbour", "--", "cat", "/work-kept"]),
+        "kept\n"
+    );
 }
 
 fn host_disk_rdev() -> libc::dev_t {

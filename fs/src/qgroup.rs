@@ -158,10 +158,10 @@ pub(crate) fn usage(path: &Path) -> Result<crate::DiskUsage, StoreError> {
             // generation, rfer, rfer_cmpr, excl, excl_cmpr
             BTRFS_QGROUP_INFO_KEY => out.used_bytes = field(1),
             // flags, max_rfer, max_excl, rsv_rfer, rsv_excl
-            BTRFS_QGROUP_LIMIT_KEY => {
-                if field(0) & BTRFS_QGROUP_LIMIT_MAX_RFER != 0 && field(1) != CLEAR_VALUE {
-                    out.limit_bytes = Some(field(1));
-                }
+            BTRFS_QGROUP_LIMIT_KEY
+                if field(0) & BTRFS_QGROUP_LIMIT_MAX_RFER != 0 && field(1) != CLEAR_VALUE =>
+            {
+                out.limit_bytes = Some(field(1));
             }
             _ => {}
         }
@@ -205,9 +205,7 @@ fn search(
             break;
         };
         let u32_at = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
-        let offset = u64::from_le_bytes([
-            h[16], h[17], h[18], h[19], h[20], h[21], h[22], h[23],
-        ]);
+        let offset = u64::from_le_bytes([h[16], h[17], h[18], h[19], h[20], h[21], h[22], h[23]]);
         let (found, len) = (u32_at(24), u32_at(28) as usize);
         let Some(item) = args.buf.get(at + SEARCH_HEADER..at + SEARCH_HEADER + len) else {
             break;

@@ -56,13 +56,10 @@ pub fn usage(root: &Path) -> std::io::Result<Usage> {
             return;
         }
         let blocks = e.stat.st_blocks as u64 * 512;
-        let u = e
-            .open()
-            .and_then(|f| file_usage(&f))
-            .unwrap_or(Usage {
-                referenced_bytes: blocks,
-                exclusive_bytes: blocks,
-            });
+        let u = e.open().and_then(|f| file_usage(&f)).unwrap_or(Usage {
+            referenced_bytes: blocks,
+            exclusive_bytes: blocks,
+        });
         total.referenced_bytes += u.referenced_bytes;
         total.exclusive_bytes += u.exclusive_bytes;
     })?;

@@ -232,7 +232,14 @@ mod tests {
         }
         let leaf = CString::new("leaf").unwrap();
         // SAFETY: as above.
-        let fd = unsafe { libc::openat(cur.as_raw_fd(), leaf.as_ptr(), libc::O_CREAT | libc::O_WRONLY, 0o644) };
+        let fd = unsafe {
+            libc::openat(
+                cur.as_raw_fd(),
+                leaf.as_ptr(),
+                libc::O_CREAT | libc::O_WRONLY,
+                0o644,
+            )
+        };
         assert!(fd >= 0);
         // SAFETY: closing the fd just opened.
         unsafe { libc::close(fd) };

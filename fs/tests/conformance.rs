@@ -351,11 +351,17 @@ fn disk_limit(store: &dyn Store, image: &ImageSource) {
     };
     let refused = write_until_refused(&full.path.join("fill"), 32).expect("refused past the limit");
     assert!(
-        matches!(refused.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)),
+        matches!(
+            refused.raw_os_error(),
+            Some(libc::ENOSPC) | Some(libc::EDQUOT)
+        ),
         "{refused}"
     );
     // A FUSE mount reports the refused writeback here again: not a failure.
-    let _ = std::process::Command::new("sync").arg("-f").arg(&full.path).status();
+    let _ = std::process::Command::new("sync")
+        .arg("-f")
+        .arg(&full.path)
+        .status();
     let u = store.disk_usage("limited").unwrap();
     assert!(
         u.used_bytes >= limit - (2 << 20) && u.used_bytes <= limit + (1 << 20),
@@ -364,7 +370,10 @@ fn disk_limit(store: &dyn Store, image: &ImageSource) {
     assert!(write_until_refused(&free.path.join("more"), 8).is_none());
     // Deleting gives room back.
     std::fs::remove_file(full.path.join("fill")).unwrap();
-    let _ = std::process::Command::new("sync").arg("-f").arg(&full.path).status();
+    let _ = std::process::Command::new("sync")
+        .arg("-f")
+        .arg(&full.path)
+        .status();
     assert!(write_until_refused(&full.path.join("again"), 1).is_none());
     // Bad input changes nothing.
     assert!(store.set_disk_limit("no-such", Some(1 << 20)).is_err());

@@ -36,7 +36,14 @@ impl Catalog {
     pub fn load(root: &Path) -> io::Result<Catalog> {
         // The server runs under umask 0: its directories get their mode here.
         for d in [
-            "", "images", "layers", "meta", "meta/volumes", "meta/snapshots", "meta/limits", "mnt",
+            "",
+            "images",
+            "layers",
+            "meta",
+            "meta/volumes",
+            "meta/snapshots",
+            "meta/limits",
+            "mnt",
         ] {
             crate::private_dir(&root.join(d)).map_err(io::Error::other)?;
         }

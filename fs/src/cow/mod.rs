@@ -110,7 +110,14 @@ impl FuseStore {
         // nodes) on the host's own file system, which may allow both: only
         // root may reach them.
         crate::private_dir(&root)?;
-        for d in ["images", "layers", "meta", "meta/volumes", "meta/snapshots", "mnt"] {
+        for d in [
+            "images",
+            "layers",
+            "meta",
+            "meta/volumes",
+            "meta/snapshots",
+            "mnt",
+        ] {
             crate::private_dir(&root.join(d))?;
         }
         seal(&root)?;

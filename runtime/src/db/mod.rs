@@ -174,9 +174,7 @@ impl Db {
                 .prepare(&format!("SELECT {column} FROM {table} LIMIT 0"))
                 .is_err()
             {
-                conn.execute_batch(&format!(
-                    "ALTER TABLE {table} ADD COLUMN {column} {kind}"
-                ))?;
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
             }
         }
         Ok(Db {

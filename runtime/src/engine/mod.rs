@@ -390,7 +390,11 @@ impl Engine {
 
     /// The disk limit in bytes for `disk_gb` (else `default`), or none where
     /// the store cannot limit a volume (then asking for one is an error).
-    pub(super) fn disk_limit(&self, disk_gb: Option<u32>, default: Option<u32>) -> Result<Option<u64>> {
+    pub(super) fn disk_limit(
+        &self,
+        disk_gb: Option<u32>,
+        default: Option<u32>,
+    ) -> Result<Option<u64>> {
         if let Some(gb) = disk_gb {
             if gb == 0 || gb > MAX_DISK_GB {
                 return Err(Error::invalid(
@@ -401,7 +405,10 @@ impl Engine {
             if !self.store.limits_disk() {
                 return Err(Error::invalid(
                     "disk_gb",
-                    format!("the {} store cannot limit a workspace's disk", self.store.kind()),
+                    format!(
+                        "the {} store cannot limit a workspace's disk",
+                        self.store.kind()
+                    ),
                 ));
             }
         }

@@ -15,10 +15,7 @@ impl Engine {
     /// Starts watching the store's server, unless a watch runs already or the
     /// store has none.
     pub(super) fn watch_store(self: &Arc<Self>) {
-        let mut slot = self
-            .store_watch
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut slot = self.store_watch.lock().unwrap_or_else(|p| p.into_inner());
         if slot.as_ref().is_some_and(|t| !t.is_finished()) {
             return;
         }

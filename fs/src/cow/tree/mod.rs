@@ -363,7 +363,11 @@ impl State {
 
     /// Sets volume `id`'s limit on its open view (the catalog keeps it for later).
     pub fn set_limit(&mut self, id: &str, bytes: Option<u64>) {
-        if let Some(view) = self.volume_views.get(id).and_then(|v| self.views.get_mut(v)) {
+        if let Some(view) = self
+            .volume_views
+            .get(id)
+            .and_then(|v| self.views.get_mut(v))
+        {
             view.limit = bytes;
         }
     }
