@@ -200,6 +200,11 @@ pub trait Store: Send + Sync {
     fn ensure_ready(&self) -> Result<(), StoreError> {
         Ok(())
     }
+    /// True once after the store replaced a server that had died while serving
+    /// (its mount was left behind): VMs that ran on it lost their volumes.
+    fn take_server_replaced(&self) -> bool {
+        false
+    }
     /// Releases what the store keeps running outside this process (a FUSE server
     /// and its mount) when nothing uses its volumes any more. The next open starts
     /// it again.

@@ -99,6 +99,8 @@ pub struct FuseStore {
     /// after a server crash must not race another.
     control: Mutex<Option<BufReader<UnixStream>>>,
     importing: Mutex<()>,
+    /// Set when a server was started in place of one that died mounted.
+    replaced: std::sync::atomic::AtomicBool,
 }
 
 impl FuseStore {
@@ -126,6 +128,7 @@ impl FuseStore {
             binary: binary.into(),
             control: Mutex::new(None),
             importing: Mutex::new(()),
+            replaced: std::sync::atomic::AtomicBool::new(false),
         };
         store.request(&Control::Ping)?;
         Ok(store)
@@ -187,6 +190,12 @@ impl FuseStore {
     /// then waits for its `ready` and connects.
     fn start(&self) -> Result<UnixStream, StoreError> {
         let mnt = self.mountpoint();
+        if crate::loop_image::is_mountpoint(&mnt) {
+            // A server died (or hangs) with its volumes mounted: whatever ran
+            // on them lost them.
+            self.replaced
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
         self.end_previous();
         seal(&self.root)?;
         let log = self.root.join("cowfs.log");
@@ -597,6 +606,11 @@ impl Store for FuseStore {
 
     fn ensure_ready(&self) -> Result<(), StoreError> {
         self.ask(Control::Ping)
+    }
+
+    fn take_server_replaced(&self) -> bool {
+        self.replaced
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
     }
 
     fn reconcile(&self) -> Result<Vec<PathBuf>, StoreError> {

@@ -200,6 +200,7 @@ impl Engine {
         });
         engine.reconcile().await?;
         engine.watch_store();
+        engine.recover_store_replaced_at_open();
         if let Some(source) = engine.image_source(DEFAULT_IMAGE) {
             engine.prepare_volume(source);
         }

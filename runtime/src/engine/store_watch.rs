@@ -52,6 +52,16 @@ impl Engine {
         }
     }
 
+    /// After the daemon's start: if opening the store had to replace a server
+    /// that died while the daemon was down, the VMs re-adopted on its volumes
+    /// boot again on the new one.
+    pub(super) fn recover_store_replaced_at_open(self: &Arc<Self>) {
+        if self.store.take_server_replaced() {
+            let engine = self.clone();
+            tokio::spawn(async move { engine.store_server_died(0).await });
+        }
+    }
+
     async fn store_server_died(self: &Arc<Self>, pid: i32) {
         let running: Vec<String> = match self.db.list() {
             Ok(l) => l
@@ -74,6 +84,8 @@ impl Engine {
             Ok(r) => r.map_err(Error::from),
             Err(e) => Err(Error::Vmm(format!("volume task: {e}"))),
         };
+        // This very death is being dealt with.
+        self.store.take_server_replaced();
         for id in running {
             let reason = match &revived {
                 Ok(()) => self.reboot_on_new_server(&id).await.err(),
