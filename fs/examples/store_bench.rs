@@ -370,7 +370,10 @@ fn main() -> Result<()> {
         let n = seq_mib();
         println!("    sequential write {n:3} MiB   plain {pw:7.0} ms   fuse {fw:7.0} ms   = {:.2} x (target <= 2)", fw / pw);
         println!("    sequential read {n:3} MiB    plain {pr:7.0} ms   fuse {fr:7.0} ms   = {:.2} x (target <= 2)", fr / pr);
-        println!("    same write, disk limit set            fuse {lw:7.0} ms   = {:.2} x unlimited", lw / fw);
+        println!(
+            "    same write, disk limit set            fuse {lw:7.0} ms   = {:.2} x unlimited",
+            lw / fw
+        );
         println!("    git status, 2000 files     plain {pg:7.1} ms   fuse {fg:7.1} ms   = {:.2} x (target <= 2)", fg / pg);
         store.delete("io")?;
         store.delete("io-limited")?;

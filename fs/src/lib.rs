@@ -43,6 +43,15 @@ pub fn private_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(|e| StoreError::io("chmod", dir, e))
 }
 
+/// As [`private_dir`], for a mount point: one in use is left as it is (its
+/// mode is the mounted root's, which its server sets).
+pub(crate) fn private_mountpoint(dir: &Path) -> Result<(), StoreError> {
+    if loop_image::is_mountpoint(dir) {
+        return Ok(());
+    }
+    private_dir(dir)
+}
+
 /// How much a volume holds and may hold.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskUsage {

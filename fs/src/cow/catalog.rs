@@ -43,10 +43,11 @@ impl Catalog {
             "meta/volumes",
             "meta/snapshots",
             "meta/limits",
-            "mnt",
         ] {
             crate::private_dir(&root.join(d)).map_err(io::Error::other)?;
         }
+        // Mounted already when a server serves it (a daemon restart).
+        crate::private_mountpoint(&root.join("mnt")).map_err(io::Error::other)?;
         let mut c = Catalog {
             root: root.to_path_buf(),
             volumes: BTreeMap::new(),

@@ -112,16 +112,11 @@ impl FuseStore {
         // nodes) on the host's own file system, which may allow both: only
         // root may reach them.
         crate::private_dir(&root)?;
-        for d in [
-            "images",
-            "layers",
-            "meta",
-            "meta/volumes",
-            "meta/snapshots",
-            "mnt",
-        ] {
+        for d in ["images", "layers", "meta", "meta/volumes", "meta/snapshots"] {
             crate::private_dir(&root.join(d))?;
         }
+        // Mounted already when a server serves it (a daemon restart).
+        crate::private_mountpoint(&root.join("mnt"))?;
         seal(&root)?;
         let store = FuseStore {
             root,
