@@ -76,7 +76,12 @@ fn scenario(b: Burrow, store: &str) {
     b.run_with_stdin(&["file", "write", "src", "/work/b.txt"], b"new\n");
     b.ok(&["exec", "src", "--", "rm", "/etc/hostname"]);
     let d = b.json(&["diff", "src", "after-install", "--json"]);
-    let has = |k: &str, p: &str| d[k].as_array().expect("array").iter().any(|x| x == p);
+    let has = |k: &str, p: &str| {
+        d[k].as_array()
+            .expect("array")
+            .iter()
+            .any(|x| x["path"] == p)
+    };
     assert!(has("added", "/work/b.txt"), "{d}");
     assert!(has("modified", "/work/a.txt"), "{d}");
     assert!(has("deleted", "/etc/hostname"), "{d}");

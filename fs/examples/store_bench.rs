@@ -1,7 +1,10 @@
 //! The disk part of snapshots and forks, per backend, and the FUSE layer's
 //! throughput against the plain directory under it. Medians of one run.
 //!
-//!   cargo run --release -p burrow-fs --example store_bench -- [--runs N] [--dir D]
+//!   cargo run --release -p burrow-fs --example store_bench -- [--runs N] [--dir D] [--smoke]
+//!
+//! `--smoke`: one run of everything on a tenth of the data, to show it still
+//! works (figures not meaningful, no targets).
 //!
 //! Needs root (loop-mounted Btrfs, FUSE with allow_other) and `git`.
 
@@ -76,8 +79,10 @@ fn store_figures(
     measure: &dyn Fn() -> u64,
 ) -> Result<Figures> {
     let v = store.create("bench", image)?;
+    // The snapshot of the larger volume, which the forks start from.
+    let big = format!("s{}-0", sizes()[1]);
     let mut snapshot = Vec::new();
-    for mb in [20usize, 200] {
+    for mb in sizes() {
         fill(&v.path, mb * 1_000_000)?;
         sync();
         let mut t = Vec::new();
@@ -91,7 +96,7 @@ fn store_figures(
     let mut one = Vec::new();
     for i in 0..runs {
         let start = Instant::now();
-        store.clone_snapshot("bench", "s200-0", &format!("one-{i}"))?;
+        store.clone_snapshot("bench", &big, &format!("one-{i}"))?;
         one.push(ms(start));
         store.delete(&format!("one-{i}"))?;
     }
@@ -100,7 +105,10 @@ fn store_figures(
     let start = Instant::now();
     std::thread::scope(|s| {
         let forks: Vec<_> = (1..=5)
-            .map(|i| s.spawn(move || store.clone_snapshot("bench", "s200-0", &format!("five-{i}"))))
+            .map(|i| {
+                let big = &big;
+                s.spawn(move || store.clone_snapshot("bench", big, &format!("five-{i}")))
+            })
             .collect();
         forks.into_iter().try_for_each(|f| {
             f.join()
@@ -163,13 +171,38 @@ fn drop_cache(path: &Path) -> Result<()> {
 
 /// Sequential write then read of 256 MiB in `dir`, in ms; `below` is the file's
 /// copy under the FUSE layer, whose cache is dropped too.
+/// Smoke mode: one run on a tenth of the data.
+static SMOKE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn smoke() -> bool {
+    SMOKE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Megabytes of the small and the large volume snapshotted.
+fn sizes() -> [usize; 2] {
+    if smoke() {
+        [2, 20]
+    } else {
+        [20, 200]
+    }
+}
+
+/// MiB written and read by the sequential I/O figure.
+fn seq_mib() -> usize {
+    if smoke() {
+        16
+    } else {
+        256
+    }
+}
+
 fn seq_io(dir: &Path, below: Option<&dyn Fn() -> PathBuf>) -> Result<(f64, f64)> {
     use std::io::{Read, Write};
     let path = dir.join("seq.bin");
     let block = vec![7u8; 1 << 20];
     let start = Instant::now();
     let mut f = std::fs::File::create(&path)?;
-    for _ in 0..256 {
+    for _ in 0..seq_mib() {
         f.write_all(&block)?;
     }
     f.sync_all()?;
@@ -241,12 +274,15 @@ fn git_status(a: &Path, b: &Path, runs: usize) -> Result<(f64, f64)> {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    let smoke = args.iter().any(|a| a == "--smoke");
+    SMOKE.store(smoke, std::sync::atomic::Ordering::Relaxed);
     let runs = args
         .iter()
         .position(|a| a == "--runs")
         .and_then(|i| args.get(i + 1))
         .and_then(|r| r.parse().ok())
         .unwrap_or(5);
+    let runs = if smoke { 1 } else { runs };
     let base = args
         .iter()
         .position(|a| a == "--dir")
@@ -268,7 +304,11 @@ fn main() -> Result<()> {
         key: "bench".into(),
         root: image_root,
     };
-    println!("burrow store benchmark (medians of {runs})");
+    if smoke {
+        println!("burrow store benchmark, smoke run (one run, a tenth of the data: figures not meaningful)");
+    } else {
+        println!("burrow store benchmark (medians of {runs})");
+    }
 
     // Btrfs on a loop-mounted image.
     let mnt = t.path().join("btrfs");
@@ -295,6 +335,10 @@ fn main() -> Result<()> {
         let f = store_figures(&store, &image, runs, &|| allocated(&layers))?;
         print("fuse", &f, 200.0);
         let v = store.create("io", &image)?;
+        // The same on a volume with a disk limit: the server counts every write.
+        let limited = store.create("io-limited", &image)?;
+        store.set_disk_limit("io-limited", Some(1 << 40))?;
+        let mut lws = Vec::new();
         let plain = t.path().join("plain");
         std::fs::create_dir_all(&plain)?;
         // Alternating, so that drift in the shared disk's speed hits both alike.
@@ -315,15 +359,24 @@ fn main() -> Result<()> {
             let (w, r) = seq_io(&v.path, Some(&upper))?;
             fws.push(w);
             frs.push(r);
+            let (w, _) = seq_io(&limited.path, Some(&upper))?;
+            lws.push(w);
         }
+        let lw = median(lws);
         let (pw, pr, fw, fr) = (median(pws), median(prs), median(fws), median(frs));
         let (plain_repo, fuse_repo) = (make_repo(&plain)?, make_repo(&v.path)?);
         let (pg, fg) = git_status(&plain_repo, &fuse_repo, 4 * runs + 1)?;
         println!("  fuse layer throughput against the plain directory under it:");
-        println!("    sequential write 256 MiB   plain {pw:7.0} ms   fuse {fw:7.0} ms   = {:.2} x (target <= 2)", fw / pw);
-        println!("    sequential read 256 MiB    plain {pr:7.0} ms   fuse {fr:7.0} ms   = {:.2} x (target <= 2)", fr / pr);
+        let n = seq_mib();
+        println!("    sequential write {n:3} MiB   plain {pw:7.0} ms   fuse {fw:7.0} ms   = {:.2} x (target <= 2)", fw / pw);
+        println!("    sequential read {n:3} MiB    plain {pr:7.0} ms   fuse {fr:7.0} ms   = {:.2} x (target <= 2)", fr / pr);
+        println!(
+            "    same write, disk limit set            fuse {lw:7.0} ms   = {:.2} x unlimited",
+            lw / fw
+        );
         println!("    git status, 2000 files     plain {pg:7.1} ms   fuse {fg:7.1} ms   = {:.2} x (target <= 2)", fg / pg);
         store.delete("io")?;
+        store.delete("io-limited")?;
         Ok(())
     })();
     let _ = store.shutdown();

@@ -25,6 +25,9 @@ use crate::{
 
 pub struct BtrfsStore {
     root: PathBuf,
+    /// Quotas are turned on for the file system at the first limit set: they
+    /// cost on every snapshot delete, so a store that limits nothing goes without.
+    quotas_on: std::sync::atomic::AtomicBool,
     /// One image import at a time: a create and a background prepare may both ask.
     importing: std::sync::Mutex<()>,
 }
@@ -41,9 +44,9 @@ impl BtrfsStore {
     /// A store in `root`, which must be on Btrfs.
     pub fn new(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let root = root.into();
+        crate::private_dir(&root)?;
         for d in ["images", "volumes", "snapshots"] {
-            let dir = root.join(d);
-            std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create", &dir, e))?;
+            crate::private_dir(&root.join(d))?;
         }
         if !is_btrfs(&root)? {
             return Err(StoreError::Btrfs {
@@ -54,6 +57,7 @@ impl BtrfsStore {
         }
         Ok(BtrfsStore {
             root,
+            quotas_on: std::sync::atomic::AtomicBool::new(false),
             importing: std::sync::Mutex::new(()),
         })
     }
@@ -114,6 +118,16 @@ impl BtrfsStore {
         snapshot(&partial, &dest, true)?;
         delete_subvolume_if_any(&partial)?;
         Ok(dest)
+    }
+
+    /// Turns quotas on, once per store opened (idempotent in the kernel too).
+    fn quotas(&self) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        if !self.quotas_on.load(Ordering::Acquire) {
+            crate::qgroup::enable(&self.root)?;
+            self.quotas_on.store(true, Ordering::Release);
+        }
+        Ok(())
     }
 
     fn existing_snapshot(&self, volume: &str, name: &str) -> Result<PathBuf, StoreError> {
@@ -189,7 +203,7 @@ impl Store for BtrfsStore {
             });
         }
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError::io("create", dir, e))?;
+            crate::private_dir(dir)?;
         }
         snapshot(&src.path, &path, true)?;
         Ok(Snapshot {
@@ -241,6 +255,30 @@ impl Store for BtrfsStore {
 
     fn snapshots(&self, volume: &str) -> Result<Vec<Snapshot>, StoreError> {
         list_snapshots(&self.root.join("snapshots").join(volume), volume)
+    }
+
+    /// The volume's qgroup limits its referenced bytes: everything its guest
+    /// sees, the image's data included. Snapshots and forks have qgroups of
+    /// their own; a restore makes a new subvolume, so the caller sets the
+    /// limit again after one (the engine does at every boot).
+    fn set_disk_limit(&self, id: &str, bytes: Option<u64>) -> Result<(), StoreError> {
+        let vol = self
+            .get(id)
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+        self.quotas()?;
+        crate::qgroup::set_limit(&vol.path, bytes)
+    }
+
+    fn disk_usage(&self, id: &str) -> Result<crate::DiskUsage, StoreError> {
+        let vol = self
+            .get(id)
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+        self.quotas()?;
+        crate::qgroup::usage(&vol.path)
+    }
+
+    fn limits_disk(&self) -> bool {
+        true
     }
 
     fn reconcile(&self) -> Result<Vec<PathBuf>, StoreError> {

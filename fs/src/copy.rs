@@ -32,7 +32,7 @@ pub struct CopyStore {
 impl CopyStore {
     pub fn new(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let root = root.into();
-        std::fs::create_dir_all(&root).map_err(|e| StoreError::io("create", &root, e))?;
+        crate::private_dir(&root)?;
         Ok(CopyStore {
             root,
             preparing: Mutex::new(()),

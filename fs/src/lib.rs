@@ -14,15 +14,52 @@ mod copy;
 pub mod cow;
 mod layout;
 mod loop_image;
+mod qgroup;
 mod usage;
+pub mod walk;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 pub use btrfs::{is_btrfs, BtrfsStore};
 pub use copy::CopyStore;
 pub use cow::FuseStore;
-pub use loop_image::BtrfsImage;
+pub use loop_image::{mount_flags, BtrfsImage};
 pub use usage::{usage, Usage};
+pub use walk::{walk_tree, WalkEntry};
+
+/// Mode of every directory a store makes for itself: guests' files live below,
+/// and no host user but root may reach them, whatever the umask of whoever
+/// started the daemon.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+/// Mode of a store's own files (the loop image).
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+
+/// Makes `dir` (and missing parents) and sets it to [`PRIVATE_DIR_MODE`], also
+/// when it existed with another mode (a state dir made by an older build).
+pub fn private_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::create_dir_all(dir).map_err(|e| StoreError::io("create", dir, e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(PRIVATE_DIR_MODE))
+        .map_err(|e| StoreError::io("chmod", dir, e))
+}
+
+/// As [`private_dir`], for a mount point: one in use is left as it is (its
+/// mode is the mounted root's, which its server sets).
+pub(crate) fn private_mountpoint(dir: &Path) -> Result<(), StoreError> {
+    if loop_image::is_mountpoint(dir) {
+        return Ok(());
+    }
+    private_dir(dir)
+}
+
+/// How much a volume holds and may hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskUsage {
+    /// Bytes counted against the volume's limit (see each store for what counts).
+    pub used_bytes: u64,
+    /// The limit, if one is set.
+    pub limit_bytes: Option<u64>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -45,6 +82,11 @@ pub enum StoreError {
         op: &'static str,
         path: PathBuf,
         message: String,
+    },
+    #[error("the {store} store cannot {what}")]
+    Unsupported {
+        store: &'static str,
+        what: &'static str,
     },
     #[error("{op} {path}: {source}")]
     Io {
@@ -138,6 +180,39 @@ pub trait Store: Send + Sync {
                 name: name.to_string(),
             })?;
         usage(&path).map_err(|e| StoreError::io("measure", &path, e))
+    }
+    /// Caps what volume `id` may hold at `bytes` (`None` lifts the cap). Writes past
+    /// it fail in the guest with ENOSPC (FUSE) or EDQUOT (Btrfs qgroups).
+    fn set_disk_limit(&self, _id: &str, _bytes: Option<u64>) -> Result<(), StoreError> {
+        Err(StoreError::Unsupported {
+            store: self.kind(),
+            what: "limit a volume's disk",
+        })
+    }
+    /// What volume `id` holds, counted as its limit counts, and its limit.
+    fn disk_usage(&self, _id: &str) -> Result<DiskUsage, StoreError> {
+        Err(StoreError::Unsupported {
+            store: self.kind(),
+            what: "measure a volume's disk",
+        })
+    }
+    /// Whether [`Store::set_disk_limit`] works on this store.
+    fn limits_disk(&self) -> bool {
+        false
+    }
+    /// The process serving the store's volumes, if it has one (the FUSE server):
+    /// when it dies, the volumes of running VMs are gone with it.
+    fn server_pid(&self) -> Option<i32> {
+        None
+    }
+    /// Makes sure the store can serve volumes now (restarting a dead server).
+    fn ensure_ready(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// True once after the store replaced a server that had died while serving
+    /// (its mount was left behind): VMs that ran on it lost their volumes.
+    fn take_server_replaced(&self) -> bool {
+        false
     }
     /// Releases what the store keeps running outside this process (a FUSE server
     /// and its mount) when nothing uses its volumes any more. The next open starts

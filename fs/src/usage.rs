@@ -8,7 +8,6 @@
 
 use std::collections::HashSet;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -48,39 +47,26 @@ struct Fiemap {
 }
 
 /// The usage of the tree at `root` (not following symlinks, not crossing into
-/// other file systems).
+/// other file systems; walked by directory fds, so at any depth).
 pub fn usage(root: &Path) -> std::io::Result<Usage> {
-    let dev = std::fs::symlink_metadata(root)?.dev();
-    let mut seen: HashSet<u64> = HashSet::new();
+    let mut seen: HashSet<(u64, u64)> = HashSet::new();
     let mut total = Usage::default();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in rd.flatten() {
-            let Ok(m) = entry.metadata() else { continue };
-            if m.dev() != dev {
-                // A nested subvolume or mount is another tree.
-                continue;
-            }
-            if m.is_dir() {
-                stack.push(entry.path());
-            } else if m.is_file() && seen.insert(m.ino()) {
-                let u = file_usage(&entry.path()).unwrap_or(Usage {
-                    referenced_bytes: m.blocks() * 512,
-                    exclusive_bytes: m.blocks() * 512,
-                });
-                total.referenced_bytes += u.referenced_bytes;
-                total.exclusive_bytes += u.exclusive_bytes;
-            }
+    crate::walk::walk_tree(root, &mut |e| {
+        if !e.is_file() || !seen.insert((e.stat.st_dev, e.stat.st_ino)) {
+            return;
         }
-    }
+        let blocks = e.stat.st_blocks as u64 * 512;
+        let u = e.open().and_then(|f| file_usage(&f)).unwrap_or(Usage {
+            referenced_bytes: blocks,
+            exclusive_bytes: blocks,
+        });
+        total.referenced_bytes += u.referenced_bytes;
+        total.exclusive_bytes += u.exclusive_bytes;
+    })?;
     Ok(total)
 }
 
-fn file_usage(path: &Path) -> std::io::Result<Usage> {
-    let f = std::fs::File::open(path)?;
+fn file_usage(f: &std::fs::File) -> std::io::Result<Usage> {
     let mut u = Usage::default();
     let mut start = 0u64;
     loop {

@@ -325,6 +325,62 @@ fn posix_torture(store: &dyn Store, image: &ImageSource) {
     store.delete("t").unwrap();
 }
 
+/// A volume with a disk limit: writes past it fail (ENOSPC or, for a Btrfs
+/// qgroup, EDQUOT), its usage shows it full, and a neighbour writes on.
+fn disk_limit(store: &dyn Store, image: &ImageSource) {
+    use std::io::Write;
+    let full = store.create("limited", image).unwrap();
+    let free = store.create("neighbour", image).unwrap();
+    let base = store.disk_usage("limited").unwrap().used_bytes;
+    let limit = base + (4 << 20);
+    store.set_disk_limit("limited", Some(limit)).unwrap();
+    assert_eq!(
+        store.disk_usage("limited").unwrap().limit_bytes,
+        Some(limit)
+    );
+    // Each chunk synced: a FUSE mount with a writeback cache reports the
+    // server's refusal at fsync at the latest.
+    let write_until_refused = |path: &Path, max_mib: usize| -> Option<std::io::Error> {
+        let mut f = std::fs::File::create(path).unwrap();
+        for _ in 0..max_mib {
+            if let Err(e) = f.write_all(&[5u8; 1 << 20]).and_then(|_| f.sync_all()) {
+                return Some(e);
+            }
+        }
+        None
+    };
+    let refused = write_until_refused(&full.path.join("fill"), 32).expect("refused past the limit");
+    assert!(
+        matches!(
+            refused.raw_os_error(),
+            Some(libc::ENOSPC) | Some(libc::EDQUOT)
+        ),
+        "{refused}"
+    );
+    // A FUSE mount reports the refused writeback here again: not a failure.
+    let _ = std::process::Command::new("sync")
+        .arg("-f")
+        .arg(&full.path)
+        .status();
+    let u = store.disk_usage("limited").unwrap();
+    assert!(
+        u.used_bytes >= limit - (2 << 20) && u.used_bytes <= limit + (1 << 20),
+        "{u:?} against {limit}"
+    );
+    assert!(write_until_refused(&free.path.join("more"), 8).is_none());
+    // Deleting gives room back.
+    std::fs::remove_file(full.path.join("fill")).unwrap();
+    let _ = std::process::Command::new("sync")
+        .arg("-f")
+        .arg(&full.path)
+        .status();
+    assert!(write_until_refused(&full.path.join("again"), 1).is_none());
+    // Bad input changes nothing.
+    assert!(store.set_disk_limit("no-such", Some(1 << 20)).is_err());
+    store.delete("limited").unwrap();
+    store.delete("neighbour").unwrap();
+}
+
 #[test]
 fn copy_store_conforms() {
     let t = tempfile::tempdir().unwrap();
@@ -332,6 +388,11 @@ fn copy_store_conforms() {
     let store = CopyStore::new(t.path().join("store")).unwrap();
     conformance(&store, &image);
     posix_torture(&store, &image);
+    assert!(!store.limits_disk());
+    assert!(matches!(
+        store.set_disk_limit("x", Some(1)),
+        Err(StoreError::Unsupported { .. })
+    ));
 }
 
 /// Flushes the file system so that new data has extents to map.
@@ -369,6 +430,7 @@ fn btrfs_store_conforms() {
     let store = BtrfsStore::new(t.path().join("mnt/store")).unwrap();
     conformance(&store, &image);
     posix_torture(&store, &image);
+    disk_limit(&store, &image);
     // Sizes: a fresh snapshot shares everything with its volume; what the volume
     // writes afterwards is its own.
     let v = store.create("sized", &image).unwrap();
@@ -438,6 +500,7 @@ fn fuse_store_conforms() {
     let store = &store.0;
     conformance(store, &image);
     posix_torture(store, &image);
+    disk_limit(store, &image);
 
     // Sizes: a fresh snapshot shares everything with its volume; what the volume
     // writes afterwards is its own, and it is freed with the volume's layer.

@@ -18,8 +18,29 @@ use burrow_fs::{is_btrfs, BtrfsImage, BtrfsStore, CopyStore, FuseStore, Store};
 use crate::error::{Error, Result};
 use crate::paths::StateDir;
 
-/// Largest loop image made: it is sparse, so this bounds growth, not use.
+/// The loop image's default size (it is sparse: this bounds its growth, not
+/// what it takes at once): half of the free space of the state dir's file
+/// system when it is made, at least [`MIN_IMAGE`], at most [`MAX_IMAGE`]. With
+/// less free space than that floor needs (twice it), no image is made and
+/// `BURROW_STORE_SIZE_MIB` must say how large one may be. So the store can
+/// never take the last half of the host's free disk.
 const MAX_IMAGE: u64 = 1 << 40;
+const MIN_IMAGE: u64 = 2 << 30;
+
+/// The default loop image size for `free` bytes free (see [`MAX_IMAGE`]).
+pub fn default_image_size(free: u64) -> Result<u64> {
+    if free < 2 * MIN_IMAGE {
+        return Err(Error::invalid(
+            "BURROW_STORE_SIZE_MIB",
+            format!(
+                "unset, and {} MiB free is too little for the default store (half the free space, at least {} MiB): set it",
+                free >> 20,
+                MIN_IMAGE >> 20
+            ),
+        ));
+    }
+    Ok((free / 2).clamp(MIN_IMAGE, MAX_IMAGE))
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreKind {
@@ -127,8 +148,7 @@ fn btrfs(state: &StateDir) -> Result<OpenStore> {
     }
     let mountpoint = state.root().join("btrfs");
     let image = state.root().join("btrfs.img");
-    // The image is sparse: sized to the free space it may grow into, unless
-    // BURROW_STORE_SIZE_MIB caps it (a quota on the state dir's disk use).
+    // Only when the image is made: an existing image keeps its size.
     let size = match std::env::var("BURROW_STORE_SIZE_MIB") {
         Ok(v) => {
             v.parse::<u64>().ok().filter(|m| *m >= 256).ok_or_else(|| {
@@ -138,7 +158,8 @@ fn btrfs(state: &StateDir) -> Result<OpenStore> {
                 )
             })? << 20
         }
-        Err(_) => free_bytes(state.root()).min(MAX_IMAGE),
+        Err(_) if image.exists() => 0,
+        Err(_) => default_image_size(free_bytes(state.root()))?,
     };
     let mount = BtrfsImage::ensure(&image, &mountpoint, size)?;
     let store = BtrfsStore::new(mountpoint.join("store"))?;
@@ -160,4 +181,18 @@ fn free_bytes(path: &Path) -> u64 {
         return 0;
     }
     st.f_bavail * st.f_frsize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_store_takes_half_the_free_space_within_bounds() {
+        assert_eq!(default_image_size(100 << 30).unwrap(), 50 << 30);
+        assert_eq!(default_image_size(5 << 30).unwrap(), MIN_IMAGE.max(5 << 29));
+        assert_eq!(default_image_size(10 << 40).unwrap(), MAX_IMAGE);
+        let e = default_image_size(3 << 30).unwrap_err().to_string();
+        assert!(e.contains("BURROW_STORE_SIZE_MIB"), "{e}");
+    }
 }

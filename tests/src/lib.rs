@@ -302,7 +302,12 @@ impl Drop for Burrow {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
-        for mnt in [fuse.join("mnt"), self.state.join("btrfs")] {
+        for mnt in [
+            fuse.join("mnt"),
+            fuse.join("images"),
+            fuse.join("layers"),
+            self.state.join("btrfs"),
+        ] {
             if is_mountpoint(&mnt) {
                 if let Ok(c) = std::ffi::CString::new(mnt.into_os_string().into_encoded_bytes()) {
                     // SAFETY: umount2 with a NUL-terminated path.

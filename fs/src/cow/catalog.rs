@@ -28,18 +28,41 @@ pub(crate) struct Catalog {
     root: PathBuf,
     pub volumes: BTreeMap<String, Vec<String>>,
     pub snapshots: BTreeMap<(String, String), Vec<String>>,
+    /// Disk limits of volumes, in bytes (`meta/limits/<id>`, one decimal number).
+    pub limits: BTreeMap<String, u64>,
 }
 
 impl Catalog {
     pub fn load(root: &Path) -> io::Result<Catalog> {
-        for d in ["images", "layers", "meta/volumes", "meta/snapshots", "mnt"] {
-            std::fs::create_dir_all(root.join(d))?;
+        // The server runs under umask 0: its directories get their mode here.
+        for d in [
+            "",
+            "images",
+            "layers",
+            "meta",
+            "meta/volumes",
+            "meta/snapshots",
+            "meta/limits",
+        ] {
+            crate::private_dir(&root.join(d)).map_err(io::Error::other)?;
         }
+        // Mounted already when a server serves it (a daemon restart).
+        crate::private_mountpoint(&root.join("mnt")).map_err(io::Error::other)?;
         let mut c = Catalog {
             root: root.to_path_buf(),
             volumes: BTreeMap::new(),
             snapshots: BTreeMap::new(),
+            limits: BTreeMap::new(),
         };
+        for e in std::fs::read_dir(root.join("meta/limits"))?.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            let bytes = std::fs::read_to_string(e.path())
+                .ok()
+                .and_then(|t| t.trim().parse::<u64>().ok());
+            if let (false, Some(b)) = (id.starts_with('.'), bytes) {
+                c.limits.insert(id, b);
+            }
+        }
         for (id, path) in json_files(&root.join("meta/volumes")) {
             c.volumes.insert(id, read_chain(&path)?);
         }
@@ -88,9 +111,28 @@ impl Catalog {
         Ok(())
     }
 
+    /// Records volume `id`'s disk limit (`None`: none).
+    pub fn set_limit(&mut self, id: &str, bytes: Option<u64>) -> io::Result<()> {
+        let dir = self.root.join("meta/limits");
+        match bytes {
+            Some(b) => {
+                let tmp = dir.join(format!("{PARTIAL}{id}"));
+                std::fs::write(&tmp, format!("{b}\n"))?;
+                std::fs::rename(&tmp, dir.join(id))?;
+                self.limits.insert(id.to_string(), b);
+            }
+            None => {
+                remove_if_there(&dir.join(id))?;
+                self.limits.remove(id);
+            }
+        }
+        Ok(())
+    }
+
     pub fn remove_volume(&mut self, id: &str) -> io::Result<()> {
         remove_if_there(&self.root.join(format!("meta/volumes/{id}.json")))?;
         self.volumes.remove(id);
+        self.set_limit(id, None)?;
         Ok(())
     }
 
@@ -101,7 +143,7 @@ impl Catalog {
         chain: Vec<String>,
     ) -> io::Result<()> {
         let dir = self.root.join("meta/snapshots").join(volume);
-        std::fs::create_dir_all(&dir)?;
+        crate::private_dir(&dir).map_err(io::Error::other)?;
         write_chain(&dir, name, &chain)?;
         self.snapshots
             .insert((volume.to_string(), name.to_string()), chain);

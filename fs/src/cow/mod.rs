@@ -66,6 +66,13 @@ pub(crate) enum Control {
     Collect {
         keep_image: Option<String>,
     },
+    SetLimit {
+        id: String,
+        bytes: Option<u64>,
+    },
+    DiskUsage {
+        id: String,
+    },
     Shutdown,
 }
 
@@ -74,12 +81,16 @@ pub(crate) enum Control {
 pub(crate) enum Reply {
     Ok,
     Collected(Vec<PathBuf>),
+    DiskUsage(crate::DiskUsage),
     Exists(String),
     NotFound(String),
     SnapshotExists { volume: String, name: String },
     SnapshotNotFound { volume: String, name: String },
     Failed(String),
 }
+
+/// The directories of layer files, sealed nosuid,nodev as root.
+const SEALED: [&str; 2] = ["images", "layers"];
 
 pub struct FuseStore {
     root: PathBuf,
@@ -88,6 +99,8 @@ pub struct FuseStore {
     /// after a server crash must not race another.
     control: Mutex<Option<BufReader<UnixStream>>>,
     importing: Mutex<()>,
+    /// Set when a server was started in place of one that died mounted.
+    replaced: std::sync::atomic::AtomicBool,
 }
 
 impl FuseStore {
@@ -95,15 +108,22 @@ impl FuseStore {
     /// unless one already serves `root`.
     pub fn open(root: impl Into<PathBuf>, binary: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let root = root.into();
-        for d in ["images", "layers", "meta/volumes", "meta/snapshots", "mnt"] {
-            let dir = root.join(d);
-            std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create", &dir, e))?;
+        // Layers hold guests' files as they made them (setuid bits, device
+        // nodes) on the host's own file system, which may allow both: only
+        // root may reach them.
+        crate::private_dir(&root)?;
+        for d in ["images", "layers", "meta", "meta/volumes", "meta/snapshots"] {
+            crate::private_dir(&root.join(d))?;
         }
+        // Mounted already when a server serves it (a daemon restart).
+        crate::private_mountpoint(&root.join("mnt"))?;
+        seal(&root)?;
         let store = FuseStore {
             root,
             binary: binary.into(),
             control: Mutex::new(None),
             importing: Mutex::new(()),
+            replaced: std::sync::atomic::AtomicBool::new(false),
         };
         store.request(&Control::Ping)?;
         Ok(store)
@@ -165,7 +185,14 @@ impl FuseStore {
     /// then waits for its `ready` and connects.
     fn start(&self) -> Result<UnixStream, StoreError> {
         let mnt = self.mountpoint();
+        if crate::loop_image::is_mountpoint(&mnt) {
+            // A server died (or hangs) with its volumes mounted: whatever ran
+            // on them lost them.
+            self.replaced
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
         self.end_previous();
+        seal(&self.root)?;
         let log = self.root.join("cowfs.log");
         let stderr = std::fs::OpenOptions::new()
             .create(true)
@@ -231,7 +258,7 @@ impl FuseStore {
 
     fn expect_ok(&self, reply: Reply) -> Result<(), StoreError> {
         match reply {
-            Reply::Ok | Reply::Collected(_) => Ok(()),
+            Reply::Ok | Reply::Collected(_) | Reply::DiskUsage(_) => Ok(()),
             Reply::Exists(id) => Err(StoreError::Exists(id)),
             Reply::NotFound(id) => Err(StoreError::NotFound(id)),
             Reply::SnapshotExists { volume, name } => {
@@ -319,6 +346,19 @@ fn read_chain(path: &Path) -> Option<Vec<String>> {
     }
     let f: ChainFile = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
     Some(f.layers)
+}
+
+/// As root, seals the layer directories: bind-mounted nosuid,nodev, so that
+/// even a layer file reached by other means than its path (a leaked fd, a
+/// loosened mode) is inert. (As a user, the files are that user's own.)
+fn seal(root: &Path) -> Result<(), StoreError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        for d in SEALED {
+            crate::loop_image::seal_dir(&root.join(d))?;
+        }
+    }
+    Ok(())
 }
 
 /// Waits until process `pid` has exited, up to `timeout`; false if it has not.
@@ -529,6 +569,45 @@ impl Store for FuseStore {
         Ok(usage)
     }
 
+    /// The layer server counts the bytes allocated in the volume's upper layer
+    /// (what it wrote since it was made, forked, restored or last snapshotted:
+    /// older layers are its snapshots' cost) and refuses writes past the limit
+    /// with ENOSPC.
+    fn set_disk_limit(&self, id: &str, bytes: Option<u64>) -> Result<(), StoreError> {
+        validate_id(id)?;
+        self.ask(Control::SetLimit {
+            id: id.to_string(),
+            bytes,
+        })
+    }
+
+    fn disk_usage(&self, id: &str) -> Result<crate::DiskUsage, StoreError> {
+        validate_id(id)?;
+        match self.request(&Control::DiskUsage { id: id.to_string() })? {
+            Reply::DiskUsage(u) => Ok(u),
+            other => self
+                .expect_ok(other)
+                .and_then(|_| Err(self.failed("no usage in the answer".into()))),
+        }
+    }
+
+    fn limits_disk(&self) -> bool {
+        true
+    }
+
+    fn server_pid(&self) -> Option<i32> {
+        FuseStore::server_pid(self)
+    }
+
+    fn ensure_ready(&self) -> Result<(), StoreError> {
+        self.ask(Control::Ping)
+    }
+
+    fn take_server_replaced(&self) -> bool {
+        self.replaced
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
+
     fn reconcile(&self) -> Result<Vec<PathBuf>, StoreError> {
         match self.request(&Control::Collect { keep_image: None })? {
             Reply::Collected(paths) => Ok(paths),
@@ -553,7 +632,12 @@ impl Store for FuseStore {
             Some(pid) if !wait_exit(pid, Duration::from_secs(10)) => {
                 Err(self.failed(format!("server {pid} did not exit")))
             }
-            _ => Ok(()),
+            _ => {
+                for d in SEALED {
+                    crate::loop_image::unseal_dir(&self.root.join(d))?;
+                }
+                Ok(())
+            }
         }
     }
 }

@@ -34,6 +34,11 @@ pub fn serve(root: &Path) -> std::io::Result<()> {
     let sock = root.join("control.sock");
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock)?;
+    // Bound under umask 0: only its owner may connect (the peer is checked too).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
+    }
 
     // SAFETY: geteuid has no preconditions.
     let as_root = unsafe { libc::geteuid() } == 0;
@@ -80,6 +85,9 @@ pub fn serve(root: &Path) -> std::io::Result<()> {
         let mnt = mnt.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
+                if !same_user(&conn) {
+                    continue;
+                }
                 let shutdown = answer(conn, &root, &state, &notifier);
                 if shutdown {
                     let done = if unprivileged {
@@ -149,6 +157,29 @@ fn answer(conn: UnixStream, root: &Path, state: &Mutex<State>, notifier: &fuser:
         }
     }
     false
+}
+
+/// Whether the peer of `conn` runs as this server's user (root serves root).
+fn same_user(conn: &UnixStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED fills the ucred we own; len says its size.
+    let r = unsafe {
+        libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: geteuid has no preconditions.
+    r == 0 && cred.uid == unsafe { libc::geteuid() }
 }
 
 fn flush(volume: &Path) {
@@ -280,6 +311,23 @@ fn apply(s: &mut State, root: &Path, req: Control) -> (Reply, Vec<Stale>, Vec<Pa
                 }
                 Err(e) => failed(e),
             },
+        },
+        Control::SetLimit { id, bytes } => {
+            if !s.catalog.volumes.contains_key(&id) {
+                Reply::NotFound(id)
+            } else {
+                match s.catalog.set_limit(&id, bytes) {
+                    Ok(()) => {
+                        s.set_limit(&id, bytes);
+                        Reply::Ok
+                    }
+                    Err(e) => failed(e),
+                }
+            }
+        }
+        Control::DiskUsage { id } => match s.disk_usage(&id) {
+            Some(u) => Reply::DiskUsage(u),
+            None => Reply::NotFound(id),
         },
         Control::Collect { keep_image } => {
             doomed = s.catalog.collect(keep_image.as_deref());

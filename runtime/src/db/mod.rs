@@ -105,6 +105,9 @@ pub struct WorkspaceRecord {
     pub pids: Option<VmPids>,
     /// The snapshot this workspace was forked from.
     pub forked_from: Option<ForkedFrom>,
+    /// Most bytes its volume may hold (see `Store::set_disk_limit`); none on
+    /// stores that cannot limit.
+    pub disk_limit: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,7 +141,8 @@ CREATE TABLE IF NOT EXISTS workspaces (
     volume TEXT NOT NULL,
     pids TEXT,
     forked_from TEXT,
-    head TEXT
+    head TEXT,
+    disk_limit INTEGER
 );
 CREATE TABLE IF NOT EXISTS teams (
     name TEXT PRIMARY KEY,
@@ -160,7 +164,7 @@ CREATE TABLE IF NOT EXISTS snapshots (
 ";
 
 const COLUMNS: &str =
-    "id, name, state, vcpus, memory_mib, image, created_at, accel, store, volume, pids, forked_from";
+    "id, name, state, vcpus, memory_mib, image, created_at, accel, store, volume, pids, forked_from, disk_limit";
 
 impl Db {
     pub fn open(path: &Path) -> Result<Db> {
@@ -172,16 +176,17 @@ impl Db {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         // Columns added after the first release: state dirs made before lack them.
-        for (table, column) in [
-            ("workspaces", "forked_from"),
-            ("workspaces", "head"),
-            ("snapshots", "parent"),
+        for (table, column, kind) in [
+            ("workspaces", "forked_from", "TEXT"),
+            ("workspaces", "head", "TEXT"),
+            ("snapshots", "parent", "TEXT"),
+            ("workspaces", "disk_limit", "INTEGER"),
         ] {
             if conn
                 .prepare(&format!("SELECT {column} FROM {table} LIMIT 0"))
                 .is_err()
             {
-                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} TEXT"))?;
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
             }
         }
         Ok(Db {
@@ -205,7 +210,7 @@ impl Db {
             .and_then(|f| serde_json::to_string(f).ok());
         let res = self.with(|c| {
             c.execute(
-                &format!("INSERT INTO workspaces ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
+                &format!("INSERT INTO workspaces ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
                 params![
                     w.id,
                     w.name,
@@ -218,7 +223,8 @@ impl Db {
                     w.store,
                     w.volume.to_string_lossy(),
                     pids,
-                    forked_from
+                    forked_from,
+                    w.disk_limit.map(|b| b.min(i64::MAX as u64) as i64)
                 ],
             )
         });
@@ -338,6 +344,7 @@ fn row(r: &Row<'_>) -> rusqlite::Result<WorkspaceRecord> {
     let pids: Option<String> = r.get(10)?;
     let volume: String = r.get(9)?;
     let forked_from: Option<String> = r.get(11)?;
+    let disk_limit: Option<i64> = r.get(12)?;
     Ok(WorkspaceRecord {
         id: r.get(0)?,
         name: r.get(1)?,
@@ -353,6 +360,7 @@ fn row(r: &Row<'_>) -> rusqlite::Result<WorkspaceRecord> {
         volume: PathBuf::from(volume),
         pids: pids.and_then(|s| serde_json::from_str(&s).ok()),
         forked_from: forked_from.and_then(|s| serde_json::from_str(&s).ok()),
+        disk_limit: disk_limit.and_then(|b| u64::try_from(b).ok()),
     })
 }
 
@@ -374,6 +382,7 @@ mod tests {
             volume: "/v/a".into(),
             pids: None,
             forked_from: None,
+            disk_limit: Some(1 << 30),
         }
     }
 

@@ -9,6 +9,7 @@ mod guest_ops;
 mod network;
 mod reconcile;
 mod snapshots;
+mod store_watch;
 mod teams;
 mod vm;
 
@@ -24,7 +25,7 @@ use tracing::Instrument;
 
 pub use guest_ops::LogKind;
 pub use network::PolicyChange;
-pub use snapshots::{Diff, ForkParams, SnapshotInfo, MAX_FORKS};
+pub use snapshots::{Diff, DiffPath, ForkParams, SnapshotInfo, MAX_FORKS};
 pub use teams::{TeamMember, TeamParams};
 
 use crate::db::{Db, ForkedFrom, ProcId, State, VmPids, WorkspaceRecord};
@@ -40,6 +41,10 @@ pub const DEFAULT_VCPUS: u32 = 1;
 pub const DEFAULT_MEMORY_MIB: u32 = 512;
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 const MIN_MEMORY_MIB: u32 = 128;
+/// Disk limit of a workspace created without `disk_gb`, in GiB.
+pub const DEFAULT_DISK_GB: u32 = 10;
+/// Largest `disk_gb` accepted.
+pub const MAX_DISK_GB: u32 = 16 * 1024;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CreateParams {
@@ -54,6 +59,10 @@ pub struct CreateParams {
     /// Seconds the guest may take to come up before the create fails.
     #[serde(default)]
     pub boot_timeout_secs: Option<u64>,
+    /// Most GiB its disk may hold (default [`DEFAULT_DISK_GB`] where the store
+    /// can limit a volume).
+    #[serde(default)]
+    pub disk_gb: Option<u32>,
 }
 
 /// A workspace as front doors show it.
@@ -80,6 +89,13 @@ pub struct WorkspaceInfo {
     /// The CPU, memory and pids limits of its VM's cgroup (none without cgroups).
     #[serde(default)]
     pub limits: Option<Limits>,
+    /// Bytes its disk holds, counted as its limit counts them (see
+    /// docs/storage.md: Btrfs counts all the guest sees, FUSE what the volume
+    /// wrote since it was made, forked, restored or snapshotted).
+    #[serde(default)]
+    pub disk_used_bytes: Option<u64>,
+    #[serde(default)]
+    pub disk_limit_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -113,6 +129,8 @@ impl From<WorkspaceRecord> for WorkspaceInfo {
             forked_from: r.forked_from,
             ip: None,
             limits: None,
+            disk_used_bytes: None,
+            disk_limit_bytes: r.disk_limit,
         }
     }
 }
@@ -143,6 +161,8 @@ pub struct Engine {
     watchers: Mutex<HashMap<String, JoinHandle<()>>>,
     /// How VMs are confined (user, jail, cgroups) and where their consoles go.
     vmm: VmmConfig,
+    /// The task watching the store's server, if it has one.
+    store_watch: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Engine {
@@ -198,8 +218,11 @@ impl Engine {
             locks: Mutex::new(HashMap::new()),
             watchers: Mutex::new(HashMap::new()),
             vmm,
+            store_watch: Mutex::new(None),
         });
         engine.reconcile().await?;
+        engine.watch_store();
+        engine.recover_store_replaced_at_open();
         if let Some(source) = engine.image_source(DEFAULT_IMAGE) {
             engine.prepare_volume(source);
         }
@@ -260,6 +283,15 @@ impl Engine {
         if self.vmm.cgroups.is_some() {
             info.limits = Some(Limits::for_vm(info.vcpus, info.memory_mib));
         }
+        if self.store.limits_disk() && info.state != State::Creating {
+            match self.store.disk_usage(&info.id) {
+                Ok(u) => {
+                    info.disk_used_bytes = Some(u.used_bytes);
+                    info.disk_limit_bytes = u.limit_bytes.or(info.disk_limit_bytes);
+                }
+                Err(e) => tracing::debug!(workspace = %info.id, "disk usage: {e}"),
+            }
+        }
         if let Ok(net) = &self.net {
             info.ip = net
                 .leases()
@@ -299,6 +331,7 @@ impl Engine {
         // A workspace without its network is refused, not made silently.
         self.network()?;
         let boot_timeout = boot_timeout(params.boot_timeout_secs)?;
+        let disk_limit = self.disk_limit(params.disk_gb, Some(DEFAULT_DISK_GB))?;
         let id = new_id()?;
         let name = match params.name {
             Some(n) => {
@@ -326,6 +359,7 @@ impl Engine {
             volume: self.store.volume_path(&id),
             pids: None,
             forked_from: None,
+            disk_limit,
         };
         self.materialize(rec, VolumeSource::Image(source), boot_timeout, progress)
             .await
@@ -382,6 +416,53 @@ impl Engine {
         }
     }
 
+    /// The disk limit in bytes for `disk_gb` (else `default`), or none where
+    /// the store cannot limit a volume (then asking for one is an error).
+    pub(super) fn disk_limit(
+        &self,
+        disk_gb: Option<u32>,
+        default: Option<u32>,
+    ) -> Result<Option<u64>> {
+        if let Some(gb) = disk_gb {
+            if gb == 0 || gb > MAX_DISK_GB {
+                return Err(Error::invalid(
+                    "disk_gb",
+                    format!("{gb} is outside 1..={MAX_DISK_GB} GiB"),
+                ));
+            }
+            if !self.store.limits_disk() {
+                return Err(Error::invalid(
+                    "disk_gb",
+                    format!(
+                        "the {} store cannot limit a workspace's disk",
+                        self.store.kind()
+                    ),
+                ));
+            }
+        }
+        if !self.store.limits_disk() {
+            return Ok(None);
+        }
+        Ok(disk_gb.or(default).map(|gb| u64::from(gb) << 30))
+    }
+
+    /// Puts the recorded disk limit on a workspace's volume (at every boot: a
+    /// restore or a store's restart may have made it anew).
+    pub(super) async fn apply_disk_limit(&self, rec: &WorkspaceRecord) -> Result<()> {
+        let Some(bytes) = rec.disk_limit else {
+            return Ok(());
+        };
+        if !self.store.limits_disk() {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        let id = rec.id.clone();
+        tokio::task::spawn_blocking(move || store.set_disk_limit(&id, Some(bytes)))
+            .await
+            .map_err(|e| Error::Vmm(format!("volume task: {e}")))??;
+        Ok(())
+    }
+
     fn image_source(&self, image: &str) -> Option<ImageSource> {
         let info = self.images.info(image)?;
         Some(ImageSource {
@@ -418,6 +499,8 @@ impl Engine {
             .list()
             .map(|l| l.iter().any(|w| w.pids.is_some()))
             .unwrap_or(true);
+        // From here on the server's exit is wanted (or the daemon's own).
+        self.unwatch_store();
         if busy {
             tracing::info!("VMs run on the volume store: it stays mounted");
             return;

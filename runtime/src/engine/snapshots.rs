@@ -1,7 +1,7 @@
 //! Snapshots, restore, forks and diffs of workspace volumes.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,14 +47,52 @@ pub struct ForkParams {
     pub name_prefix: Option<String>,
     #[serde(default)]
     pub boot_timeout_secs: Option<u64>,
+    /// Disk limit of the forks in GiB; by default the source's.
+    #[serde(default)]
+    pub disk_gb: Option<u32>,
 }
 
 /// Paths (as the guest sees them) that differ between a snapshot and the volume now.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Diff {
-    pub added: Vec<String>,
-    pub modified: Vec<String>,
-    pub deleted: Vec<String>,
+    pub added: Vec<DiffPath>,
+    pub modified: Vec<DiffPath>,
+    pub deleted: Vec<DiffPath>,
+}
+
+/// A guest-made path: names are bytes, not always UTF-8. `path` is always
+/// there (bytes that are not UTF-8 shown as U+FFFD); `path_b64` carries the
+/// exact bytes (standard base64) only when `path` does not.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DiffPath {
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_b64: Option<String>,
+}
+
+impl DiffPath {
+    pub fn from_bytes(bytes: &[u8]) -> DiffPath {
+        use base64::Engine as _;
+        match std::str::from_utf8(bytes) {
+            Ok(s) => DiffPath {
+                path: s.to_string(),
+                path_b64: None,
+            },
+            Err(_) => DiffPath {
+                path: String::from_utf8_lossy(bytes).into_owned(),
+                path_b64: Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+            },
+        }
+    }
+
+    /// The exact bytes of the path.
+    pub fn bytes(&self) -> Vec<u8> {
+        use base64::Engine as _;
+        self.path_b64
+            .as_ref()
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+            .unwrap_or_else(|| self.path.as_bytes().to_vec())
+    }
 }
 
 fn store_err(e: StoreError) -> Error {
@@ -208,6 +246,8 @@ impl Engine {
         let (id, n) = (rec.id.clone(), name.to_string());
         blocking(move || store.restore(&id, &n).map_err(store_err)).await?;
         self.db.set_head(&rec.id, name)?;
+        // A restored Btrfs volume is a new subvolume, without the limit.
+        self.apply_disk_limit(&rec).await?;
         if was_running {
             let rec = self
                 .db
@@ -271,6 +311,10 @@ impl Engine {
             ));
         }
         let timeout = boot_timeout(p.boot_timeout_secs)?;
+        let disk_limit = match p.disk_gb {
+            Some(_) => self.disk_limit(p.disk_gb, None)?,
+            None => source.disk_limit,
+        };
         let names: Vec<String> = match (&p.name, &p.name_prefix, count) {
             (Some(_), Some(_), _) => {
                 return Err(Error::invalid(
@@ -322,6 +366,7 @@ impl Engine {
                     workspace: source.name.clone(),
                     snapshot: p.snapshot.clone(),
                 }),
+                disk_limit,
             });
         }
         let made = futures_util::future::join_all(recs.into_iter().map(|rec| {
@@ -380,48 +425,35 @@ struct Entry {
     mode: u32,
     size: u64,
     mtime: (i64, i64),
-    link: Option<PathBuf>,
+    link: Option<Vec<u8>>,
 }
 
-fn walk(root: &Path) -> BTreeMap<String, Entry> {
-    use std::os::unix::fs::MetadataExt;
+/// Every entry under `root`, by its path as bytes (walked by directory fds: no
+/// PATH_MAX limit, no name merged with another by a lossy conversion).
+fn walk(root: &Path) -> BTreeMap<Vec<u8>, Entry> {
     let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            let Ok(m) = std::fs::symlink_metadata(&p) else {
-                continue;
-            };
-            let rel = format!("/{}", p.strip_prefix(root).unwrap_or(&p).to_string_lossy());
-            let is_dir = m.is_dir();
-            out.insert(
-                rel,
-                Entry {
-                    kind: m.mode() & libc::S_IFMT,
-                    mode: m.mode() & 0o7777,
-                    // A directory's size and mtime change with its entries, which
-                    // are reported on their own.
-                    size: if is_dir { 0 } else { m.size() },
-                    mtime: if is_dir {
-                        (0, 0)
-                    } else {
-                        (m.mtime(), m.mtime_nsec())
-                    },
-                    link: m
-                        .file_type()
-                        .is_symlink()
-                        .then(|| std::fs::read_link(&p).ok())
-                        .flatten(),
+    let walked = burrow_fs::walk_tree(root, &mut |e| {
+        let st = e.stat;
+        let is_dir = e.is_dir();
+        out.insert(
+            e.path.to_vec(),
+            Entry {
+                kind: st.st_mode & libc::S_IFMT,
+                mode: st.st_mode & 0o7777,
+                // A directory's size and mtime change with its entries, which
+                // are reported on their own.
+                size: if is_dir { 0 } else { st.st_size as u64 },
+                mtime: if is_dir {
+                    (0, 0)
+                } else {
+                    (st.st_mtime, st.st_mtime_nsec)
                 },
-            );
-            if is_dir {
-                stack.push(p);
-            }
-        }
+                link: e.is_symlink().then(|| e.link_target().ok()).flatten(),
+            },
+        );
+    });
+    if let Err(e) = walked {
+        tracing::warn!("diff: walk {}: {e}", root.display());
     }
     out
 }
@@ -432,12 +464,16 @@ fn diff_trees(before: &Path, now: &Path) -> Diff {
     let mut d = Diff::default();
     for (path, entry) in &b {
         match a.get(path) {
-            None => d.added.push(path.clone()),
-            Some(old) if old != entry => d.modified.push(path.clone()),
+            None => d.added.push(DiffPath::from_bytes(path)),
+            Some(old) if old != entry => d.modified.push(DiffPath::from_bytes(path)),
             Some(_) => {}
         }
     }
-    d.deleted = a.keys().filter(|p| !b.contains_key(*p)).cloned().collect();
+    d.deleted = a
+        .keys()
+        .filter(|p| !b.contains_key(*p))
+        .map(|p| DiffPath::from_bytes(p))
+        .collect();
     d
 }
 
@@ -469,8 +505,29 @@ mod tests {
             .set_modified(mtime)
             .unwrap();
         let d = diff_trees(&a, &b);
-        assert_eq!(d.added, vec!["/work/sub/new"]);
-        assert_eq!(d.modified, vec!["/work/changed"]);
-        assert_eq!(d.deleted, vec!["/work/gone"]);
+        let paths = |v: &[DiffPath]| v.iter().map(|p| p.path.clone()).collect::<Vec<_>>();
+        assert_eq!(paths(&d.added), vec!["/work/sub/new"]);
+        assert_eq!(paths(&d.modified), vec!["/work/changed"]);
+        assert_eq!(paths(&d.deleted), vec!["/work/gone"]);
+    }
+
+    #[test]
+    fn names_that_are_not_utf8_stay_distinct_and_exact() {
+        use std::os::unix::ffi::OsStrExt;
+        let t = tempfile::tempdir().unwrap();
+        let (a, b) = (t.path().join("a"), t.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        for n in [&b"a\xff"[..], &b"a\xfe"[..]] {
+            std::fs::write(b.join(std::ffi::OsStr::from_bytes(n)), "x").unwrap();
+        }
+        let d = diff_trees(&a, &b);
+        assert_eq!(d.added.len(), 2);
+        assert_eq!(d.added[0].path, d.added[1].path, "both lossy the same");
+        let json = serde_json::to_string(&d).unwrap();
+        let back: Diff = serde_json::from_str(&json).unwrap();
+        let mut bytes: Vec<Vec<u8>> = back.added.iter().map(DiffPath::bytes).collect();
+        bytes.sort();
+        assert_eq!(bytes, vec![b"/a\xfe".to_vec(), b"/a\xff".to_vec()]);
     }
 }

@@ -25,6 +25,16 @@ impl Engine {
             .accel
             .get_or_init(|| vmm::accel::choose(self.images.dir(), &boot))
             .await;
+        // The store's server may have died since the last boot: bring it back
+        // (so `start` always recovers), then put the disk limit on the volume.
+        {
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || store.ensure_ready())
+                .await
+                .map_err(|e| Error::Vmm(format!("volume task: {e}")))??;
+        }
+        self.watch_store();
+        self.apply_disk_limit(rec).await?;
         let paths = self.paths(&rec.id);
         self.clear_run_dir(&rec.id);
         paths
@@ -311,7 +321,7 @@ fn boot_failure_reason(paths: &VmPaths) -> String {
     }
 }
 
-fn append_line(path: &std::path::Path, line: &str) -> std::io::Result<()> {
+pub(super) fn append_line(path: &std::path::Path, line: &str) -> std::io::Result<()> {
     use std::io::Write;
     let mut f = std::fs::OpenOptions::new()
         .create(true)

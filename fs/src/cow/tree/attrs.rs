@@ -66,7 +66,16 @@ impl State {
             .map_err(errno)?;
         }
         if let Some(size) = size {
-            match (&handle, &path) {
+            let v = self.view_of(ino)?;
+            let now = |h: &Option<File>, p: &Option<PathBuf>| match (h, p) {
+                (Some(h), _) => h.metadata().ok(),
+                (None, Some(p)) => std::fs::symlink_metadata(p).ok(),
+                (None, None) => None,
+            };
+            // Growing a file makes a hole, not data: only what truncating
+            // allocates or frees is counted.
+            let before = now(&handle, &path).map(|m| m.blocks() * 512).unwrap_or(0);
+            let done = match (&handle, &path) {
                 (Some(h), _) => h.set_len(size),
                 (None, Some(p)) => std::fs::OpenOptions::new()
                     .write(true)
@@ -74,7 +83,10 @@ impl State {
                     .and_then(|f| f.set_len(size)),
                 (None, None) => Ok(()),
             }
-            .map_err(errno)?;
+            .map_err(errno);
+            let after = now(&handle, &path).map(|m| m.blocks() * 512).unwrap_or(0);
+            self.charge(v, before, after);
+            done?;
         }
         if atime.is_some() || mtime.is_some() {
             if let Some(p) = &path {
@@ -144,6 +156,17 @@ impl State {
         // SAFETY: as above; the path is NUL-terminated.
         if unsafe { libc::statvfs(c.as_ptr(), &mut st) } < 0 {
             return Err(errno(io::Error::last_os_error()));
+        }
+        // A limited volume shows its limit as its size (df in the guest).
+        let view = self.view_of(ino).ok().and_then(|v| self.view(v).ok());
+        if let (Some(view), true) = (view, st.f_frsize > 0) {
+            if let Some(limit) = view.limit {
+                let unit = st.f_frsize;
+                let free = limit.saturating_sub(view.used) / unit;
+                st.f_blocks = limit / unit;
+                st.f_bfree = st.f_bfree.min(free);
+                st.f_bavail = st.f_bavail.min(free);
+            }
         }
         Ok(st)
     }

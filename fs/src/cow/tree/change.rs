@@ -203,7 +203,16 @@ impl State {
         self.ensure_dir(parent)?;
         let path = self.dir_path(parent)?.join(name);
         if layer::exists(&path) {
+            // The last name of an upper-layer file gives its bytes back (once
+            // its open handles close, but counted now: the guest let it go).
+            let freed = std::fs::symlink_metadata(&path)
+                .ok()
+                .filter(|m| m.nlink() == 1)
+                .map(|m| m.blocks() * 512)
+                .unwrap_or(0);
             std::fs::remove_file(&path).map_err(errno)?;
+            let v = self.dir(parent)?.view;
+            self.charge(v, freed, 0);
         }
         if below {
             layer::mark(&self.dir_path(parent)?.join(whiteout(name))).map_err(errno)?;

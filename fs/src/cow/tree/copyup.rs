@@ -63,6 +63,13 @@ impl State {
             copy_into_place(&src, &dst, &upper)?;
             None
         };
+        if meta.is_file() {
+            // The copy is the volume's own data now.
+            let copied = std::fs::symlink_metadata(&dst)
+                .map(|m| m.blocks() * 512)
+                .unwrap_or(0);
+            self.charge(v, 0, copied);
+        }
         let f = self.file_mut(ino)?;
         f.layer = top;
         f.index = index;
@@ -203,6 +210,8 @@ fn materialize_tree(
                     writable: true,
                     alive: true,
                     root: None,
+                    used: 0,
+                    limit: None,
                 };
                 let (fl, index, _) = resolve_index(&view, l, meta);
                 let src = layers[fl].join(index.as_deref().unwrap_or(&child));

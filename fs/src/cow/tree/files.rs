@@ -68,9 +68,28 @@ impl State {
         self.handles.get(&fh).ok_or(libc::EBADF)
     }
 
+    /// Writes through `fh`, refusing with ENOSPC what would take the volume
+    /// past its limit (an overwrite of allocated bytes never does).
     pub fn write(&mut self, fh: u64, offset: i64, data: &[u8]) -> Result<u32, Errno> {
         let h = self.handle_for_write(fh)?;
-        h.file.write_all_at(data, offset as u64).map_err(errno)?;
+        let ino = h.ino;
+        let (size, before) = match h.file.metadata() {
+            Ok(m) => (m.size(), m.blocks() * 512),
+            Err(e) => return Err(errno(e)),
+        };
+        let end = (offset.max(0) as u64).saturating_add(data.len() as u64);
+        let growth = if end <= size && before >= size {
+            0
+        } else {
+            data.len() as u64
+        };
+        let v = self.file(ino)?.view;
+        self.room(v, growth)?;
+        let h = self.handles.get(&fh).ok_or(libc::EBADF)?;
+        let written = h.file.write_all_at(data, offset as u64).map_err(errno);
+        let after = allocated(&h.file);
+        self.charge(v, before, after);
+        written?;
         Ok(data.len() as u32)
     }
 
@@ -86,9 +105,20 @@ impl State {
     pub fn fallocate(&mut self, fh: u64, offset: i64, length: i64, mode: i32) -> Result<(), Errno> {
         use std::os::fd::AsRawFd;
         let h = self.handle_for_write(fh)?;
+        let ino = h.ino;
+        let before = allocated(&h.file);
+        let v = self.file(ino)?.view;
+        if mode & libc::FALLOC_FL_PUNCH_HOLE == 0 {
+            self.room(v, length.max(0) as u64)?;
+        }
+        let h = self.handles.get(&fh).ok_or(libc::EBADF)?;
         // SAFETY: fallocate on an open fd.
-        if unsafe { libc::fallocate(h.file.as_raw_fd(), mode, offset, length) } < 0 {
-            return Err(errno(io::Error::last_os_error()));
+        let r = unsafe { libc::fallocate(h.file.as_raw_fd(), mode, offset, length) };
+        let err = io::Error::last_os_error();
+        let after = allocated(&h.file);
+        self.charge(v, before, after);
+        if r < 0 {
+            return Err(errno(err));
         }
         Ok(())
     }

@@ -50,6 +50,9 @@ struct View {
     /// False once the volume was restored or deleted: its nodes answer ESTALE.
     alive: bool,
     root: Option<u64>,
+    /// Bytes allocated in the upper layer: what counts against `limit`.
+    used: u64,
+    limit: Option<u64>,
 }
 
 impl View {
@@ -269,6 +272,8 @@ impl State {
         }
         let chain = self.catalog.volumes.get(id)?;
         let layers = self.catalog.paths(chain);
+        let used = layers.last().map(|l| allocated_bytes(l)).unwrap_or(0);
+        let limit = self.catalog.limits.get(id).copied();
         let v = self.next();
         self.views.insert(
             v,
@@ -277,6 +282,8 @@ impl State {
                 writable: true,
                 alive: true,
                 root: None,
+                used,
+                limit,
             },
         );
         self.volume_views.insert(id.to_string(), v);
@@ -298,6 +305,8 @@ impl State {
                 writable: false,
                 alive: true,
                 root: None,
+                used: 0,
+                limit: None,
             },
         );
         self.snapshot_views.insert(key, v);
@@ -339,12 +348,56 @@ impl State {
             return;
         };
         view.layers.push(new_top);
+        // The frozen upper layer is the snapshot's now; the new one is empty.
+        view.used = 0;
         let top = view.top();
         // Every layer has the root directory; nothing else is in the new one yet.
         if let Some(root) = view.root {
             if let Ok(d) = self.dir_mut(root) {
                 d.layers.insert(0, top);
             }
+        }
+    }
+
+    // ---- disk accounting -------------------------------------------------------
+
+    /// Sets volume `id`'s limit on its open view (the catalog keeps it for later).
+    pub fn set_limit(&mut self, id: &str, bytes: Option<u64>) {
+        if let Some(view) = self
+            .volume_views
+            .get(id)
+            .and_then(|v| self.views.get_mut(v))
+        {
+            view.limit = bytes;
+        }
+    }
+
+    /// What volume `id`'s upper layer holds, and its limit.
+    pub fn disk_usage(&mut self, id: &str) -> Option<crate::DiskUsage> {
+        let v = self.volume_view(id)?;
+        let view = self.views.get(&v)?;
+        Some(crate::DiskUsage {
+            used_bytes: view.used,
+            limit_bytes: view.limit,
+        })
+    }
+
+    /// ENOSPC when `growth` more bytes would take view `v` past its limit.
+    pub(super) fn room(&self, v: u64, growth: u64) -> Result<(), Errno> {
+        let view = self.view(v)?;
+        match view.limit {
+            Some(limit) if growth > 0 && view.used.saturating_add(growth) > limit => {
+                Err(libc::ENOSPC)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts a change of a file in view `v`'s upper layer from `before` to
+    /// `after` allocated bytes.
+    pub(super) fn charge(&mut self, v: u64, before: u64, after: u64) {
+        if let Some(view) = self.views.get_mut(&v) {
+            view.used = view.used.saturating_add(after).saturating_sub(before);
         }
     }
 
@@ -720,7 +773,9 @@ impl State {
             ctime: self.started,
             crtime: self.started,
             kind: FileType::Directory,
-            perm: 0o755,
+            // The mount's own directories are the server user's alone, like
+            // the store directory around them.
+            perm: 0o700,
             nlink: 2,
             // SAFETY: getuid/getgid have no preconditions.
             uid: unsafe { libc::getuid() },
@@ -757,6 +812,23 @@ impl State {
             _ => Ok(self.virtual_attr(ino)),
         }
     }
+}
+
+/// Bytes allocated to the files of a layer (each inode once).
+fn allocated_bytes(layer: &Path) -> u64 {
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0u64;
+    let _ = crate::walk::walk_tree(layer, &mut |e| {
+        if !e.is_dir() && seen.insert(e.stat.st_ino) {
+            total += e.stat.st_blocks as u64 * 512;
+        }
+    });
+    total
+}
+
+/// Bytes allocated to an open file.
+pub(super) fn allocated(f: &File) -> u64 {
+    f.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
 }
 
 /// Resolves a file found in layer `l` through the hard-link indexes above it.

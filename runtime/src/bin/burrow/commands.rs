@@ -76,6 +76,7 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
                 memory_mib: a.memory,
                 image: Some(image),
                 boot_timeout_secs: a.boot_timeout,
+                disk_gb: a.disk_gb,
             };
             let w: WorkspaceInfo = c.post("/v1/workspaces", &p).await?;
             if a.json {
@@ -188,6 +189,7 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
                 count: a.count,
                 name_prefix: a.name_prefix,
                 boot_timeout_secs: None,
+                disk_gb: a.disk_gb,
             };
             let forks: Vec<WorkspaceInfo> = c.post(&ws_path(&a.workspace, "/fork"), &p).await?;
             if a.json {
@@ -210,7 +212,7 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
             } else {
                 for (mark, paths) in [("A", &d.added), ("M", &d.modified), ("D", &d.deleted)] {
                     for p in paths {
-                        println!("{mark} {p}");
+                        println!("{mark} {}", crate::output::quote_path(&p.bytes()));
                     }
                 }
             }

@@ -105,6 +105,9 @@ pub struct CreateArgs {
     /// Seconds the guest may take to come up.
     #[arg(long)]
     pub boot_timeout: Option<u64>,
+    /// Most GiB the workspace's disk may hold (default 10).
+    #[arg(long)]
+    pub disk_gb: Option<u32>,
     #[arg(long)]
     pub json: bool,
 }
@@ -315,6 +318,9 @@ pub struct ForkArgs {
     /// Forks are named PREFIX-1 … PREFIX-COUNT.
     #[arg(long)]
     pub name_prefix: Option<String>,
+    /// Most GiB each fork's disk may hold (default: the source's limit).
+    #[arg(long)]
+    pub disk_gb: Option<u32>,
     #[arg(long)]
     pub json: bool,
 }

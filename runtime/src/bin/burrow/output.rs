@@ -16,6 +16,36 @@ pub fn unix_time(secs: i64) -> String {
         .unwrap_or_else(|| secs.to_string())
 }
 
+/// A guest-made path for a terminal: printable UTF-8 as it is; control
+/// characters, bidirectional overrides, bytes that are not UTF-8 and
+/// backslashes as escapes (`\n`, `\xNN`, `\u{NN}`, `\\`), so a name cannot
+/// move the cursor, retitle the terminal or pass itself off as another.
+pub fn quote_path(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\t' => out.push_str("\\t"),
+                '\r' => out.push_str("\\r"),
+                c if c.is_control() || is_bidi_control(c) => {
+                    out.push_str(&format!("\\u{{{:x}}}", c as u32))
+                }
+                c => out.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
 pub fn print_list(list: &[WorkspaceInfo]) {
     println!(
         "{:<12}  {:<20} {:<9} {:>5} {:>7} {:<5} {:<8} CREATED",
@@ -48,6 +78,13 @@ pub fn print_info(w: &WorkspaceInfo) {
     println!("store:      {}", w.store);
     println!("volume:     {}", w.volume.display());
     println!("ip:         {}", w.ip.as_deref().unwrap_or("-"));
+    let gib = |b: u64| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
+    match (w.disk_used_bytes, w.disk_limit_bytes) {
+        (Some(u), Some(l)) => println!("disk:       {} used of {}", gib(u), gib(l)),
+        (Some(u), None) => println!("disk:       {} used, no limit", gib(u)),
+        (None, Some(l)) => println!("disk:       limit {}", gib(l)),
+        (None, None) => println!("disk:       -"),
+    }
     match &w.pids {
         Some(p) => println!(
             "pids:       qemu={} virtiofsd={} vsock={}",
