@@ -300,6 +300,10 @@ impl Jail {
         // SAFETY: (the whole block) every call is a raw syscall; pointers are either
         // null or NUL-terminated strings owned by self, alive across the call.
         unsafe {
+            // The jail's own directories and files are the VMM user's to traverse
+            // and read, whatever the daemon's umask (077); what the VMM itself makes
+            // later (its sockets) is its alone again.
+            libc::umask(0o022);
             check(libc::unshare(
                 libc::CLONE_NEWNS
                     | libc::CLONE_NEWNET
@@ -365,6 +369,7 @@ impl Jail {
             )?;
             check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
             check(libc::chdir(c"/".as_ptr()))?;
+            libc::umask(0o077);
             check(libc::mount(
                 null,
                 c"/".as_ptr(),
