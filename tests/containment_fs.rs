@@ -88,7 +88,7 @@ fn setuid_and_devices(b: &Burrow, store: &str) {
         "-c",
         &format!(
             "cp /bin/bash /suid-bash && chmod 4755 /suid-bash && \
-             mknod /hostdisk b {major} {minor} && mknod /hostmem c 1 1 && sync"
+             {{ mknod /hostdisk b {major} {minor}; mknod /hostmem c 1 1; sync; }}"
         ),
     ]);
     // Inside the guest the setuid bit still works: it is the guest's own.
@@ -136,9 +136,14 @@ fn setuid_and_devices(b: &Burrow, store: &str) {
         let file = std::fs::File::open(&bash).expect("open the setuid copy as root");
         let by_fd = exec_fd_as_nobody(&file, &["suid-bash", "-p", "-c", "echo $EUID"]);
         assert_no_root(&by_fd, &bash, "by fd");
-        // The device nodes open for nobody, and not even for root: nodev.
+        // The device nodes: virtiofsd runs without CAP_MKNOD, so the guest's
+        // mknod is refused and there is nothing on the host; were one made by
+        // another path, it opens for nobody, and not even for root: nodev.
         for node in ["hostdisk", "hostmem"] {
             let p = dir.join(node);
+            if std::fs::symlink_metadata(&p).is_err() {
+                continue;
+            }
             let e = std::fs::File::open(&p).expect_err(&format!(
                 "root opened the guest-made device node {}",
                 p.display()
