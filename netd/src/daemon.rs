@@ -12,13 +12,14 @@ use tokio::sync::Mutex;
 
 use crate::claim::{Claim, NetworkId};
 use crate::forwards::Relays;
+use crate::identity::Port;
 use crate::protocol::{
     parse_cidrs, validate_team, validate_workspace, Forward, Lease, Policy, Reply, Request,
     MAX_LINE,
 };
-use crate::rules::{Installed, Names, Port};
+use crate::rules::{Installed, Names};
 use crate::state::{mac_for, mac_string, Store};
-use crate::{claim, fdpass, links, rules};
+use crate::{claim, fdpass, identity, links, rules};
 
 enum Refusal {
     Field(&'static str, String),
@@ -175,7 +176,7 @@ pub async fn run(cfg: Config, ready: impl FnOnce()) -> Result<(), String> {
         .map(|(w, ip)| port_of(w, *ip))
         .filter(|p| running.contains(&p.tap))
         .collect();
-    rules::install_ports(&names, &guarded).map_err(|e| format!("nftables: {e}"))?;
+    identity::install_ports(&names, &guarded).map_err(|e| format!("nftables: {e}"))?;
     // The recorded forwards again (a port another process took meanwhile is
     // reported and skipped).
     for f in net
@@ -358,7 +359,7 @@ impl Daemon {
                 n.store.leases.remove(&workspace);
                 let forwards: Vec<_> = n.store.leases.forwards.values().cloned().collect();
                 n.relays.retain(&forwards);
-                if let Err(e) = rules::unguard_port(&self.names, &format!("bw{workspace}")) {
+                if let Err(e) = identity::unguard_port(&self.names, &format!("bw{workspace}")) {
                     return (Reply::Failed(format!("nftables: {e}")), None);
                 }
                 if in_team {
@@ -737,7 +738,7 @@ impl Daemon {
         let fd = links::open_tap(&lease.tap, mac_for(ip))?;
         // Its identity is checked before the port joins the bridge: no frame of
         // it is ever seen unchecked.
-        rules::guard_port(&self.names, &port_of(workspace, ip))
+        identity::guard_port(&self.names, &port_of(workspace, ip))
             .map_err(|e| format!("nftables: guard {}: {e}", lease.tap))?;
         links::plug(&self.handle, &lease.tap, self.bridge).await?;
         Ok((lease, fd))
