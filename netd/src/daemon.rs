@@ -265,7 +265,19 @@ fn port_of(workspace: &str, ip: Ipv4Addr) -> Port {
 
 impl Daemon {
     async fn serve(&self, conn: UnixStream) -> std::io::Result<()> {
-        // Only root drives the host's network, whatever the socket's mode.
+        let mut reader = BufReader::new(conn);
+        let mut line = String::new();
+        let n = (&mut reader)
+            .take(MAX_LINE as u64)
+            .read_line(&mut line)
+            .await?;
+        let conn = reader.into_inner();
+        if n == 0 {
+            return Ok(());
+        }
+        // Only root drives the host's network, whatever the socket's mode. The
+        // request is read (bounded) first so that the client, which writes
+        // before it reads, always gets the refusal.
         let uid = conn.peer_cred().map(|c| c.uid()).ok();
         if uid != Some(0) {
             use tokio::io::AsyncWriteExt;
@@ -280,16 +292,6 @@ impl Daemon {
             out.push(b'\n');
             let mut conn = conn;
             return conn.write_all(&out).await;
-        }
-        let mut reader = BufReader::new(conn);
-        let mut line = String::new();
-        let n = (&mut reader)
-            .take(MAX_LINE as u64)
-            .read_line(&mut line)
-            .await?;
-        let conn = reader.into_inner();
-        if n == 0 {
-            return Ok(());
         }
         let parsed = serde_json::from_str::<Request>(&line);
         let shutting_down = matches!(parsed, Ok(Request::Shutdown));
