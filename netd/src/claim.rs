@@ -8,7 +8,8 @@
 //! the same index and subnet again after a restart, and another state dir does
 //! not take an index whose owner still records it, even while that owner's netd
 //! is stopped. A subnet is checked against the other claims and the routes of
-//! the namespace before it is used.
+//! the namespace before it is used. The claims of namespaces that are gone (no
+//! claim held or still recorded by a state dir) are removed at the next claim.
 
 use std::io::{Read, Seek, Write};
 use std::net::Ipv4Addr;
@@ -84,6 +85,62 @@ fn claims_dir() -> Result<PathBuf, String> {
     Ok(dir)
 }
 
+/// Held while claims are made or pruned, so that a prune never removes a claim
+/// file another netd is taking.
+fn host_lock() -> Result<std::fs::File, String> {
+    let path = Path::new(CLAIMS).join("claims.lock");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("open {}: {e}", path.display()))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(format!(
+            "lock {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(f)
+}
+
+/// Removes the claim directories (other than `keep`) of namespaces nobody uses
+/// any more: no claim in them is held by a running netd or recorded by a state
+/// dir that still exists (a namespace that was deleted leaves these behind).
+fn prune(keep: &Path) {
+    for d in std::fs::read_dir(CLAIMS).into_iter().flatten().flatten() {
+        let path = d.path();
+        if path == keep || !path.is_dir() {
+            continue;
+        }
+        let files: Vec<PathBuf> = std::fs::read_dir(&path)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        let mut locks = Vec::new();
+        let unused = files.iter().all(|f| {
+            let Ok(mut file) = std::fs::File::open(f) else {
+                return false;
+            };
+            let free = try_lock(&file) && !read_owner(&mut file).is_some_and(|o| still_owned(&o));
+            locks.push(file);
+            free
+        });
+        if unused {
+            for f in &files {
+                let _ = std::fs::remove_file(f);
+            }
+            let _ = std::fs::remove_dir(&path);
+        }
+    }
+}
+
 fn persisted(state: &Path) -> Option<NetworkId> {
     let b = std::fs::read(state.join("network.json")).ok()?;
     serde_json::from_slice(&b).ok()
@@ -141,6 +198,9 @@ pub fn claim(
     routes: &[(Cidr, String)],
 ) -> Result<Claim, String> {
     let dir = claims_dir()?;
+    // One claim or prune at a time on this host.
+    let _serial = host_lock()?;
+    prune(&dir);
     let state = std::fs::canonicalize(state).unwrap_or_else(|_| state.to_path_buf());
     let had = persisted(&state);
     let others = others(&dir, &state);

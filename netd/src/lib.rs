@@ -24,6 +24,7 @@ pub mod daemon;
 mod dns;
 mod fdpass;
 mod forwards;
+mod identity;
 mod links;
 pub mod protocol;
 mod rules;
