@@ -13,6 +13,11 @@ use crate::guest::ReadyListener;
 use crate::image::Progress;
 use crate::vmm::{self, VmPaths, VmSpec};
 
+/// How long a workspace's cgroup removal is retried while its last processes are
+/// still being torn down: REMOVE_ATTEMPTS × REMOVE_RETRY.
+const REMOVE_ATTEMPTS: u32 = 100;
+const REMOVE_RETRY: Duration = Duration::from_millis(20);
+
 impl Engine {
     pub(super) async fn start_locked(
         self: &Arc<Self>,
@@ -156,13 +161,28 @@ impl Engine {
         let Some(cgroups) = &self.vmm.cgroups else {
             return;
         };
-        for pid in cgroups.pids(id) {
-            if let Some(p) = crate::db::ProcId::of(pid) {
-                tracing::info!(workspace = %id, pid, "killing a process left in the VM's cgroup");
-                p.kill().await;
+        // A process that has exited can stay a member for a moment (a sidecar's
+        // forked helper, exiting with its parent, until it is reaped), and the
+        // kernel refuses to remove a populated cgroup (EBUSY). cgroup v1 has no
+        // event for "empty" (v2's cgroup.events has, but one code path serves
+        // both), so this retries, briefly and boundedly.
+        let mut last = None;
+        for attempt in 0..REMOVE_ATTEMPTS {
+            for pid in cgroups.pids(id) {
+                if let Some(p) = crate::db::ProcId::of(pid) {
+                    if attempt == 0 {
+                        tracing::info!(workspace = %id, pid, "killing a process left in the VM's cgroup");
+                    }
+                    p.kill().await;
+                }
             }
+            match cgroups.remove(id) {
+                Ok(()) => return,
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(REMOVE_RETRY).await;
         }
-        if let Err(e) = cgroups.remove(id) {
+        if let Some(e) = last {
             tracing::warn!(workspace = %id, "{e}");
         }
     }

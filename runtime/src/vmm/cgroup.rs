@@ -275,14 +275,17 @@ impl Cgroups {
     /// Removes the workspace's cgroup. Its processes must be gone: a cgroup with
     /// live members cannot be removed (EBUSY), and that is reported.
     pub fn remove(&self, id: &str) -> Result<(), CgroupError> {
+        let mut first = None;
         for d in self.dirs(id) {
             match std::fs::remove_dir(&d) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io(&d, e)),
+                Err(e) => {
+                    first.get_or_insert(io(&d, e));
+                }
             }
         }
-        Ok(())
+        first.map_or(Ok(()), Err)
     }
 
     /// Ids of the workspace cgroups that exist under this state dir's parent.

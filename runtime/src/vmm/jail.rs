@@ -98,6 +98,23 @@ impl VmmUser {
         VmmUser::lookup(&name)
     }
 
+    /// Whether this user may open `path` for reading and writing, by its owner,
+    /// group and mode bits.
+    pub fn can_read_write(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(m) = std::fs::metadata(path) else {
+            return false;
+        };
+        let mode = m.mode();
+        if m.uid() == self.uid {
+            mode & 0o600 == 0o600
+        } else if m.gid() == self.gid || self.groups.contains(&m.gid()) {
+            mode & 0o060 == 0o060
+        } else {
+            mode & 0o006 == 0o006
+        }
+    }
+
     /// Gives `path` to this user (its sockets' dir, the sockets it connects to).
     pub fn own(&self, path: &Path, mode: u32) -> Result<(), JailError> {
         let err = |source| JailError::Path {
@@ -519,6 +536,29 @@ mod tests {
         assert!(
             matches!(b.steps.last(), Some(Step::Bind { remount: Some(fl), .. }) if fl & libc::MS_RDONLY != 0)
         );
+    }
+
+    #[test]
+    fn device_access_follows_owner_group_and_mode() {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("dev");
+        std::fs::write(&f, "").unwrap();
+        let user = |uid, gid, groups: Vec<u32>| VmmUser {
+            name: "u".into(),
+            uid,
+            gid,
+            groups,
+        };
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o660)).unwrap();
+        // The file is root's (the test runs as root) or the test user's.
+        // SAFETY: getuid/getgid have no preconditions.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        assert!(user(uid, 12345, vec![]).can_read_write(&f));
+        assert!(user(54321, 12345, vec![gid]).can_read_write(&f));
+        assert!(!user(54321, 12345, vec![]).can_read_write(&f));
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(!user(54321, 12345, vec![gid]).can_read_write(&f));
     }
 
     #[test]

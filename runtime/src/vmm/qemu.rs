@@ -167,6 +167,15 @@ pub async fn launch(spec: &VmSpec) -> Result<VmPids, LaunchError> {
                 .and_then(|j| j.bind(&paths.vsock_dir(), false))
                 .map_err(jail_error)?;
             if spec.accel == Accel::Kvm {
+                // The probe that chose KVM ran as root: say so now if the VMM user
+                // cannot open the device, rather than fail inside the jail.
+                if !user.can_read_write(Path::new("/dev/kvm")) {
+                    return Err(LaunchError::Jail(format!(
+                        "/dev/kvm is not readable and writable by {} (group kvm, mode 0660: \
+                         scripts/install-deps.sh sets it)",
+                        user.name
+                    )));
+                }
                 j.bind(Path::new("/dev/kvm"), true).map_err(jail_error)?;
             }
             Some(j.build(user).map_err(jail_error)?)
