@@ -532,3 +532,24 @@ async fn diff(
 ) -> ApiResult<crate::engine::Diff> {
     ok(s.engine.diff(&ws, &name).await?)
 }
+
+#[cfg(test)]
+mod tests {
+    /// docs/api.md names every route the router serves, so the page cannot lag.
+    #[test]
+    fn the_api_page_lists_every_route() {
+        let source = include_str!("server.rs");
+        let page = include_str!("../../../docs/api.md");
+        let routes: Vec<&str> = source
+            .split(".route(")
+            .skip(1)
+            .filter_map(|r| r.trim_start().strip_prefix('"')?.split('"').next())
+            .filter(|r| r.starts_with("/v1/"))
+            .collect();
+        assert!(routes.len() > 20, "{routes:?}");
+        for r in routes {
+            let listed = page.contains(&format!("`{r}`")) || page.contains(&format!("`{r}?"));
+            assert!(listed, "docs/api.md does not list {r}");
+        }
+    }
+}
