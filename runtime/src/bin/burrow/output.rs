@@ -85,6 +85,14 @@ pub fn print_info(w: &WorkspaceInfo) {
         (None, Some(l)) => println!("disk:       limit {}", gib(l)),
         (None, None) => println!("disk:       -"),
     }
+    if let Some(l) = &w.limits {
+        println!(
+            "limits:     cpu {:.2} CPUs, memory {} MiB, {} tasks",
+            l.cpu_quota_us as f64 / l.cpu_period_us.max(1) as f64,
+            l.memory_bytes >> 20,
+            l.pids
+        );
+    }
     match &w.pids {
         Some(p) => println!(
             "pids:       qemu={} virtiofsd={} vsock={}",
