@@ -176,7 +176,7 @@ impl axum::serve::Listener for CheckedListener {
 }
 
 async fn refuse(mut conn: tokio::net::UnixStream, message: String) {
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let body = serde_json::to_string(&crate::api::ErrorBody {
         error: message,
         class: crate::error::ErrorClass::Forbidden,
@@ -186,10 +186,33 @@ async fn refuse(mut conn: tokio::net::UnixStream, message: String) {
         "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(1),
-        conn.write_all(reply.as_bytes()),
-    )
+    // The request is read (its head, a bounded amount, briefly) before the answer
+    // and drained after it: a socket closed with unread data is reset, and the
+    // client would see the reset instead of the refusal.
+    let limit = std::time::Duration::from_secs(1);
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(limit, async {
+        while seen.len() < 64 * 1024 && !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let _ = tokio::time::timeout(limit, async {
+        conn.write_all(reply.as_bytes()).await?;
+        conn.shutdown().await?;
+        let mut drained = 0usize;
+        while drained < 1 << 20 {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })
     .await;
 }
 
