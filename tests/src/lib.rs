@@ -48,7 +48,12 @@ pub fn bin_dir() -> PathBuf {
 }
 
 /// Process names (as /proc/PID/comm shows them) of a VM's processes.
-const VM_COMMANDS: &[&str] = &["qemu-system-x86", "virtiofsd", "vhost-device-vs"];
+const VM_COMMANDS: &[&str] = &[
+    "qemu-system-x86",
+    "virtiofsd",
+    "vhost-device-vs",
+    "burrow-console",
+];
 
 pub struct Burrow {
     _tmp: tempfile::TempDir,
