@@ -469,7 +469,7 @@ fn a_guest_reaches_only_what_the_host_serves_it() {
     );
 
     // Bad input: one line naming the field, nothing changed.
-    for (args, want) in [
+    b.assert_refused(&[
         (
             vec!["network-policy", "h", "--allow-cidr", "10.99.0.1/24"],
             "allow_cidr",
@@ -486,11 +486,7 @@ fn a_guest_reaches_only_what_the_host_serves_it() {
             vec!["network-policy", "h", "--allow-host-ports", "80,x"],
             "allow-host-ports",
         ),
-    ] {
-        let (_, err) = b.fails(&args);
-        assert!(err.contains(want), "{args:?}: {err}");
-        assert_eq!(err.trim().lines().count(), 1, "{err}");
-    }
+    ]);
     assert_eq!(
         b.json(&["network-policy", "h", "--json"]),
         p,

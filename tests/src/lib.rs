@@ -160,6 +160,22 @@ impl Burrow {
         (out.status.code().unwrap_or(-1), text(&out.stderr))
     }
 
+    /// Each command fails with one line on stderr that contains its expected text.
+    pub fn assert_refused(&self, cases: &[(Vec<&str>, &str)]) {
+        for (args, want) in cases {
+            let (_, err) = self.fails(args);
+            assert!(
+                err.contains(want),
+                "burrow {args:?}: expected {want:?} in {err:?}"
+            );
+            assert_eq!(
+                err.trim().lines().count(),
+                1,
+                "burrow {args:?}: not one line: {err:?}"
+            );
+        }
+    }
+
     pub fn json(&self, args: &[&str]) -> Value {
         let s = self.ok(args);
         serde_json::from_str(&s).unwrap_or_else(|e| panic!("burrow {args:?}: not JSON ({e}): {s}"))

@@ -400,16 +400,7 @@ impl Jail {
             ))?;
             // No capability can come back: not through exec, not through a setuid
             // file (no_new_privs), not through the bounding set.
-            for cap in 0..=self.cap_last {
-                check(libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0))?;
-            }
-            check(libc::prctl(
-                libc::PR_CAP_AMBIENT,
-                libc::PR_CAP_AMBIENT_CLEAR_ALL,
-                0,
-                0,
-                0,
-            ))?;
+            drop_bounding_and_ambient(self.cap_last)?;
             check(libc::setgroups(self.groups.len(), self.groups.as_ptr()))?;
             check(libc::setresgid(self.gid, self.gid, self.gid))?;
             // With every uid non-zero and no SECBIT_KEEP_CAPS, the kernel clears
@@ -442,6 +433,27 @@ struct CapData {
     inheritable: u32,
 }
 
+/// Empties the bounding set (no capability can come back through exec) and the
+/// ambient set.
+///
+/// # Safety
+/// Only raw syscalls: meant for `pre_exec`.
+unsafe fn drop_bounding_and_ambient(cap_last: libc::c_ulong) -> std::io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    unsafe {
+        for cap in 0..=cap_last {
+            check(libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0))?;
+        }
+        check(libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        ))
+    }
+}
+
 impl Default for NoCapabilities {
     fn default() -> Self {
         NoCapabilities {
@@ -470,16 +482,7 @@ impl NoCapabilities {
         // SAFETY: (the whole block) raw syscalls; header and data live on this
         // stack frame across the capset call.
         unsafe {
-            for cap in 0..=self.cap_last {
-                check(libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0))?;
-            }
-            check(libc::prctl(
-                libc::PR_CAP_AMBIENT,
-                libc::PR_CAP_AMBIENT_CLEAR_ALL,
-                0,
-                0,
-                0,
-            ))?;
+            drop_bounding_and_ambient(self.cap_last)?;
             check(libc::syscall(libc::SYS_capset, &header, data.as_ptr()) as libc::c_int)?;
             check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
         }
