@@ -75,6 +75,14 @@ fn a_daemon_started_under_umask_000_keeps_the_host_out() {
     assert_eq!(mode(&b.state), 0o700, "state dir");
     assert_eq!(mode(&b.state.join("burrowd.sock")), 0o600, "burrowd.sock");
     assert_eq!(mode(&b.state.join("burrowd.log")) & 0o077, 0, "burrowd.log");
+    // The cache the VMM boots from: nobody else may write to it, whatever the
+    // umask of the CLI that built it.
+    let cache = std::env::var_os("BURROW_CACHE_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/burrow".into());
+    for d in [cache.clone(), cache.join("initramfs"), cache.join("kernel")] {
+        assert_eq!(mode(&d) & 0o022, 0, "{} is writable by others", d.display());
+    }
     let mut open = Vec::new();
     open_to_others(&b.state, &mut open);
     assert!(open.is_empty(), "sockets open to others: {open:?}");

@@ -88,6 +88,11 @@ fn claims_dir() -> Result<PathBuf, String> {
 /// Held while claims are made or pruned, so that a prune never removes a claim
 /// file another netd is taking.
 fn host_lock() -> Result<std::fs::File, String> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(CLAIMS)
+        .map_err(|e| format!("create {CLAIMS}: {e}"))?;
     let path = Path::new(CLAIMS).join("claims.lock");
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -197,9 +202,11 @@ pub fn claim(
     wanted: Option<(Ipv4Addr, u8)>,
     routes: &[(Cidr, String)],
 ) -> Result<Claim, String> {
-    let dir = claims_dir()?;
-    // One claim or prune at a time on this host.
+    // One claim or prune at a time on this host; this namespace's directory is
+    // made under the lock too, or another netd's prune could take it away as
+    // unused between its making and our claim in it.
     let _serial = host_lock()?;
+    let dir = claims_dir()?;
     prune(&dir);
     let state = std::fs::canonicalize(state).unwrap_or_else(|_| state.to_path_buf());
     let had = persisted(&state);

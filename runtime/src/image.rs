@@ -147,6 +147,7 @@ impl ImageCache {
             std::fs::create_dir_all(self.dir.initramfs_dir()).map_err(|e| {
                 Error::io(format!("create {}", self.dir.initramfs_dir().display()), e)
             })?;
+            exact_mode(&self.dir.initramfs_dir(), 0o755)?;
             let args = [
                 self.dir.root().as_os_str(),
                 self.agent.as_os_str(),
@@ -155,6 +156,7 @@ impl ImageCache {
             run_script(INITRAMFS_SH, &args, progress).await?;
             self.drop_old_initramfs(&initramfs);
         }
+        self.readable_by_the_vmm(&initramfs)?;
         Ok(BootArtifacts {
             kernel: self.dir.kernel(),
             kernel_version,
@@ -180,6 +182,23 @@ impl ImageCache {
         }
     }
 
+    /// QEMU runs as the unprivileged VMM user and reads the kernel and initramfs
+    /// by their own modes: readable by all, writable by root alone, whatever the
+    /// umask of whoever built them (a cache built before, or by a CLI under umask
+    /// 000, is put right here). No directory of the cache may let anyone else swap
+    /// them, or the image a volume is made from.
+    fn readable_by_the_vmm(&self, initramfs: &std::path::Path) -> Result<()> {
+        for dir in [self.dir.root().to_path_buf(), self.dir.images()] {
+            if dir.exists() {
+                exact_mode(&dir, 0o755)?;
+            }
+        }
+        exact_mode(&self.dir.initramfs_dir(), 0o755)?;
+        exact_mode(&self.dir.kernel_dir(), 0o755)?;
+        exact_mode(initramfs, 0o644)?;
+        exact_mode(&self.dir.kernel(), 0o644)
+    }
+
     fn ready_artifacts(&self) -> Result<Option<BootArtifacts>> {
         let Some(kernel_version) = self.kernel_version() else {
             return Ok(None);
@@ -188,6 +207,7 @@ impl ImageCache {
         if !initramfs.exists() {
             return Ok(None);
         }
+        self.readable_by_the_vmm(&initramfs)?;
         // Marks it used, for drop_old_initramfs.
         if let Ok(f) = std::fs::File::options().append(true).open(&initramfs) {
             let _ = f.set_modified(std::time::SystemTime::now());
@@ -288,6 +308,18 @@ fn say(progress: Option<&Progress>, line: String) {
     }
 }
 
+/// Gives `path` exactly `mode` (permission bits), if it has another.
+fn exact_mode(path: &std::path::Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta =
+        std::fs::metadata(path).map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
+    if meta.permissions().mode() & 0o7777 != mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::io(format!("chmod {}", path.display()), e))?;
+    }
+    Ok(())
+}
+
 /// Runs an embedded build script with bash, forwarding its stderr lines as progress
 /// and keeping the last ones for the error message.
 async fn run_script(
@@ -303,6 +335,17 @@ async fn run_script(
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+    // What the scripts make (the kernel bundle, the initramfs, the image's root
+    // file system) gets the usual modes whatever the umask of the daemon (077) or
+    // of the CLI that asked: a guest's /etc/apt/sources.list must be readable by
+    // its users, the VMM user must read the kernel.
+    // SAFETY: umask is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0o022);
+            Ok(())
+        });
+    }
     let mut child = cmd.spawn().map_err(|e| Error::io("run bash", e))?;
     let mut tail: Vec<String> = Vec::new();
     if let Some(stderr) = child.stderr.take() {
