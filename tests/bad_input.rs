@@ -41,19 +41,7 @@ fn bad_input_is_refused_and_changes_nothing() {
         (&["ls", "--state", "sideways"], "invalid state"),
         (&["image", "build", "nosuch"], "invalid image"),
     ];
-    for (args, want) in cases {
-        let (code, err) = b.fails(args);
-        assert_ne!(code, 0);
-        assert!(
-            err.contains(want),
-            "burrow {args:?}: expected {want:?} in {err:?}"
-        );
-        assert_eq!(
-            err.trim().lines().count(),
-            1,
-            "burrow {args:?}: not one line: {err:?}"
-        );
-    }
+    b.assert_refused(cases);
     assert_eq!(b.json(&["ls", "--json"]), serde_json::json!([]));
     let vols = b.volumes();
     assert!(vols.is_empty(), "a refused create left a volume: {vols:?}");

@@ -6,31 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use burrow_tests::{require_root, wait_until, Burrow};
-
-/// A TCP server on port 8000 that closes each connection, after sending
-/// `greeting` if there is one. It prints `up` once it listens.
-fn tcp_server(greeting: &str) -> String {
-    format!(
-        "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-         s.bind(('0.0.0.0', 8000)); s.listen(); print('up', flush=True)\n\
-         while True:\n  c=s.accept()[0]; c.sendall(b'{greeting}'); c.close()"
-    )
-}
-
-/// Starts `script` as a job in `ws` and waits for the `up` it prints once it
-/// listens.
-fn start_server(b: &Burrow, ws: &str, script: &str) {
-    let job = b
-        .ok(&["job", "start", ws, "--", "python3", "-c", script])
-        .trim()
-        .to_string();
-    wait_until("a server to listen", Duration::from_secs(60), || {
-        let s = b.json(&["job", "poll", ws, &job, "--json"]);
-        assert_eq!(s["running"], true, "the server ended: {s}");
-        s["stdout"].as_str().is_some_and(|o| o.contains("up"))
-    });
-}
+use burrow_tests::{guest_tcp_server, require_root, Burrow};
 
 /// A Python one-liner that exits 0 if a TCP connection to ip:port succeeds.
 fn connect(ip: &str, port: u16) -> String {
@@ -48,7 +24,7 @@ fn workspaces_reach_the_host_and_not_each_other() {
     let ip_b = b.info("b")["ip"].as_str().expect("ip of b").to_string();
     assert_eq!((ip_a.as_str(), ip_b.as_str()), ("10.213.0.2", "10.213.0.3"));
 
-    start_server(&b, "b", &tcp_server("hello from b"));
+    b.start_guest_server("b", &guest_tcp_server("hello from b"));
     // The host (the namespace) reaches b.
     let out = ns.exec(&["python3", "-c", &connect(&ip_b, 8000)]);
     assert!(
@@ -222,7 +198,7 @@ fn network_policy_takes_effect_on_running_workspaces() {
     b.ok(&["create", "--name", "a"]);
     b.ok(&["create", "--name", "c"]);
     let ip_c = b.info("c")["ip"].as_str().expect("ip of c").to_string();
-    start_server(&b, "c", &tcp_server(""));
+    b.start_guest_server("c", &guest_tcp_server(""));
     let reaches = |ws: &str, ip: &str, port: u16| {
         b.run(&["exec", ws, "--", "python3", "-c", &connect(ip, port)])
             .status
@@ -381,9 +357,9 @@ fn teams_reach_their_members_and_nobody_else() {
         "loner".into(),
         b.info("loner")["ip"].as_str().expect("ip").to_string(),
     ));
-    let listener = tcp_server("");
+    let listener = guest_tcp_server("");
     for (name, _) in &ips {
-        start_server(&b, name, &listener);
+        b.start_guest_server(name, &listener);
         b.run_with_stdin(&["file", "write", name, "/root/probe.py"], PROBE.as_bytes());
     }
     for (from, _) in &ips {

@@ -10,30 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use burrow_tests::{require_root, wait_until, Burrow, Netns};
-
-/// A TCP server on port 8000 that sends `greeting` and closes each connection;
-/// prints `up` once it listens.
-fn tcp_server(greeting: &str) -> String {
-    format!(
-        "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-         s.bind(('0.0.0.0', 8000)); s.listen(); print('up', flush=True)\n\
-         while True:\n  c=s.accept()[0]; c.sendall(b'{greeting}'); c.close()"
-    )
-}
-
-/// Starts `script` as a job in `ws` and waits for the `up` it prints.
-fn start_server(b: &Burrow, ws: &str, script: &str) {
-    let job = b
-        .ok(&["job", "start", ws, "--", "python3", "-c", script])
-        .trim()
-        .to_string();
-    wait_until("a server to listen", Duration::from_secs(60), || {
-        let s = b.json(&["job", "poll", ws, &job, "--json"]);
-        assert_eq!(s["running"], true, "the server ended: {s}");
-        s["stdout"].as_str().is_some_and(|o| o.contains("up"))
-    });
-}
+use burrow_tests::{guest_tcp_server, require_root, wait_until, Burrow, Netns};
 
 /// Starts a Python program in namespace `ns` and waits for the `up` it prints.
 /// Killed by the returned guard.
@@ -261,7 +238,7 @@ fn a_guest_cannot_take_another_workspaces_identity() {
         String::from_utf8_lossy(&ns.exec(&["cat", "/sys/class/net/burrow0/address"]).stdout)
             .trim()
             .to_string();
-    start_server(&b, "a", &tcp_server("hello from a"));
+    b.start_guest_server("a", &guest_tcp_server("hello from a"));
     let host_reads_a = || {
         let script = format!(
             "import socket; s=socket.create_connection(('{ip_a}', 8000), timeout=5); print(s.recv(100).decode())"

@@ -85,6 +85,18 @@ fn claims_dir() -> Result<PathBuf, String> {
     Ok(dir)
 }
 
+/// Opens (creating, 0600, never truncating) a lock or claim file.
+fn open_private(path: &Path) -> Result<std::fs::File, String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("open {}: {e}", path.display()))
+}
+
 /// Held while claims are made or pruned, so that a prune never removes a claim
 /// file another netd is taking.
 fn host_lock() -> Result<std::fs::File, String> {
@@ -94,14 +106,7 @@ fn host_lock() -> Result<std::fs::File, String> {
         .create(CLAIMS)
         .map_err(|e| format!("create {CLAIMS}: {e}"))?;
     let path = Path::new(CLAIMS).join("claims.lock");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| format!("open {}: {e}", path.display()))?;
+    let f = open_private(&path)?;
     // SAFETY: flock on an fd we own.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
         return Err(format!(
@@ -225,14 +230,7 @@ pub fn claim(
             (None, _) => NetworkId::default_for(index),
         };
         let path = dir.join(format!("index-{index}"));
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| format!("open {}: {e}", path.display()))?;
+        let mut f = open_private(&path)?;
         if !try_lock(&f) {
             continue; // a running netd holds it
         }

@@ -21,6 +21,11 @@ pub(crate) struct Leases {
 }
 
 impl Leases {
+    /// What `workspace` may reach (the default when nothing was recorded).
+    pub fn policy_of(&self, workspace: &str) -> crate::protocol::Policy {
+        self.policies.get(workspace).cloned().unwrap_or_default()
+    }
+
     /// Forgets `workspace` entirely.
     pub fn remove(&mut self, workspace: &str) {
         self.by_workspace.remove(workspace);
@@ -60,7 +65,7 @@ impl Leases {
     pub fn members(&self) -> Vec<(Ipv4Addr, crate::protocol::Policy)> {
         self.by_workspace
             .iter()
-            .map(|(w, ip)| (*ip, self.policies.get(w).cloned().unwrap_or_default()))
+            .map(|(w, ip)| (*ip, self.policy_of(w)))
             .collect()
     }
 }

@@ -55,6 +55,16 @@ const VM_COMMANDS: &[&str] = &[
     "burrow-console",
 ];
 
+/// A Python TCP server on port 8000 that sends `greeting` and closes each
+/// connection; it prints `up` once it listens.
+pub fn guest_tcp_server(greeting: &str) -> String {
+    format!(
+        "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', 8000)); s.listen(); print('up', flush=True)\n\
+         while True:\n  c=s.accept()[0]; c.sendall(b'{greeting}'); c.close()"
+    )
+}
+
 pub struct Burrow {
     _tmp: tempfile::TempDir,
     /// The instance's own network namespace: its burrow-netd works in it, so no
@@ -160,9 +170,24 @@ impl Burrow {
         (out.status.code().unwrap_or(-1), text(&out.stderr))
     }
 
+    /// Starts Python `script` as a job in `ws` and waits for the `up` it prints
+    /// once it listens.
+    pub fn start_guest_server(&self, ws: &str, script: &str) {
+        let job = self
+            .ok(&["job", "start", ws, "--", "python3", "-c", script])
+            .trim()
+            .to_string();
+        wait_until("a server to listen", Duration::from_secs(60), || {
+            let s = self.json(&["job", "poll", ws, &job, "--json"]);
+            assert_eq!(s["running"], true, "the server ended: {s}");
+            s["stdout"].as_str().is_some_and(|o| o.contains("up"))
+        });
+    }
+
     /// Each command fails with one line on stderr that contains its expected text.
-    pub fn assert_refused(&self, cases: &[(Vec<&str>, &str)]) {
+    pub fn assert_refused<'a, A: AsRef<[&'a str]>>(&self, cases: &[(A, &str)]) {
         for (args, want) in cases {
+            let args = args.as_ref();
             let (_, err) = self.fails(args);
             assert!(
                 err.contains(want),

@@ -33,13 +33,7 @@ impl Daemon {
                 }
                 let mut n = self.store.lock().await;
                 let ip = n.store.leases.by_workspace.get(&workspace).copied();
-                let old = n
-                    .store
-                    .leases
-                    .policies
-                    .get(&workspace)
-                    .cloned()
-                    .unwrap_or_default();
+                let old = n.store.leases.policy_of(&workspace);
                 let in_team = n
                     .store
                     .leases
@@ -227,13 +221,7 @@ impl Daemon {
                         None,
                     );
                 }
-                let p = n
-                    .store
-                    .leases
-                    .policies
-                    .get(&workspace)
-                    .cloned()
-                    .unwrap_or_default();
+                let p = n.store.leases.policy_of(&workspace);
                 (Reply::Policy(p), None)
             }
             Request::Shutdown => match self.shutdown().await {
@@ -369,13 +357,7 @@ impl Daemon {
             *n.store.leases.by_workspace.get(workspace).ok_or_else(|| {
                 Refusal::Field("workspace", format!("{workspace:?} has no address"))
             })?;
-        let old = n
-            .store
-            .leases
-            .policies
-            .get(workspace)
-            .cloned()
-            .unwrap_or_default();
+        let old = n.store.leases.policy_of(workspace);
         let mut new = old.clone();
         if let Some(v) = allow_internet {
             new.allow_internet = v;
