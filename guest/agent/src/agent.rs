@@ -56,8 +56,20 @@ impl Agent {
                     .start(&self.processes, &env, req)
                     .map(|job| Reply::JobStarted { job })
             }
-            Op::JobPoll { job } => self.jobs.poll(job).map(Reply::Job),
-            Op::JobKill { job, signal } => self.jobs.kill(job, signal).map(|()| Reply::Done),
+            Op::JobPoll { job } => self.jobs.poll(self.jobs.resolve(&job)?).map(Reply::Job),
+            Op::JobKill { job, signal } => self
+                .jobs
+                .kill(self.jobs.resolve(&job)?, signal)
+                .map(|()| Reply::Done),
+            Op::JobWait { .. }
+            | Op::JobList
+            | Op::TerminalNew(_)
+            | Op::TerminalList
+            | Op::TerminalKill { .. }
+            | Op::Stream(_) => Err(AgentError::new(
+                ErrorKind::InvalidArgument,
+                "op: not supported by this agent yet",
+            )),
             Op::SetEnv { set, unset } => lock(&self.env).apply(&set, &unset).map(|()| Reply::Done),
             Op::FileRead(req) => blocking(move || files::read(&req))
                 .await

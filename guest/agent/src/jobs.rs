@@ -128,6 +128,13 @@ impl Jobs {
         Ok(id)
     }
 
+    /// The id of the job `reference` names: its number.
+    pub fn resolve(&self, reference: &str) -> Result<u32, AgentError> {
+        reference.parse().map_err(|_| {
+            AgentError::new(ErrorKind::NotFound, format!("job {reference}: no such job"))
+        })
+    }
+
     fn get(&self, id: u32) -> Result<Arc<Job>, AgentError> {
         lock(&self.inner)
             .jobs
@@ -151,6 +158,7 @@ impl Jobs {
         };
         Ok(JobStatus {
             job: id,
+            name: None,
             argv: job.argv.clone(),
             running,
             exit_code: status.map(ExitStatus::code),

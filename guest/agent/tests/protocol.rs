@@ -171,7 +171,12 @@ impl Client {
     }
 
     async fn poll(&mut self, job: u32) -> JobStatus {
-        match self.ok(Op::JobPoll { job }).await {
+        match self
+            .ok(Op::JobPoll {
+                job: job.to_string(),
+            })
+            .await
+        {
             Reply::Job(s) => s,
             other => panic!("unexpected {other:?}"),
         }
@@ -526,7 +531,7 @@ async fn jobs_start_poll_kill() {
     assert_eq!(st.argv, sh("echo start; sleep 30").argv);
     assert_eq!(
         c.ok(Op::JobKill {
-            job: first,
+            job: first.to_string(),
             signal: 15
         })
         .await,
@@ -538,7 +543,7 @@ async fn jobs_start_poll_kill() {
     // A finished job keeps its status; killing it again is harmless.
     assert_eq!(
         c.ok(Op::JobKill {
-            job: first,
+            job: first.to_string(),
             signal: 9
         })
         .await,
@@ -576,12 +581,12 @@ async fn jobs_start_poll_kill() {
     assert_eq!(st.exit_code, Some(127));
     assert_eq!(st.stderr, b"burrow-no-such-command: command not found\n");
 
-    let e = c.err(Op::JobPoll { job: 99 }).await;
+    let e = c.err(Op::JobPoll { job: "99".into() }).await;
     assert_eq!(e.kind, ErrorKind::NotFound);
     assert!(e.message.contains("99"), "{}", e.message);
     let e = c
         .err(Op::JobKill {
-            job: 99,
+            job: "99".into(),
             signal: 15,
         })
         .await;
@@ -589,7 +594,7 @@ async fn jobs_start_poll_kill() {
     for bad in [0, -1, 1000] {
         let e = c
             .err(Op::JobKill {
-                job: second,
+                job: second.to_string(),
                 signal: bad,
             })
             .await;

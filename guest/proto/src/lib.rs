@@ -6,17 +6,23 @@
 //! A connection starts with a handshake ([`Hello`] → [`HelloReply`]), then carries
 //! [`Request`]s, each answered by one [`Response`] with the same id. Every message
 //! is one frame: a 4-byte big-endian length followed by that many bytes of JSON
-//! (see [`frame`]). Frames are capped at [`MAX_FRAME`]: a reader that meets a larger
+//! (see [`frame`]). A connection may instead become a stream of one process's live
+//! I/O or of a terminal ([`stream`]). Frames are capped at [`MAX_FRAME`]: a reader that meets a larger
 //! one drains it and reports [`FrameError::TooLarge`], so the stream stays in step.
 
 pub mod frame;
 mod messages;
+pub mod stream;
 
 pub use frame::{read_frame, read_message, write_message, FrameError, MAX_FRAME};
 pub use messages::*;
+pub use stream::{
+    ExitInfo, GuestFrame, HostFrame, Spawn, StreamControl, StreamEvent, StreamOpen, WinSize,
+    MAX_STREAM_CHUNK,
+};
 
 /// Version of this protocol. The agent refuses a handshake with any other version.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;

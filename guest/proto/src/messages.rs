@@ -40,13 +40,29 @@ pub enum Op {
     Exec(Exec),
     /// Starts a background job.
     JobStart(JobStart),
+    /// A job's state and kept output. `job` is its number or its name.
     JobPoll {
-        job: u32,
+        job: String,
     },
     JobKill {
-        job: u32,
+        job: String,
         signal: i32,
     },
+    /// Waits until the job ends; answered with its [`JobStatus`].
+    JobWait {
+        job: String,
+    },
+    /// Every job the agent keeps, without output.
+    JobList,
+    /// Starts a persistent terminal session.
+    TerminalNew(TerminalNew),
+    TerminalList,
+    /// Ends a session (hang-up, then SIGKILL of its process group) and forgets it.
+    TerminalKill {
+        name: String,
+    },
+    /// Turns this connection into a stream (see [`crate::stream`]).
+    Stream(crate::stream::StreamOpen),
     /// Sets (and unsets) variables seen by every later exec and job. Held in the
     /// agent's memory only.
     SetEnv {
@@ -102,6 +118,9 @@ pub struct ExecResult {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct JobStart {
     pub argv: Vec<String>,
+    /// A name to refer to the job by, unique among the agent's jobs.
+    #[serde(default)]
+    pub name: Option<String>,
     #[serde(default)]
     pub workdir: Option<String>,
     #[serde(default)]
@@ -113,6 +132,8 @@ pub struct JobStart {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct JobStatus {
     pub job: u32,
+    #[serde(default)]
+    pub name: Option<String>,
     pub argv: Vec<String>,
     pub running: bool,
     #[serde(default)]
@@ -126,6 +147,54 @@ pub struct JobStatus {
     pub stdout_truncated: bool,
     pub stderr_truncated: bool,
     pub duration_ms: u64,
+}
+
+/// One line of [`Op::JobList`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JobInfo {
+    pub job: u32,
+    #[serde(default)]
+    pub name: Option<String>,
+    pub argv: Vec<String>,
+    pub running: bool,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub signal: Option<i32>,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TerminalNew {
+    pub name: String,
+    /// The command; the login shell of root (from `/etc/passwd`) when absent.
+    #[serde(default)]
+    pub argv: Option<Vec<String>>,
+    #[serde(default)]
+    pub workdir: Option<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// 24×80 when absent.
+    #[serde(default)]
+    pub size: Option<crate::stream::WinSize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TerminalInfo {
+    pub name: String,
+    pub argv: Vec<String>,
+    /// Seconds since the epoch (the guest's clock).
+    pub created_at: i64,
+    /// Viewers attached now (recorders are not counted).
+    pub viewers: u32,
+    pub alive: bool,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub signal: Option<i32>,
+    pub size: crate::stream::WinSize,
+    /// Bytes the session has written so far.
+    pub output_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -246,6 +315,19 @@ pub enum Reply {
     Entries {
         entries: Vec<DirEntry>,
     },
+    Jobs {
+        jobs: Vec<JobInfo>,
+    },
+    Terminal(TerminalInfo),
+    Terminals {
+        terminals: Vec<TerminalInfo>,
+    },
+    /// The connection is a stream from now on; `pid` is the process's when one
+    /// was started.
+    StreamStarted {
+        #[serde(default)]
+        pid: Option<i32>,
+    },
     Done,
 }
 
@@ -306,6 +388,27 @@ impl AgentError {
     }
 }
 
+/// Checks a job or terminal name: 1 to 64 of `A-Z a-z 0-9 _ . -`, not starting with
+/// `-` or `.`, and not all digits (a number refers to a job by its id). The error
+/// names `field`.
+pub fn validate_name(field: &str, name: &str) -> Result<(), String> {
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    let why = if name.is_empty() || name.len() > 64 {
+        "must be 1 to 64 characters"
+    } else if !ok_chars {
+        "may hold only letters, digits, '_', '.' and '-'"
+    } else if name.starts_with(['-', '.']) {
+        "must not start with '-' or '.'"
+    } else if name.bytes().all(|b| b.is_ascii_digit()) {
+        "must not be all digits (numbers are job ids)"
+    } else {
+        return Ok(());
+    };
+    Err(format!("{field}: {name:?} {why}"))
+}
+
 mod b64 {
     use base64::engine::general_purpose::STANDARD;
     use base64::Engine;
@@ -354,12 +457,12 @@ mod tests {
     fn request_wire_shape_is_flat() {
         let req = Request {
             id: 3,
-            op: Op::JobPoll { job: 2 },
+            op: Op::JobPoll { job: "2".into() },
         };
         let s = serde_json::to_string(&req).unwrap();
-        assert_eq!(s, r#"{"id":3,"op":"job_poll","job":2}"#);
+        assert_eq!(s, r#"{"id":3,"op":"job_poll","job":"2"}"#);
         let back: Request = serde_json::from_str(&s).unwrap();
-        assert!(matches!(back.op, Op::JobPoll { job: 2 }));
+        assert!(matches!(back.op, Op::JobPoll { job } if job == "2"));
     }
 
     #[test]
@@ -396,6 +499,25 @@ mod tests {
     fn bad_base64_is_rejected() {
         let s = r#"{"id":1,"op":"file_write","path":"/a","data":"!!!"}"#;
         assert!(serde_json::from_str::<Request>(s).is_err());
+    }
+
+    #[test]
+    fn stream_open_is_a_request() {
+        let s = r#"{"id":1,"op":"stream","stream":"job_output","job":"build","follow":true}"#;
+        let r: Request = serde_json::from_str(s).unwrap();
+        assert!(matches!(
+            r.op,
+            Op::Stream(crate::stream::StreamOpen::JobOutput { ref job, follow: true }) if job == "build"
+        ));
+    }
+
+    #[test]
+    fn names() {
+        assert!(validate_name("name", "build-1.x_y").is_ok());
+        for bad in ["", "12", "-x", ".x", "a/b", "a b", &"x".repeat(65)] {
+            let e = validate_name("name", bad).unwrap_err();
+            assert!(e.starts_with("name: "), "{e}");
+        }
     }
 
     #[test]

@@ -334,7 +334,7 @@ async fn job_poll(
     State(s): State<AppState>,
     Path((ws, job)): Path<(String, String)>,
 ) -> ApiResult<burrow_proto::JobStatus> {
-    ok(s.engine.job_poll(&ws, parse_job(&job)?).await?)
+    ok(s.engine.job_poll(&ws, &job).await?)
 }
 
 async fn job_kill(
@@ -342,13 +342,8 @@ async fn job_kill(
     Path((ws, job)): Path<(String, String)>,
     ApiJson(r): ApiJson<JobKillRequest>,
 ) -> ApiResult<serde_json::Value> {
-    s.engine.job_kill(&ws, parse_job(&job)?, r.signal).await?;
+    s.engine.job_kill(&ws, &job, r.signal).await?;
     ok(json!({"killed": true}))
-}
-
-fn parse_job(s: &str) -> Result<u32, ApiError> {
-    s.parse()
-        .map_err(|_| Error::invalid("job", format!("{s:?} is not a job id")).into())
 }
 
 async fn set_env(

@@ -76,16 +76,18 @@ impl Engine {
         }
     }
 
-    pub async fn job_poll(&self, reference: &str, job: u32) -> Result<JobStatus> {
+    pub async fn job_poll(&self, reference: &str, job: &str) -> Result<JobStatus> {
         let (_, guest) = self.running(reference)?;
+        let job = job.to_string();
         match guest.call(Op::JobPoll { job }, Some(QUICK)).await? {
             Reply::Job(s) => Ok(s),
             r => Err(unexpected("job poll", r)),
         }
     }
 
-    pub async fn job_kill(&self, reference: &str, job: u32, signal: i32) -> Result<()> {
+    pub async fn job_kill(&self, reference: &str, job: &str, signal: i32) -> Result<()> {
         let (_, guest) = self.running(reference)?;
+        let job = job.to_string();
         match guest.call(Op::JobKill { job, signal }, Some(QUICK)).await? {
             Reply::Done => Ok(()),
             r => Err(unexpected("job kill", r)),

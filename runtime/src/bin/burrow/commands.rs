@@ -403,6 +403,7 @@ async fn job(c: &Client, cmd: JobCommand) -> Result<(), Failure> {
                 workdir,
                 env: parse_vars(&env, "env")?,
                 max_output_bytes: None,
+                name: None,
             };
             let v: Value = c.post(&ws_path(&workspace, "/jobs"), &req).await?;
             println!("{}", v.get("job").cloned().unwrap_or(Value::Null));
