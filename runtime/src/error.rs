@@ -28,6 +28,8 @@ pub enum Error {
     SnapshotExists { workspace: String, name: String },
     #[error("snapshot {snapshot:?} has forks that depend on it: {forks}")]
     HasDependents { snapshot: String, forks: String },
+    #[error("no recording of a terminal {name:?} in workspace {workspace}")]
+    NoRecording { workspace: String, name: String },
     #[error("image {0:?} not found: build it with `burrow image build {0}`")]
     ImageNotFound(String),
     #[error("image build failed: {0}")]
@@ -86,6 +88,19 @@ impl Error {
         }
     }
 
+    /// An `Invalid` from a checker whose one-line message already starts with
+    /// `field: ` (as the protocol's checks do); the prefix is not repeated.
+    pub fn invalid_line(field: &'static str, message: String) -> Self {
+        let reason = match message
+            .strip_prefix(field)
+            .and_then(|m| m.strip_prefix(": "))
+        {
+            Some(rest) => rest.to_string(),
+            None => message,
+        };
+        Error::Invalid { field, reason }
+    }
+
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
         Error::Invalid {
             field,
@@ -98,7 +113,8 @@ impl Error {
             Error::WorkspaceNotFound(_)
             | Error::TeamNotFound(_)
             | Error::ImageNotFound(_)
-            | Error::SnapshotNotFound { .. } => ErrorClass::NotFound,
+            | Error::SnapshotNotFound { .. }
+            | Error::NoRecording { .. } => ErrorClass::NotFound,
             Error::NameTaken(_)
             | Error::TeamExists(_)
             | Error::WrongState { .. }

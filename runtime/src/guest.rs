@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use burrow_proto::{
-    read_message, write_message, FrameError, Hello, HelloReply, Op, Reply, Request, Response,
-    AGENT_PORT, PROTOCOL_VERSION,
+    read_message, write_message, FrameError, GuestFrame, Hello, HelloReply, HostFrame, Op, Reply,
+    Request, Response, StreamOpen, AGENT_PORT, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -82,6 +82,31 @@ impl GuestClient {
             .map_err(|_| self.unreachable("connection timed out"))?
     }
 
+    /// Opens a stream (see [`burrow_proto::stream`]) on a connection of its own. The
+    /// agent's refusal (an unknown job, a bad command) is the error.
+    pub async fn open_stream(&self, open: StreamOpen) -> Result<GuestStream> {
+        let mut conn = self.connect().await?;
+        let pid = match tokio::time::timeout(CONNECT_TIMEOUT, conn.call(Op::Stream(open)))
+            .await
+            .map_err(|_| self.unreachable("opening the stream timed out"))??
+        {
+            Reply::StreamStarted { pid } => pid,
+            r => return Err(Error::Vmm(format!("agent answered a stream with {r:?}"))),
+        };
+        let (rd, wr) = conn.stream.into_split();
+        Ok(GuestStream {
+            pid,
+            reader: GuestStreamReader {
+                rd: tokio::io::BufReader::with_capacity(256 << 10, rd),
+                client: self.clone(),
+            },
+            writer: GuestStreamWriter {
+                wr,
+                client: self.clone(),
+            },
+        })
+    }
+
     /// One request on a fresh connection. `timeout` bounds the whole call; None
     /// waits as long as the guest takes (an exec without a timeout).
     pub async fn call(&self, op: Op, timeout: Option<Duration>) -> Result<Reply> {
@@ -130,6 +155,46 @@ impl GuestConn {
             let r: std::result::Result<Reply, burrow_proto::AgentError> = resp.outcome.into();
             return r.map_err(Error::Guest);
         }
+    }
+}
+
+/// A stream's two halves, each usable from its own task.
+pub struct GuestStream {
+    /// The process started, when the stream started one.
+    pub pid: Option<i32>,
+    pub reader: GuestStreamReader,
+    pub writer: GuestStreamWriter,
+}
+
+pub struct GuestStreamReader {
+    rd: tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+    client: GuestClient,
+}
+
+impl GuestStreamReader {
+    /// The next frame from the guest. A connection that ends without a last event
+    /// (the VM stopped, the agent died) is an error that names the workspace.
+    pub async fn next(&mut self) -> Result<GuestFrame> {
+        GuestFrame::read(&mut self.rd).await.map_err(|e| match e {
+            FrameError::Closed => self
+                .client
+                .unreachable("the stream ended early (the VM stopped or its agent died)"),
+            e => self.client.unreachable(format!("stream: {e}")),
+        })
+    }
+}
+
+pub struct GuestStreamWriter {
+    wr: tokio::net::unix::OwnedWriteHalf,
+    client: GuestClient,
+}
+
+impl GuestStreamWriter {
+    pub async fn send(&mut self, frame: &HostFrame) -> Result<()> {
+        frame
+            .write(&mut self.wr)
+            .await
+            .map_err(|e| self.client.unreachable(format!("stream: {e}")))
     }
 }
 

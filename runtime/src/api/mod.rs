@@ -3,6 +3,8 @@
 
 pub mod client;
 pub mod server;
+pub mod sessions;
+pub mod stream;
 
 use std::collections::BTreeMap;
 

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::vmm;
 
 /// Time a quick guest request (files, env, jobs) may take.
-const QUICK: Duration = Duration::from_secs(60);
+pub(super) const QUICK: Duration = Duration::from_secs(60);
 /// Extra time an exec gets over its own timeout for the reply to arrive.
 const EXEC_SLACK: Duration = Duration::from_secs(15);
 
@@ -29,11 +29,11 @@ pub enum LogKind {
     Agent,
 }
 
-fn unexpected(op: &str, r: Reply) -> Error {
+pub(super) fn unexpected(op: &str, r: Reply) -> Error {
     Error::Vmm(format!("agent answered {op} with {r:?}"))
 }
 
-fn validate_env(vars: &BTreeMap<String, String>) -> Result<()> {
+pub(super) fn validate_env(vars: &BTreeMap<String, String>) -> Result<()> {
     for k in vars.keys() {
         if k.is_empty() || k.contains('=') || k.contains('\0') {
             return Err(Error::invalid(
@@ -69,6 +69,7 @@ impl Engine {
             return Err(Error::invalid("argv", "no command given"));
         }
         validate_env(&req.env)?;
+        super::streams::validate_job_start(&req)?;
         let (_, guest) = self.running(reference)?;
         match guest.call(Op::JobStart(req), Some(QUICK)).await? {
             Reply::JobStarted { job } => Ok(job),
@@ -169,4 +170,88 @@ impl Engine {
             }
         })
     }
+}
+
+/// How often a followed log is checked for new lines (as `tail -f` does without
+/// inotify; the console is written by another process at its own pace).
+const FOLLOW_TICK: Duration = Duration::from_millis(200);
+
+impl Engine {
+    /// Sends the last `lines` lines of a workspace's log, then every new line as it
+    /// is written, until the workspace stops running (and its log is read to the
+    /// end), it is destroyed, or the receiver goes away.
+    pub async fn follow_logs(
+        &self,
+        reference: &str,
+        kind: LogKind,
+        lines: usize,
+        tx: tokio::sync::mpsc::Sender<String>,
+    ) -> Result<()> {
+        let rec = self.db.resolve(reference)?;
+        let paths = self.paths(&rec.id);
+        let keep = |l: &str| kind == LogKind::Console || l.contains("burrow-agent: ");
+        // Where the tail ends: the current size of the newest part.
+        let mut pos = std::fs::metadata(paths.console()).map_or(0, |m| m.len());
+        let mut ino = std::fs::metadata(paths.console())
+            .map_or(0, |m| std::os::unix::fs::MetadataExt::ino(&m));
+        for l in self.logs(reference, kind, lines)? {
+            if tx.send(l).await.is_err() {
+                return Ok(());
+            }
+        }
+        let mut partial: Vec<u8> = Vec::new();
+        loop {
+            let running = matches!(
+                self.db.get(&rec.id),
+                Ok(Some(r)) if r.state == crate::db::State::Running
+            );
+            let meta = std::fs::metadata(paths.console()).ok();
+            let (len, now_ino) = meta.map_or((0, 0), |m| {
+                (m.len(), std::os::unix::fs::MetadataExt::ino(&m))
+            });
+            // Rotated (a new file) or truncated: read the new one from its start.
+            if now_ino != ino || len < pos {
+                ino = now_ino;
+                pos = 0;
+                partial.clear();
+            }
+            if len > pos {
+                let chunk = read_range(&paths.console(), pos, (len - pos).min(1 << 20));
+                pos += chunk.len() as u64;
+                partial.extend_from_slice(&chunk);
+                while let Some(i) = partial.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = partial.drain(..=i).collect();
+                    let line = String::from_utf8_lossy(&line[..i]);
+                    let line = line.trim_end_matches('\r');
+                    if keep(line) && tx.send(line.to_string()).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                // A guest that never ends a line must not grow this buffer.
+                if partial.len() > 64 << 10 {
+                    partial.clear();
+                }
+                continue;
+            }
+            if !running {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(FOLLOW_TICK) => {}
+                _ = tx.closed() => return Ok(()),
+            }
+        }
+    }
+}
+
+fn read_range(path: &std::path::Path, pos: u64, len: u64) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let mut buf = Vec::new();
+    if f.seek(SeekFrom::Start(pos)).is_ok() {
+        let _ = f.take(len).read_to_end(&mut buf);
+    }
+    buf
 }

@@ -8,8 +8,10 @@
 mod guest_ops;
 mod network;
 mod reconcile;
+mod recording;
 mod snapshots;
 mod store_watch;
+mod streams;
 mod teams;
 mod vm;
 
@@ -26,6 +28,7 @@ use tracing::Instrument;
 pub use guest_ops::LogKind;
 pub use network::PolicyChange;
 pub use snapshots::{Diff, DiffPath, ForkParams, SnapshotInfo, MAX_FORKS};
+pub use streams::{validate_control, validate_open};
 pub use teams::{TeamMember, TeamParams};
 
 use crate::db::{Db, ForkedFrom, ProcId, State, VmPids, WorkspaceRecord};
@@ -163,6 +166,8 @@ pub struct Engine {
     vmm: VmmConfig,
     /// The task watching the store's server, if it has one.
     store_watch: Mutex<Option<JoinHandle<()>>>,
+    /// The recorders of terminal sessions.
+    recordings: recording::Recordings,
 }
 
 impl Engine {
@@ -219,8 +224,10 @@ impl Engine {
             watchers: Mutex::new(HashMap::new()),
             vmm,
             store_watch: Mutex::new(None),
+            recordings: recording::Recordings::default(),
         });
         engine.reconcile().await?;
+        engine.resume_recordings();
         engine.watch_store();
         engine.recover_store_replaced_at_open();
         if let Some(source) = engine.image_source(DEFAULT_IMAGE) {
@@ -569,6 +576,7 @@ impl Engine {
 
     async fn remove_locked(&self, rec: &WorkspaceRecord) -> Result<()> {
         self.cancel_watcher(&rec.id);
+        self.stop_recordings(&rec.id);
         for snap in self.db.snapshots(Some(&rec.id))? {
             self.delete_snapshot_locked(&rec.id, &snap.name).await?;
         }

@@ -18,14 +18,13 @@ use crate::output::{print_entries, print_info, print_job, print_list};
 use crate::SnapshotCommand;
 use crate::{
     daemon, Cli, Command, DaemonCommand, EnvCommand, FileCommand, ImageCommand, JobCommand,
-    PortForwardCommand, TeamCommand,
+    PortForwardCommand, TeamCommand, TerminalCommand,
 };
 
-/// Exit code of an exec killed by its timeout, as timeout(1) uses.
-const EXIT_TIMEOUT: i32 = 124;
+use crate::stream::EXIT_TIMEOUT;
 
 /// A failed command: the one line to print and the exit code.
-pub struct Failure(String, i32);
+pub struct Failure(pub String, pub i32);
 
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Self {
@@ -39,7 +38,7 @@ impl From<String> for Failure {
     }
 }
 
-fn fail<T>(msg: impl Into<String>) -> Result<T, Failure> {
+pub fn fail<T>(msg: impl Into<String>) -> Result<T, Failure> {
     Err(Failure(msg.into(), 1))
 }
 
@@ -86,7 +85,8 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
             }
         }
         Command::Exec(a) => return exec(&c, a).await,
-        Command::Job(cmd) => job(&c, cmd).await?,
+        Command::Job(cmd) => return job(&c, cmd).await,
+        Command::Terminal(cmd) => return terminal(&c, cmd).await,
         Command::Env(EnvCommand::Set { workspace, vars }) => {
             let set = parse_vars(&vars, "env")?;
             let _: Value = c
@@ -127,6 +127,9 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
             } else {
                 print_info(&w);
             }
+        }
+        Command::Logs(a) if a.follow => {
+            return crate::stream::follow_logs(&c, &a.workspace, &a.kind, a.lines).await
         }
         Command::Logs(a) => {
             let v: BTreeMap<String, Vec<String>> = c
@@ -351,6 +354,26 @@ async fn exec(c: &Client, a: crate::ExecArgs) -> Result<i32, Failure> {
             ))
         }
     };
+    if a.max_output.is_none() {
+        let spawn = burrow_proto::Spawn {
+            argv: a.argv,
+            workdir: a.workdir,
+            env: parse_vars(&a.env, "env")?,
+            tty: None,
+            stdin: a.interactive,
+            timeout_ms,
+        };
+        let e = crate::stream::ExecStream {
+            workspace: a.workspace,
+            spawn,
+            tty: a.tty,
+            timeout_secs: a.timeout,
+        };
+        return crate::stream::exec(c, e).await;
+    }
+    if a.tty {
+        return fail("-t streams: it cannot be used with --max-output");
+    }
     let stdin = if a.interactive {
         let mut buf = Vec::new();
         std::io::stdin()
@@ -390,10 +413,11 @@ async fn exec(c: &Client, a: crate::ExecArgs) -> Result<i32, Failure> {
     Ok(r.exit_code)
 }
 
-async fn job(c: &Client, cmd: JobCommand) -> Result<(), Failure> {
+async fn job(c: &Client, cmd: JobCommand) -> Result<i32, Failure> {
     match cmd {
         JobCommand::Start {
             workspace,
+            name,
             workdir,
             env,
             argv,
@@ -403,7 +427,7 @@ async fn job(c: &Client, cmd: JobCommand) -> Result<(), Failure> {
                 workdir,
                 env: parse_vars(&env, "env")?,
                 max_output_bytes: None,
-                name: None,
+                name,
             };
             let v: Value = c.post(&ws_path(&workspace, "/jobs"), &req).await?;
             println!("{}", v.get("job").cloned().unwrap_or(Value::Null));
@@ -418,7 +442,34 @@ async fn job(c: &Client, cmd: JobCommand) -> Result<(), Failure> {
                 .await?;
             print_job(&s, json);
         }
+        JobCommand::Logs {
+            workspace,
+            job,
+            follow,
+        } => return crate::stream::job_logs(c, &workspace, &job, follow).await,
+        JobCommand::Wait { workspace, job } => {
+            let s: JobStatus = c
+                .post(
+                    &ws_path(&workspace, &format!("/jobs/{}/wait", seg(&job))),
+                    &serde_json::Map::new(),
+                )
+                .await?;
+            return Ok(s.exit_code.unwrap_or(1));
+        }
+        JobCommand::Ls { workspace, json } => {
+            let jobs: Vec<burrow_proto::JobInfo> = c.get(&ws_path(&workspace, "/jobs")).await?;
+            if json {
+                print_json(&jobs);
+            } else {
+                crate::output::print_jobs(&jobs);
+            }
+        }
         JobCommand::Kill {
+            workspace,
+            job,
+            signal,
+        }
+        | JobCommand::Signal {
             workspace,
             job,
             signal,
@@ -432,10 +483,10 @@ async fn job(c: &Client, cmd: JobCommand) -> Result<(), Failure> {
                 .await?;
         }
     }
-    Ok(())
+    Ok(0)
 }
 
-fn parse_signal(s: &str) -> Result<i32, Failure> {
+pub fn parse_signal(s: &str) -> Result<i32, Failure> {
     if let Ok(n) = s.parse::<i32>() {
         if (1..=64).contains(&n) {
             return Ok(n);
@@ -460,6 +511,68 @@ fn parse_signal(s: &str) -> Result<i32, Failure> {
         }
     };
     Ok(n)
+}
+
+async fn terminal(c: &Client, cmd: TerminalCommand) -> Result<i32, Failure> {
+    match cmd {
+        TerminalCommand::New {
+            workspace,
+            name,
+            argv,
+        } => {
+            let req = burrow_proto::TerminalNew {
+                name,
+                argv: if argv.is_empty() { None } else { Some(argv) },
+                workdir: None,
+                env: BTreeMap::new(),
+                size: crate::tty::window_size(),
+            };
+            let t: burrow_proto::TerminalInfo =
+                c.post(&ws_path(&workspace, "/terminals"), &req).await?;
+            println!("{}", t.name);
+        }
+        TerminalCommand::Attach {
+            workspace,
+            name,
+            read_only,
+        } => return crate::stream::attach(c, &workspace, &name, read_only).await,
+        TerminalCommand::Ls { workspace, json } => {
+            let list: Vec<burrow_proto::TerminalInfo> =
+                c.get(&ws_path(&workspace, "/terminals")).await?;
+            if json {
+                print_json(&list);
+            } else {
+                crate::output::print_terminals(&list);
+            }
+        }
+        TerminalCommand::Record {
+            workspace,
+            name,
+            output,
+        } => {
+            let path = ws_path(&workspace, &format!("/terminals/{}/recording", seg(&name)));
+            let body = c.get_bytes(&path).await?;
+            match output {
+                Some(p) => {
+                    std::fs::write(&p, &body).map_err(|e| format!("write {}: {e}", p.display()))?
+                }
+                None => {
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(&body).and_then(|()| out.flush());
+                }
+            }
+        }
+        TerminalCommand::Kill { workspace, name } => {
+            let _: Value = c
+                .call(
+                    hyper::Method::DELETE,
+                    &ws_path(&workspace, &format!("/terminals/{}", seg(&name))),
+                    None::<&()>,
+                )
+                .await?;
+        }
+    }
+    Ok(0)
 }
 
 async fn file(c: &Client, cmd: FileCommand) -> Result<(), Failure> {

@@ -4,6 +4,8 @@
 mod commands;
 mod daemon;
 mod output;
+mod stream;
+mod tty;
 
 use std::path::PathBuf;
 
@@ -37,6 +39,9 @@ pub enum Command {
     /// Background jobs.
     #[command(subcommand)]
     Job(JobCommand),
+    /// Persistent terminal sessions: attach, detach, watch, record.
+    #[command(subcommand)]
+    Terminal(TerminalCommand),
     /// Environment variables seen by later execs and jobs (guest memory only).
     #[command(subcommand)]
     Env(EnvCommand),
@@ -123,12 +128,16 @@ pub struct ExecArgs {
     /// KEY=VALUE, repeatable.
     #[arg(long = "env", short = 'e')]
     pub env: Vec<String>,
-    /// Cap on the bytes kept of each of stdout and stderr.
+    /// Buffered: one answer once the command ends, each of stdout and stderr
+    /// capped at this many bytes (without it, output streams live, uncapped).
     #[arg(long)]
     pub max_output: Option<u64>,
-    /// Pass this command's standard input to the guest command.
+    /// Stream this command's standard input to the guest command.
     #[arg(long, short = 'i')]
     pub interactive: bool,
+    /// Run on a terminal in the guest (raw mode here; needs a local terminal).
+    #[arg(long, short = 't')]
+    pub tty: bool,
     #[arg(last = true, required = true)]
     pub argv: Vec<String>,
 }
@@ -138,6 +147,9 @@ pub enum JobCommand {
     /// Start a background job; prints its id.
     Start {
         workspace: String,
+        /// A name to refer to the job by, besides its number.
+        #[arg(long)]
+        name: Option<String>,
         #[arg(long)]
         workdir: Option<String>,
         #[arg(long = "env", short = 'e')]
@@ -152,6 +164,27 @@ pub enum JobCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print a job's output (what is kept); with -f, follow it live until it ends.
+    Logs {
+        workspace: String,
+        job: String,
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// Wait for a job to end; exits with its exit code (128 + signal if killed).
+    Wait { workspace: String, job: String },
+    /// Send a signal (name or number) to a job's process group.
+    Signal {
+        workspace: String,
+        job: String,
+        signal: String,
+    },
+    /// List jobs.
+    Ls {
+        workspace: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Signal a job's process group.
     Kill {
         workspace: String,
@@ -160,6 +193,42 @@ pub enum JobCommand {
         #[arg(long, default_value = "TERM")]
         signal: String,
     },
+}
+
+#[derive(Subcommand)]
+pub enum TerminalCommand {
+    /// Start a session (default command: the image's login shell).
+    New {
+        workspace: String,
+        #[arg(long)]
+        name: String,
+        #[arg(last = true)]
+        argv: Vec<String>,
+    },
+    /// Attach to a session; detach with Ctrl-] d (the session lives on).
+    Attach {
+        workspace: String,
+        name: String,
+        /// Watch only: keys are not sent.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// List sessions: name, command, created, viewers, alive, exit code.
+    Ls {
+        workspace: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a session's recording (asciicast v2; plays with `asciinema play`).
+    Record {
+        workspace: String,
+        name: String,
+        /// Write to this file instead of standard output.
+        #[arg(long, short = 'o')]
+        output: Option<PathBuf>,
+    },
+    /// End a session and forget it (its recording stays).
+    Kill { workspace: String, name: String },
 }
 
 #[derive(Subcommand)]
@@ -233,6 +302,9 @@ pub struct LogsArgs {
     pub kind: String,
     #[arg(long, default_value_t = 100)]
     pub lines: usize,
+    /// Keep printing new lines until the workspace stops.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
 }
 
 #[derive(Args)]

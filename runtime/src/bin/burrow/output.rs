@@ -109,6 +109,7 @@ pub fn print_job(s: &JobStatus, as_json: bool) {
     if as_json {
         let v = json!({
             "job": s.job,
+            "name": s.name,
             "argv": s.argv,
             "running": s.running,
             "exit_code": s.exit_code,
@@ -127,7 +128,10 @@ pub fn print_job(s: &JobStatus, as_json: bool) {
         (false, Some(c)) => format!("exited {c}"),
         (false, None) => "exited".to_string(),
     };
-    println!("job {}: {state}", s.job);
+    match &s.name {
+        Some(n) => println!("job {} ({n}): {state}", s.job),
+        None => println!("job {}: {state}", s.job),
+    }
     let _ = std::io::stdout().write_all(&s.stdout);
     let _ = std::io::stderr().write_all(&s.stderr);
 }
@@ -150,6 +154,44 @@ pub fn print_entries(entries: &[DirEntry]) {
             e.mode,
             e.size,
             unix_time(e.modified)
+        );
+    }
+}
+
+pub fn print_jobs(jobs: &[burrow_proto::JobInfo]) {
+    println!("{:<5} {:<16} {:<10} COMMAND", "JOB", "NAME", "STATE");
+    for j in jobs {
+        let state = match (j.running, j.exit_code) {
+            (true, _) => "running".to_string(),
+            (false, Some(c)) => format!("exited {c}"),
+            (false, None) => "exited".to_string(),
+        };
+        println!(
+            "{:<5} {:<16} {:<10} {}",
+            j.job,
+            j.name.as_deref().unwrap_or("-"),
+            state,
+            j.argv.join(" ")
+        );
+    }
+}
+
+pub fn print_terminals(list: &[burrow_proto::TerminalInfo]) {
+    println!(
+        "{:<16} {:<20} {:<20} {:>7} {:<6} EXIT",
+        "NAME", "COMMAND", "CREATED", "VIEWERS", "ALIVE"
+    );
+    for t in list {
+        let exit = t
+            .exit_code
+            .map_or_else(|| "-".to_string(), |c| c.to_string());
+        println!(
+            "{:<16} {:<20} {:<20} {:>7} {:<6} {exit}",
+            t.name,
+            t.argv.join(" "),
+            unix_time(t.created_at),
+            t.viewers,
+            if t.alive { "yes" } else { "no" },
         );
     }
 }
