@@ -23,6 +23,7 @@ pkgs=(busybox-static cpio socat debootstrap libseccomp-dev libcap-ng-dev pkg-con
       iproute2 kmod zstd xz-utils python3 sqlite3 curl binutils
       btrfs-progs libbtrfsutil-dev libclang-dev clang
       fuse3 attr git
+      tmux asciinema
       libnftnl-dev libmnl-dev nftables)
 # The benchmark compares exec with `docker exec` on runc: it needs a Docker engine.
 [ "${1:-}" = --bench ] && pkgs+=(docker.io)
