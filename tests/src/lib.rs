@@ -508,3 +508,284 @@ pub fn cgroup_file(pid: i32, controller: &str, file: &str) -> PathBuf {
     }
     panic!("no {controller} cgroup for {pid}: {own}");
 }
+
+/// Quotes `s` for a POSIX shell (tmux runs a pane's command through one).
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
+    {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+impl Burrow {
+    /// The shell command line that runs `burrow ARGS` as [`Burrow::command`] does
+    /// (same binary, state dir and environment), for a tmux pane.
+    pub fn shell_line(&self, args: &[&str]) -> String {
+        let mut words = vec!["env".to_string(), "-u".into(), "BURROW_STATE_DIR".into()];
+        let mut env = vec![
+            ("BURROWD".to_string(), self.bin.join("burrowd")),
+            ("BURROW_AGENT".to_string(), self.bin.join("burrow-agent")),
+        ];
+        env.extend(self.env.iter().map(|(k, v)| (k.clone(), PathBuf::from(v))));
+        for (k, v) in env {
+            words.push(shell_quote(&format!("{k}={}", v.display())));
+        }
+        words.push(shell_quote(&self.bin.join("burrow").to_string_lossy()));
+        words.push("--state-dir".into());
+        words.push(shell_quote(&self.state.to_string_lossy()));
+        words.extend(args.iter().map(|a| shell_quote(a)));
+        words.join(" ")
+    }
+
+    /// Starts `burrow ARGS` with piped standard streams; the caller owns the child.
+    pub fn spawn(&self, args: &[&str]) -> std::process::Child {
+        self.command()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn burrow")
+    }
+
+    /// Pids (as the guest's pgrep prints them) of the guest processes whose command
+    /// line matches `pattern` (`pgrep -f`; write it as `[s]leep 1001` so that it does
+    /// not match the pgrep itself).
+    pub fn guest_pgrep(&self, ws: &str, pattern: &str) -> Vec<String> {
+        let out = self.run(&["exec", ws, "--", "pgrep", "-f", pattern]);
+        match out.status.code() {
+            Some(0) | Some(1) => text(&out.stdout)
+                .split_whitespace()
+                .map(str::to_string)
+                .collect(),
+            _ => panic!("pgrep in {ws} failed: {}", text(&out.stderr)),
+        }
+    }
+}
+
+/// The lines a child writes, read on a thread of their own as they arrive, each
+/// with the moment it arrived.
+pub struct LineReader {
+    rx: std::sync::mpsc::Receiver<(Instant, String)>,
+}
+
+impl LineReader {
+    pub fn new(r: impl std::io::Read + Send + 'static) -> LineReader {
+        use std::io::BufRead;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = std::io::BufReader::new(r);
+            loop {
+                let mut line = Vec::new();
+                match r.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let l = text(&line).trim_end_matches(['\n', '\r']).to_string();
+                        if tx.send((Instant::now(), l)).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        LineReader { rx }
+    }
+
+    /// The next line with its arrival time; `None` at end of output. Fails the test
+    /// after `timeout`.
+    pub fn next_timed(&self, what: &str, timeout: Duration) -> Option<(Instant, String)> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(l) => Some(l),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => None,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("timed out after {timeout:?} waiting for {what}")
+            }
+        }
+    }
+
+    /// The next line; fails the test at end of output or after `timeout`.
+    pub fn next(&self, what: &str, timeout: Duration) -> String {
+        self.next_timed(what, timeout)
+            .unwrap_or_else(|| panic!("output ended while waiting for {what}"))
+            .1
+    }
+
+    /// Reads lines until one contains `needle`; returns it.
+    pub fn until(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let l = self.next(needle, left);
+            if l.contains(needle) {
+                return l;
+            }
+        }
+    }
+
+    /// Every remaining line, once the writer has closed its end.
+    pub fn rest(&self, what: &str, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        while let Some((_, l)) =
+            self.next_timed(what, deadline.saturating_duration_since(Instant::now()))
+        {
+            out.push(l);
+        }
+        out
+    }
+}
+
+/// Waits for a child with a deadline (polling its status: a child's exit has no
+/// pidfd in std); kills it and fails the test after `timeout`.
+pub fn wait_child(what: &str, child: &mut std::process::Child, timeout: Duration) -> i32 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return s.code().unwrap_or(-1);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("timed out after {timeout:?} waiting for {what} to exit");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A tmux server of its own (`tmux -S <tmp>/sock`), for driving programs that need
+/// a real terminal; its server is killed, by pid, on drop.
+pub struct Tmux {
+    dir: tempfile::TempDir,
+    server: Option<i32>,
+}
+
+impl Default for Tmux {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Tmux {
+    pub fn new() -> Tmux {
+        let dir = tempfile::Builder::new()
+            .prefix("tmux")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        // No status line (the window is the pane), panes stay after their command
+        // exits (so its last words can be read), a long history.
+        std::fs::write(
+            dir.path().join("conf"),
+            "set -g status off\nset -g remain-on-exit on\nset -g history-limit 50000\n\
+             set -g default-terminal screen\nset -g escape-time 0\n",
+        )
+        .expect("tmux conf");
+        Tmux { dir, server: None }
+    }
+
+    fn command(&self) -> Command {
+        let mut c = Command::new("tmux");
+        c.arg("-S")
+            .arg(self.dir.path().join("sock"))
+            .arg("-f")
+            .arg(self.dir.path().join("conf"));
+        c
+    }
+
+    fn tmux(&self, args: &[&str]) -> String {
+        let out = self.command().args(args).output().expect("run tmux");
+        assert!(
+            out.status.success(),
+            "tmux {args:?} failed: {}",
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+
+    /// Runs shell command line `cmd` in a new session `name` of `cols`×`rows`.
+    pub fn start(&mut self, name: &str, cols: u16, rows: u16, cmd: &str) {
+        self.tmux(&[
+            "new-session",
+            "-d",
+            "-s",
+            name,
+            "-x",
+            &cols.to_string(),
+            "-y",
+            &rows.to_string(),
+            cmd,
+        ]);
+        if self.server.is_none() {
+            self.server = self.tmux(&["display-message", "-p", "#{pid}"]).trim().parse().ok();
+        }
+    }
+
+    /// Types `text` literally into the pane.
+    pub fn type_text(&self, name: &str, text: &str) {
+        self.tmux(&["send-keys", "-t", name, "-l", text]);
+    }
+
+    /// Sends tmux key names (`Enter`, `C-c`, `C-]`).
+    pub fn send_keys(&self, name: &str, keys: &[&str]) {
+        let mut args = vec!["send-keys", "-t", name];
+        args.extend_from_slice(keys);
+        self.tmux(&args);
+    }
+
+    /// The pane's screen and history, wrapped lines joined.
+    pub fn capture(&self, name: &str) -> String {
+        self.tmux(&["capture-pane", "-p", "-J", "-S", "-", "-t", name])
+    }
+
+    /// Waits until the pane shows `needle` (a readiness wait on another program's
+    /// screen); returns the capture.
+    pub fn wait_for(&self, name: &str, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let screen = self.capture(name);
+            if screen.contains(needle) {
+                return screen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {needle:?} in tmux {name}:\n{screen}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn resize(&self, name: &str, cols: u16, rows: u16) {
+        self.tmux(&[
+            "resize-window",
+            "-t",
+            name,
+            "-x",
+            &cols.to_string(),
+            "-y",
+            &rows.to_string(),
+        ]);
+    }
+
+    pub fn kill_session(&self, name: &str) {
+        self.tmux(&["kill-session", "-t", name]);
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        if let Some(pid) = self.server {
+            // SAFETY: kill has no memory effects; the pid is this server's.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Whether `stty -a` output (as a pane shows it) says canonical mode and echo are on.
+pub fn stty_cooked(stty: &str) -> bool {
+    let words: Vec<&str> = stty
+        .split(|c: char| c.is_whitespace() || c == ';')
+        .collect();
+    words.contains(&"icanon") && words.contains(&"echo")
+}
