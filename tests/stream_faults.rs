@@ -94,7 +94,10 @@ fn daemon_killed_mid_stream(b: &Burrow) {
     let daemon = b.daemon_pid().expect("daemon pid");
     kill9(daemon);
     wait_exit("burrowd", daemon, Duration::from_secs(10));
-    let job_seen = highest(&follow_out.rest("job logs -f to end", LONG).join("\n"), "jtick-");
+    let job_seen = highest(
+        &follow_out.rest("job logs -f to end", LONG).join("\n"),
+        "jtick-",
+    );
     exec_out.rest("exec to end", LONG);
     for (what, c) in [("exec", &mut exec), ("job logs -f", &mut follow)] {
         assert_eq!(wait_child(what, c, LONG), 255, "{what}");
@@ -145,7 +148,10 @@ fn daemon_killed_mid_stream(b: &Burrow) {
     });
     let rec = recording(b);
     for i in 1..=highest(&rec, "tock-") {
-        assert!(rec.contains(&format!("tock-{i}\r\n")), "tock-{i} missing from the recording");
+        assert!(
+            rec.contains(&format!("tock-{i}\r\n")),
+            "tock-{i} missing from the recording"
+        );
     }
     b.ok(&["job", "kill", "dev", "jt"]);
     b.ok(&["terminal", "kill", "dev", "ticker"]);

@@ -182,7 +182,10 @@ fn named_jobs(b: &Burrow) {
     assert_eq!(out.next("live-2", LONG), "live-2");
     assert!(out.rest("the end of job logs -f", LONG).is_empty());
     assert_eq!(wait_child("job logs -f", &mut follow, LONG), 0);
-    assert_eq!(b.run(&["job", "wait", "dev", "build"]).status.code(), Some(4));
+    assert_eq!(
+        b.run(&["job", "wait", "dev", "build"]).status.code(),
+        Some(4)
+    );
 
     // Signalled: `job wait` says 128 + 15.
     b.ok(&[
@@ -206,7 +209,10 @@ fn named_jobs(b: &Burrow) {
         (&["job", "logs", "dev", "nosuch"][..], "no such job"),
         (&["job", "logs", "dev", "nosuch", "-f"][..], "no such job"),
         (&["job", "wait", "dev", "nosuch"][..], "no such job"),
-        (&["job", "signal", "dev", "nosuch", "TERM"][..], "no such job"),
+        (
+            &["job", "signal", "dev", "nosuch", "TERM"][..],
+            "no such job",
+        ),
         (&["job", "signal", "dev", "build", "NOPE"][..], "signal"),
     ]);
 }
@@ -239,7 +245,11 @@ fn client_killed_mid_stream(b: &Burrow) {
         terminal(b, "lasting")["viewers"] == 0
     });
     assert_eq!(terminal(b, "lasting")["alive"], true);
-    assert_eq!(b.guest_pgrep("dev", "[s]leep 1002").len(), 1, "the job died");
+    assert_eq!(
+        b.guest_pgrep("dev", "[s]leep 1002").len(),
+        1,
+        "the job died"
+    );
     assert_eq!(
         b.guest_pgrep("dev", "[s]leep 1003").len(),
         1,

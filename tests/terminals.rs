@@ -5,13 +5,12 @@
 //! plays; kill, duplicate names, an ended session; and a viewer that stops reading
 //! while another reads everything.
 
-use std::process::Command;
 use std::time::Duration;
 
 use burrow::api::client::Client;
 use burrow::api::stream::{ServerEvent, StreamMessage};
 use burrow_proto::StreamOpen;
-use burrow_tests::{require_root, stty_cooked, text, wait_until, Burrow, Tmux};
+use burrow_tests::{require_root, shell_quote, stty_cooked, text, wait_until, Burrow, Tmux};
 use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(120);
@@ -26,7 +25,7 @@ fn terminals_end_to_end() {
     attach_type_resize_interrupt_detach(&b, &mut tmux);
     reattach_and_a_read_only_viewer(&b, &mut tmux);
     exec_it_restores_the_terminal(&b, &mut tmux);
-    recording_is_asciicast(&b);
+    recording_is_asciicast(&b, &mut tmux);
     kill_names_and_ended_sessions(&b);
     slow_viewer_is_dropped_others_read_on(&b);
 }
@@ -48,7 +47,10 @@ fn after_exit(screen: &str) -> &str {
 }
 
 fn attach_type_resize_interrupt_detach(b: &Burrow, tmux: &mut Tmux) {
-    assert_eq!(b.ok(&["terminal", "new", "dev", "--name", "main"]).trim(), "main");
+    assert_eq!(
+        b.ok(&["terminal", "new", "dev", "--name", "main"]).trim(),
+        "main"
+    );
     let attach = b.shell_line(&["terminal", "attach", "dev", "main"]);
     tmux.start("w1", 100, 30, &format!("{attach}; echo cli-rc=$?"));
     tmux.wait_for(
@@ -160,7 +162,7 @@ fn exec_it_restores_the_terminal(b: &Burrow, tmux: &mut Tmux) {
     tmux.kill_session("x");
 }
 
-fn recording_is_asciicast(b: &Burrow) {
+fn recording_is_asciicast(b: &Burrow, tmux: &mut Tmux) {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("main.cast");
     let f = file.to_str().expect("utf-8 path");
@@ -179,7 +181,9 @@ fn recording_is_asciicast(b: &Burrow) {
     let mut outputs = 0;
     for l in lines {
         let e: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("event {l}: {e}"));
-        let e = e.as_array().unwrap_or_else(|| panic!("event not an array: {l}"));
+        let e = e
+            .as_array()
+            .unwrap_or_else(|| panic!("event not an array: {l}"));
         assert_eq!(e.len(), 3, "{l}");
         let t = e[0].as_f64().unwrap_or_else(|| panic!("time: {l}"));
         assert!(t >= last, "time goes back: {l} after {last}");
@@ -190,14 +194,21 @@ fn recording_is_asciicast(b: &Burrow) {
         }
     }
     assert!(outputs > 0);
-    // Replayed by asciinema itself.
-    let out = Command::new("asciinema")
-        .args(["cat", f])
-        .output()
-        .expect("run asciinema");
-    assert!(out.status.success(), "asciinema cat: {}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("hello-42"));
-    assert!(text(&out.stdout).contains("both-6"));
+    // Replayed by asciinema itself (which wants a terminal).
+    tmux.start(
+        "cat",
+        100,
+        30,
+        &format!("asciinema cat {}; echo cat-rc=$?", shell_quote(f)),
+    );
+    let screen = tmux.wait_for("cat", "cat-rc=", LONG);
+    assert!(
+        screen.contains("cat-rc=0"),
+        "asciinema cat failed:\n{screen}"
+    );
+    assert!(screen.contains("hello-42"), "{screen}");
+    assert!(screen.contains("both-6"), "{screen}");
+    tmux.kill_session("cat");
 }
 
 /// The text of a recording's "o" events, concatenated.
@@ -214,7 +225,7 @@ fn kill_names_and_ended_sessions(b: &Burrow) {
     b.assert_refused(&[
         (
             &["terminal", "new", "dev", "--name", "main"][..],
-            "already",
+            "a terminal named \"main\" is running",
         ),
         (&["terminal", "new", "dev", "--name", "../x"][..], "name"),
         (&["terminal", "attach", "dev", "main"][..], "terminal"),
@@ -222,7 +233,10 @@ fn kill_names_and_ended_sessions(b: &Burrow) {
             &["terminal", "attach", "dev", "nosuch", "--read-only"][..],
             "no such session",
         ),
-        (&["terminal", "kill", "dev", "nosuch"][..], "no such session"),
+        (
+            &["terminal", "kill", "dev", "nosuch"][..],
+            "no such session",
+        ),
         (&["terminal", "record", "dev", "nosuch"][..], "nosuch"),
     ]);
 
@@ -237,7 +251,15 @@ fn kill_names_and_ended_sessions(b: &Burrow) {
 
     // An ended session: its output and its exit code, then a clean exit.
     b.ok(&[
-        "terminal", "new", "dev", "--name", "short", "--", "sh", "-c", "echo bye; exit 5",
+        "terminal",
+        "new",
+        "dev",
+        "--name",
+        "short",
+        "--",
+        "sh",
+        "-c",
+        "echo bye; exit 5",
     ]);
     wait_until("the short session to end", LONG, || {
         terminal(b, "short").expect("short")["alive"] == false

@@ -718,7 +718,11 @@ impl Tmux {
             cmd,
         ]);
         if self.server.is_none() {
-            self.server = self.tmux(&["display-message", "-p", "#{pid}"]).trim().parse().ok();
+            self.server = self
+                .tmux(&["display-message", "-p", "#{pid}"])
+                .trim()
+                .parse()
+                .ok();
         }
     }
 

@@ -4,7 +4,7 @@
 use std::io::Read;
 
 use burrow::api::client::Client;
-use burrow::api::stream::{ClientStream, ServerEvent, StreamMessage};
+use burrow::api::stream::{ClientStream, ServerEvent, StreamMessage, StreamReceiver, StreamSender};
 use burrow_proto::{ExitInfo, Spawn, StreamControl, StreamOpen};
 use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{signal, SignalKind};
@@ -224,17 +224,80 @@ fn scan_detach(chunk: &[u8], pending: &mut bool) -> (Vec<u8>, bool) {
     (out, false)
 }
 
+/// How forwarding local input ended.
+enum InputEnd {
+    Detached,
+    /// The stream broke, or the pump ended: the pump reads why from the stream.
+    Failed,
+}
+
+/// Sends local input (and control messages) to the stream, on a task of its own:
+/// a send that waits for the guest to take its input must never keep the pump
+/// from reading output, or a command that writes while it reads (`cat`) would
+/// wait on the CLI while the CLI waits on it.
+async fn forward_input(
+    mut sender: StreamSender,
+    mut input: Option<mpsc::Receiver<Vec<u8>>>,
+    mut controls: mpsc::UnboundedReceiver<StreamControl>,
+    detach: bool,
+    tty: bool,
+) -> InputEnd {
+    let mut pending_detach = false;
+    loop {
+        let r = tokio::select! {
+            c = controls.recv() => match c {
+                Some(c) => sender.control(&c).await,
+                // The pump has ended.
+                None => return InputEnd::Failed,
+            },
+            chunk = recv_opt(&mut input) => match chunk {
+                Some(data) if detach => {
+                    let (data, detached) = scan_detach(&data, &mut pending_detach);
+                    if detached {
+                        sender.close().await;
+                        return InputEnd::Detached;
+                    }
+                    if data.is_empty() { Ok(()) } else { sender.stdin(data).await }
+                }
+                Some(data) => sender.stdin(data).await,
+                None => {
+                    input = None;
+                    if tty { Ok(()) } else { sender.control(&StreamControl::CloseStdin).await }
+                }
+            },
+        };
+        if r.is_err() {
+            return InputEnd::Failed;
+        }
+    }
+}
+
 async fn pump(stream: ClientStream, cfg: Pump) -> Ended {
     let ClientStream {
-        mut sender,
+        sender,
         mut receiver,
         ..
     } = stream;
-    let mut input = if cfg.stdin {
+    let input = if cfg.stdin {
         Some(stdin_reader())
     } else {
         None
     };
+    let (controls, control_rx) = mpsc::unbounded_channel::<StreamControl>();
+    let mut forward = tokio::spawn(forward_input(
+        sender, input, control_rx, cfg.detach, cfg.tty,
+    ));
+    let ended = pump_output(&mut receiver, &mut forward, &controls, &cfg).await;
+    forward.abort();
+    ended
+}
+
+async fn pump_output(
+    receiver: &mut StreamReceiver,
+    forward: &mut tokio::task::JoinHandle<InputEnd>,
+    controls: &mpsc::UnboundedSender<StreamControl>,
+    cfg: &Pump,
+) -> Ended {
     let mut winch = if cfg.tty {
         signal(SignalKind::window_change()).ok()
     } else {
@@ -249,9 +312,10 @@ async fn pump(stream: ClientStream, cfg: Pump) -> Ended {
     };
     let mut out = tokio::io::stdout();
     let mut err = tokio::io::stderr();
-    let mut pending_detach = false;
+    let mut input_failed = false;
     loop {
         tokio::select! {
+            biased;
             msg = receiver.next() => {
                 match msg {
                     Ok(Some(StreamMessage::Stdout(d))) | Ok(Some(StreamMessage::Record { data: d, .. })) => {
@@ -278,38 +342,24 @@ async fn pump(stream: ClientStream, cfg: Pump) -> Ended {
                     Err(e) => return Ended::Lost(format!("lost the connection to burrowd: {e}")),
                 }
             }
-            chunk = recv_opt(&mut input) => {
-                let r = match chunk {
-                    Some(data) if cfg.detach => {
-                        let (data, detached) = scan_detach(&data, &mut pending_detach);
-                        if detached {
-                            sender.close().await;
-                            return Ended::Detached;
-                        }
-                        if data.is_empty() { Ok(()) } else { sender.stdin(data).await }
-                    }
-                    Some(data) => sender.stdin(data).await,
-                    None => {
-                        input = None;
-                        if cfg.tty { Ok(()) } else { sender.control(&StreamControl::CloseStdin).await }
-                    }
-                };
-                if let Err(e) = r {
-                    return Ended::Lost(format!("lost the stream: {e}"));
-                }
-            }
+            end = &mut *forward, if !input_failed => match end {
+                Ok(InputEnd::Detached) => return Ended::Detached,
+                // The stream's own end (an exit, or the error that broke it) is
+                // still to be read: it says how the stream ended.
+                Ok(InputEnd::Failed) | Err(_) => input_failed = true,
+            },
             _ = recv_winch(&mut winch) => {
                 if let Some(size) = tty::window_size() {
-                    let _ = sender.control(&StreamControl::Resize(size)).await;
+                    let _ = controls.send(StreamControl::Resize(size));
                 }
             }
             _ = int.recv() => {
                 if !cfg.forward_signals { return Ended::Stopped(libc::SIGINT); }
-                let _ = sender.control(&StreamControl::Signal { signal: libc::SIGINT }).await;
+                let _ = controls.send(StreamControl::Signal { signal: libc::SIGINT });
             }
             _ = term.recv() => {
                 if !cfg.forward_signals { return Ended::Stopped(libc::SIGTERM); }
-                let _ = sender.control(&StreamControl::Signal { signal: libc::SIGTERM }).await;
+                let _ = controls.send(StreamControl::Signal { signal: libc::SIGTERM });
             }
             _ = hup.recv() => return Ended::Stopped(libc::SIGHUP),
         }
