@@ -28,7 +28,7 @@ fn streams_end_to_end() {
     named_jobs(&b);
     client_killed_mid_stream(&b);
     tty_needs_a_terminal(&b);
-    round_trip_of_1_gib(&b);
+    one_gib_in_and_out(&b);
     logs_follow_ends_when_the_workspace_stops(&b);
 }
 
@@ -305,91 +305,176 @@ fn status_kib(status: &str, field: &str) -> Option<u64> {
         .ok()
 }
 
-/// 1 GiB through `exec -i dev -- cat`: the same bytes come back, and neither
-/// burrowd nor the agent holds more than a bounded amount of them.
-fn round_trip_of_1_gib(b: &Burrow) {
-    const TOTAL: u64 = 1 << 30;
-    let daemon = b.daemon_pid().expect("daemon pid");
-    let rss = |pid: i32| {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| status_kib(&s, "VmRSS:"))
-    };
-    let guest_status = || b.ok(&["exec", "dev", "--", "cat", "/proc/1/status"]);
-    let agent_before = status_kib(&guest_status(), "VmRSS:").expect("agent VmRSS");
-    let daemon_before = rss(daemon).expect("daemon VmRSS");
+/// burrowd's resident size, sampled while a transfer runs (`done` ends it).
+struct RssSampler {
+    done: Arc<AtomicBool>,
+    peak: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+}
 
-    // burrowd's resident size, sampled while the bytes flow.
-    let done = Arc::new(AtomicBool::new(false));
-    let peak = Arc::new(AtomicU64::new(daemon_before));
-    let sampler = {
-        let (done, peak) = (done.clone(), peak.clone());
-        std::thread::spawn(move || {
-            while !done.load(Ordering::SeqCst) {
-                if let Some(kib) = rss(daemon) {
-                    peak.fetch_max(kib, Ordering::SeqCst);
+fn rss_kib(pid: i32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| status_kib(&s, "VmRSS:"))
+}
+
+impl RssSampler {
+    fn start(pid: i32) -> RssSampler {
+        let done = Arc::new(AtomicBool::new(false));
+        let peak = Arc::new(AtomicU64::new(rss_kib(pid).unwrap_or(0)));
+        let thread = {
+            let (done, peak) = (done.clone(), peak.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::SeqCst) {
+                    if let Some(kib) = rss_kib(pid) {
+                        peak.fetch_max(kib, Ordering::SeqCst);
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
                 }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        })
-    };
+            })
+        };
+        RssSampler { done, peak, thread }
+    }
 
-    let started = Instant::now();
-    let mut cli = b.spawn(&["exec", "-i", "dev", "--", "cat"]);
-    let mut stdin = cli.stdin.take().expect("stdin");
-    let writer = std::thread::spawn(move || {
+    fn peak(self) -> u64 {
+        self.done.store(true, Ordering::SeqCst);
+        self.thread.join().expect("sampler");
+        self.peak.load(Ordering::SeqCst)
+    }
+}
+
+const GIB: u64 = 1 << 30;
+
+/// Writes GIB bytes of [`Pattern`] to `w` on a thread, counting them in
+/// `progress`; returns their sha256.
+fn feed(
+    mut w: impl Write + Send + 'static,
+    progress: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
         let mut p = Pattern(0x9e37_79b9_7f4a_7c15);
         let mut h = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         let mut sent = 0u64;
-        while sent < TOTAL {
+        while sent < GIB {
             p.fill(&mut buf);
             h.update(&buf);
-            stdin.write_all(&buf).expect("write to exec -i");
+            if w.write_all(&buf).is_err() {
+                break;
+            }
             sent += buf.len() as u64;
+            progress.fetch_add(buf.len() as u64, Ordering::SeqCst);
         }
-        drop(stdin);
         hex(&h.finalize())
-    });
-    let mut stdout = cli.stdout.take().expect("stdout");
-    let mut h = Sha256::new();
-    let mut received = 0u64;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let k = stdout.read(&mut buf).expect("read from exec -i");
-        if k == 0 {
-            break;
-        }
-        h.update(&buf[..k]);
-        received += k as u64;
-    }
-    let sent_sum = writer.join().expect("writer");
-    let code = wait_child("exec -i cat", &mut cli, Duration::from_secs(60));
-    let elapsed = started.elapsed();
-    done.store(true, Ordering::SeqCst);
-    sampler.join().expect("sampler");
-    let mut stderr = String::new();
-    if let Some(mut e) = cli.stderr.take() {
-        let _ = e.read_to_string(&mut stderr);
-    }
-    assert_eq!(code, 0, "{stderr}");
-    assert_eq!(received, TOTAL);
-    assert_eq!(hex(&h.finalize()), sent_sum, "the bytes came back changed");
+    })
+}
 
+/// Reads `r` to its end on a thread, hashing; `progress` counts the bytes so far.
+fn drain(
+    mut r: impl Read + Send + 'static,
+    progress: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => {
+                    h.update(&buf[..k]);
+                    progress.fetch_add(k as u64, Ordering::SeqCst);
+                }
+            }
+        }
+        hex(&h.finalize())
+    })
+}
+
+/// Waits for `cli` to exit while `progress` moves; a transfer that makes no
+/// progress for a minute has hung: the CLI is killed and the test fails saying
+/// where it stopped.
+fn wait_progressing(what: &str, cli: &mut std::process::Child, progress: &AtomicU64) -> i32 {
+    let mut last = (progress.load(Ordering::SeqCst), Instant::now());
+    loop {
+        if let Some(s) = cli.try_wait().expect("try_wait") {
+            return s.code().unwrap_or(-1);
+        }
+        let now = progress.load(Ordering::SeqCst);
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(60) {
+            let _ = cli.kill();
+            let _ = cli.wait();
+            panic!("{what}: stalled after {now} bytes (no progress for a minute)");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn stderr_of(cli: &mut std::process::Child) -> String {
+    let mut s = String::new();
+    if let Some(mut e) = cli.stderr.take() {
+        let _ = e.read_to_string(&mut s);
+    }
+    s
+}
+
+/// 1 GiB streamed into a guest command and 1 GiB out of one: the same bytes on
+/// both sides (sha256), and neither burrowd nor the agent holds more than a
+/// bounded amount of them.
+fn one_gib_in_and_out(b: &Burrow) {
+    let daemon = b.daemon_pid().expect("daemon pid");
+    let guest_status = || b.ok(&["exec", "dev", "--", "cat", "/proc/1/status"]);
+    let agent_before = status_kib(&guest_status(), "VmRSS:").expect("agent VmRSS");
+    let daemon_before = rss_kib(daemon).expect("daemon VmRSS");
+    let sampler = RssSampler::start(daemon);
+
+    // In: stdin → sha256sum in the guest.
+    let started = Instant::now();
+    let mut cli = b.spawn(&["exec", "-i", "dev", "--", "sha256sum"]);
+    let progress = Arc::new(AtomicU64::new(0));
+    let sent = feed(cli.stdin.take().expect("stdin"), progress.clone());
+    let mut stdout = cli.stdout.take().expect("stdout");
+    let code = wait_progressing("1 GiB in", &mut cli, &progress);
+    let mut out = String::new();
+    stdout.read_to_string(&mut out).expect("read");
+    let in_secs = started.elapsed().as_secs_f64();
+    let sent = sent.join().expect("writer");
+    assert_eq!(code, 0, "{}", stderr_of(&mut cli));
+    assert_eq!(
+        out.split_whitespace().next(),
+        Some(sent.as_str()),
+        "the guest read other bytes"
+    );
+
+    // Out: 1 GiB of zeros from the guest, hashed here.
+    let started = Instant::now();
+    let mut cli = b.spawn(&["exec", "dev", "--", "head", "-c", "1073741824", "/dev/zero"]);
+    drop(cli.stdin.take());
+    let progress = Arc::new(AtomicU64::new(0));
+    let got = drain(cli.stdout.take().expect("stdout"), progress.clone());
+    let code = wait_progressing("1 GiB out", &mut cli, &progress);
+    let got = got.join().expect("reader");
+    let out_secs = started.elapsed().as_secs_f64();
+    assert_eq!(code, 0, "{}", stderr_of(&mut cli));
+    assert_eq!(progress.load(Ordering::SeqCst), GIB);
+    let mut zeros = Sha256::new();
+    let mib = vec![0u8; 1 << 20];
+    for _ in 0..1024 {
+        zeros.update(&mib);
+    }
+    assert_eq!(got, hex(&zeros.finalize()), "the bytes came out changed");
+
+    let daemon_peak = sampler.peak();
     let agent_peak = status_kib(&guest_status(), "VmHWM:").expect("agent VmHWM");
-    let daemon_growth = peak.load(Ordering::SeqCst).saturating_sub(daemon_before);
+    let daemon_growth = daemon_peak.saturating_sub(daemon_before);
     let agent_growth = agent_peak.saturating_sub(agent_before);
     eprintln!(
-        "1 GiB round trip in {:.1} s ({:.0} MiB/s); burrowd RSS {} → peak {} KiB (+{} KiB); \
-         agent RSS {} KiB, peak {} KiB (+{} KiB)",
-        elapsed.as_secs_f64(),
-        1024.0 / elapsed.as_secs_f64(),
-        daemon_before,
-        peak.load(Ordering::SeqCst),
-        daemon_growth,
-        agent_before,
-        agent_peak,
-        agent_growth
+        "1 GiB in: {in_secs:.1} s ({:.0} MiB/s); 1 GiB out: {out_secs:.1} s ({:.0} MiB/s); \
+         burrowd RSS {daemon_before} KiB, peak {daemon_peak} KiB (+{daemon_growth} KiB); \
+         agent RSS {agent_before} KiB, peak {agent_peak} KiB (+{agent_growth} KiB)",
+        1024.0 / in_secs,
+        1024.0 / out_secs,
     );
     assert!(
         daemon_growth <= 128 * 1024,
@@ -399,6 +484,32 @@ fn round_trip_of_1_gib(b: &Burrow) {
         agent_growth <= 128 * 1024,
         "the agent grew by {agent_growth} KiB streaming 1 GiB"
     );
+}
+
+/// 1 GiB through `exec -i dev -- cat`: input and output stream at once on one
+/// stream, and come back the same.
+#[test]
+fn round_trip_of_1_gib_through_cat() {
+    require_root!();
+    let b = Burrow::new();
+    b.ok(&["create", "--name", "dev"]);
+    let daemon = b.daemon_pid().expect("daemon pid");
+    let daemon_before = rss_kib(daemon).expect("daemon VmRSS");
+    let sampler = RssSampler::start(daemon);
+    let mut cli = b.spawn(&["exec", "-i", "dev", "--", "cat"]);
+    let progress = Arc::new(AtomicU64::new(0));
+    let sent = feed(
+        cli.stdin.take().expect("stdin"),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let got = drain(cli.stdout.take().expect("stdout"), progress.clone());
+    let code = wait_progressing("1 GiB round trip through cat", &mut cli, &progress);
+    let (sent, got) = (sent.join().expect("writer"), got.join().expect("reader"));
+    let growth = sampler.peak().saturating_sub(daemon_before);
+    assert_eq!(code, 0, "{}", stderr_of(&mut cli));
+    assert_eq!(progress.load(Ordering::SeqCst), GIB);
+    assert_eq!(got, sent, "the bytes came back changed");
+    assert!(growth <= 128 * 1024, "burrowd grew by {growth} KiB");
 }
 
 /// `logs -f` prints the log and new lines, and ends once the workspace stops.
