@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use burrow::api::client::Client;
 use burrow::api::stream::{ServerEvent, StreamMessage};
-use burrow_proto::StreamOpen;
+use burrow_proto::{Spawn, StreamControl, StreamOpen, WinSize};
 use burrow_tests::{require_root, shell_quote, stty_cooked, text, wait_until, Burrow, Tmux};
 use serde_json::Value;
 
@@ -28,6 +28,7 @@ fn terminals_end_to_end() {
     recording_is_asciicast(&b, &mut tmux);
     kill_names_and_ended_sessions(&b);
     slow_viewer_is_dropped_others_read_on(&b);
+    resize_without_a_terminal(&b);
 }
 
 fn terminal(b: &Burrow, name: &str) -> Option<Value> {
@@ -352,4 +353,55 @@ fn slow_viewer_is_dropped_others_read_on(b: &Burrow) {
     let t = terminal(b, "flood").expect("flood");
     assert_eq!(t["alive"], true, "{t}");
     b.ok(&["terminal", "kill", "dev", "flood"]);
+}
+
+/// A resize (good or bad) of a stream without a terminal changes nothing: the
+/// process reads its input and ends as it would have.
+fn resize_without_a_terminal(b: &Burrow) {
+    let client = Client::new(b.state.join("burrowd.sock"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let open = StreamOpen::Exec(Spawn {
+            argv: vec!["sh".into(), "-c".into(), "read x; echo got-$x".into()],
+            stdin: true,
+            ..Default::default()
+        });
+        let mut s = client.open_stream("dev", &open).await.expect("exec stream");
+        for size in [
+            WinSize {
+                rows: 40,
+                cols: 100,
+            },
+            WinSize {
+                rows: 0,
+                cols: 5000,
+            },
+        ] {
+            s.sender
+                .control(&StreamControl::Resize(size))
+                .await
+                .expect("send resize");
+        }
+        s.sender.stdin(b"a\n".to_vec()).await.expect("stdin");
+        s.sender
+            .control(&StreamControl::CloseStdin)
+            .await
+            .expect("close stdin");
+        let mut out = Vec::new();
+        let exit = loop {
+            let msg = tokio::time::timeout(LONG, s.receiver.next())
+                .await
+                .expect("the exec stalled");
+            match msg.expect("exec stream") {
+                Some(StreamMessage::Stdout(d)) => out.extend_from_slice(&d),
+                Some(StreamMessage::Event(ServerEvent::Exit(x))) => break x,
+                other => panic!("the exec stream got {other:?}"),
+            }
+        };
+        assert_eq!(text(&out), "got-a\n");
+        assert_eq!(exit.exit_code, 0, "{exit:?}");
+    });
 }
