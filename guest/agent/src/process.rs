@@ -209,6 +209,9 @@ impl Capture {
 
 pub type SharedCapture = Arc<Mutex<Capture>>;
 
+/// Where a pipe reader puts what it reads.
+type Sink = Box<dyn FnMut(&[u8]) + Send>;
+
 /// The per-stream cap of a request: the default when absent, never over the
 /// protocol's hard cap (the reply must fit one frame).
 pub fn output_cap(requested: Option<u64>) -> usize {
@@ -309,7 +312,7 @@ pub fn start(table: &ProcessTable, spec: Spec<'_>) -> Result<Running, NotStarted
     let stdout = Arc::new(Mutex::new(Capture::new(spec.max_output)));
     let stderr = Arc::new(Mutex::new(Capture::new(spec.max_output)));
     let mut readers = Vec::with_capacity(2);
-    let sink = |tag: Tag, capture: &SharedCapture| -> Box<dyn FnMut(&[u8]) + Send> {
+    let sink = |tag: Tag, capture: &SharedCapture| -> Sink {
         match &spec.ring {
             Some(ring) => {
                 let ring = Arc::clone(ring);
@@ -394,7 +397,7 @@ pub fn signal_group(pgid: i32, sig: i32) {
 
 /// Reads a pipe to its end into `sink`, draining past any cap so the writer never
 /// blocks on a full pipe.
-async fn drain(fd: OwnedFd, mut sink: Box<dyn FnMut(&[u8]) + Send>) {
+async fn drain(fd: OwnedFd, mut sink: Sink) {
     let mut rx = match pipe::Receiver::from_owned_fd(fd) {
         Ok(rx) => rx,
         Err(e) => {
