@@ -160,6 +160,7 @@ impl Terminals {
         let mut cmd;
         let argv;
         let mut workdir = req.workdir.clone();
+        let mut login_shell = None;
         match req.argv {
             Some(a) => {
                 validate_argv(&a)?;
@@ -172,6 +173,7 @@ impl Terminals {
                 let base_name = shell.rsplit('/').next().unwrap_or("sh").to_string();
                 cmd = Command::new(&shell);
                 cmd.arg0(format!("-{base_name}"));
+                login_shell = Some(shell.clone());
                 if workdir.is_none() {
                     workdir = home.filter(|h| std::path::Path::new(h).is_dir());
                 }
@@ -182,6 +184,16 @@ impl Terminals {
         let mut env = base.merged(&req.env)?;
         if !req.env.contains_key("TERM") {
             env.insert("TERM".into(), DEFAULT_TERM.into());
+        }
+        if let Some(shell) = login_shell {
+            // What login(1) would set, unless the host or SetEnv chose otherwise.
+            for (k, v) in [
+                ("SHELL", shell.as_str()),
+                ("USER", "root"),
+                ("LOGNAME", "root"),
+            ] {
+                env.entry(k.into()).or_insert_with(|| v.into());
+            }
         }
         cmd.env_clear().envs(&env).current_dir(&workdir);
 

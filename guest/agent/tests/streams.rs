@@ -825,3 +825,49 @@ async fn terminal_sessions() {
         .await;
     assert!(e.message.starts_with("name:"), "{}", e.message);
 }
+
+#[tokio::test]
+async fn terminal_sessions_are_bounded_and_stopped_with_the_agent() {
+    let agent = AgentProcess::start();
+    // One session that ends at once, then live ones up to the limit.
+    agent.ok(term("ended", "exit 3")).await;
+    let mut rec = agent
+        .open(StreamOpen::TerminalRecord {
+            name: "ended".into(),
+            from: 0,
+        })
+        .await;
+    assert_eq!(collect(&mut rec).await.exit().exit_code, 3);
+    for i in 1..64 {
+        agent
+            .ok(term(&format!("t{i}"), "echo $$; exec sleep 300"))
+            .await;
+    }
+    // Full: the ended session makes room, then nothing can.
+    agent.ok(term("t64", "echo $$; exec sleep 300")).await;
+    let names: Vec<String> = agent
+        .terminals()
+        .await
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names.len(), 64);
+    assert!(!names.contains(&"ended".to_string()));
+    let e = agent.err(term("t65", "true")).await;
+    assert_eq!(e.kind, ErrorKind::TooLarge);
+    assert!(e.message.contains("64"), "{}", e.message);
+
+    // Their pids, from their own output; all gone once the agent stops.
+    let mut pids = Vec::new();
+    for name in ["t1", "t64"] {
+        let mut s = agent.open(attach(name, true)).await;
+        let out = read_until(&mut s, b"\r\n").await;
+        let pid: i32 = String::from_utf8_lossy(&out).trim().parse().expect("pid");
+        assert!(!gone(pid));
+        pids.push(pid);
+    }
+    drop(agent);
+    for pid in pids {
+        wait_gone(pid).await;
+    }
+}
