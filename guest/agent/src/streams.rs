@@ -436,16 +436,22 @@ where
     let gone = host_gone(&mut rd);
     tokio::pin!(gone);
     if !follow {
+        // An ended job's output is complete: all of it, then its exit. A running
+        // job's: what it had written when the stream opened, then caught_up.
+        let ended = output.exit();
         let (end, _, _) = output.counts();
-        while cur.offset() < end {
+        while ended.is_some() || cur.offset() < end {
             let pieces = output.read_now(&mut cur, MAX_STREAM_CHUNK);
-            if pieces.is_empty() || send_job_pieces(&mut wr, pieces).await.is_err() {
+            if pieces.is_empty() {
                 break;
             }
+            if send_job_pieces(&mut wr, pieces).await.is_err() {
+                return;
+            }
         }
-        let last = match output.exit() {
-            Some(exit) if cur.offset() >= output.counts().0 => StreamEvent::Exit(exit),
-            _ => StreamEvent::CaughtUp,
+        let last = match ended {
+            Some(exit) => StreamEvent::Exit(exit),
+            None => StreamEvent::CaughtUp,
         };
         let _ = GuestFrame::Event(last).write(&mut wr).await;
         return;
