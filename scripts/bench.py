@@ -18,6 +18,7 @@ Usage: bench.py BIN_DIR [--runs N] [--exec-runs N] [--smoke]
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -96,17 +97,22 @@ def floor_boot(qemu_argv, runs):
     return out
 
 
-def docker_exec(runs):
-    """docker exec of `true` in a running container on runc. Uses the Docker engine
-    that answers, or starts a private dockerd (own data root and socket, no network
-    set-up) and imports a busybox image from a local tarball: there is no registry."""
+@contextlib.contextmanager
+def docker_container(applets=("sh", "true", "sleep")):
+    """A running container on runc, from a busybox image imported from a local
+    tarball (there is no registry), with the given applets; yields (env, name) to
+    run `docker exec` with, or (None, why) when no Docker engine can serve. Uses the
+    engine that answers, or starts a private dockerd (own data root and socket, no
+    network set-up)."""
     if shutil.which("docker") is None:
-        return None, "docker is not installed"
+        yield None, "docker is not installed"
+        return
     env = dict(os.environ)
     private = None
     if subprocess.run(["docker", "info"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode != 0:
         if shutil.which("dockerd") is None:
-            return None, "no Docker engine answers and dockerd is not installed"
+            yield None, "no Docker engine answers and dockerd is not installed"
+            return
         private = tempfile.mkdtemp(prefix="bd-", dir="/tmp")
         sock = os.path.join(private, "docker.sock")
         log = open(os.path.join(private, "dockerd.log"), "w")
@@ -118,14 +124,15 @@ def docker_exec(runs):
         deadline = time.monotonic() + 60
         while subprocess.run(["docker", "info"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode != 0:
             if daemon.poll() is not None or time.monotonic() > deadline:
-                return None, f"private dockerd did not start (see {log.name})"
+                yield None, f"private dockerd did not start (see {log.name})"
+                return
             time.sleep(0.2)
     name = f"burrow-bench-{os.getpid()}"
     try:
         root = tempfile.mkdtemp(prefix="bb-", dir="/tmp")
         os.makedirs(os.path.join(root, "bin"))
         shutil.copy("/bin/busybox", os.path.join(root, "bin", "busybox"))
-        for applet in ("sh", "true", "sleep"):
+        for applet in set(applets) | {"sleep"}:
             os.symlink("busybox", os.path.join(root, "bin", applet))
         tar = root + ".tar"
         run(["tar", "-C", root, "-cf", tar, "."])
@@ -133,13 +140,7 @@ def docker_exec(runs):
         shutil.rmtree(root, ignore_errors=True)
         os.remove(tar)
         run(["docker", "run", "-d", "--network", "none", "--name", name, "burrow-bench:busybox", "sleep", "3600"], env=env)
-        run(["docker", "exec", name, "true"], env=env)
-        times = []
-        for _ in range(runs):
-            t0 = time.monotonic()
-            run(["docker", "exec", name, "true"], env=env)
-            times.append(ms(t0))
-        return times, "busybox image"
+        yield env, name
     finally:
         subprocess.run(["docker", "rm", "-f", name], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if private:
@@ -150,6 +151,20 @@ def docker_exec(runs):
                 daemon.kill()
                 daemon.wait()
             shutil.rmtree(private, ignore_errors=True)
+
+
+def docker_exec(runs):
+    """docker exec of `true` in a running container on runc."""
+    with docker_container() as (env, name):
+        if env is None:
+            return None, name
+        run(["docker", "exec", name, "true"], env=env)
+        times = []
+        for _ in range(runs):
+            t0 = time.monotonic()
+            run(["docker", "exec", name, "true"], env=env)
+            times.append(ms(t0))
+        return times, "busybox image"
 
 
 def med(xs):

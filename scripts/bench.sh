@@ -16,3 +16,4 @@ step "$bin/examples/rule_bench" $mode
 step python3 scripts/bench_volumes.py "$bin" --store btrfs $mode
 step python3 scripts/bench_volumes.py "$bin" --store fuse $mode
 step python3 scripts/bench_network.py "$bin" $mode
+step python3 scripts/bench_streams.py "$bin" $mode

@@ -3,11 +3,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use burrow_proto::{AgentError, ErrorKind, Op, Reply};
+use burrow_proto::{AgentError, ErrorKind, Op, Reply, StreamOpen};
 
 use crate::env::Environment;
 use crate::jobs::Jobs;
 use crate::process::{lock, signal_group, ProcessTable};
+use crate::streams::{self, Opened};
+use crate::terminal::Terminals;
 use crate::{exec, files, init};
 
 /// Whether the agent is the guest's init.
@@ -26,6 +28,7 @@ pub struct Agent {
     env: Mutex<Environment>,
     processes: Arc<ProcessTable>,
     jobs: Jobs,
+    terminals: Terminals,
 }
 
 impl Agent {
@@ -36,6 +39,7 @@ impl Agent {
             env: Mutex::new(env),
             processes,
             jobs: Jobs::default(),
+            terminals: Terminals::default(),
         }
     }
 
@@ -61,14 +65,27 @@ impl Agent {
                 .jobs
                 .kill(self.jobs.resolve(&job)?, signal)
                 .map(|()| Reply::Done),
-            Op::JobWait { .. }
-            | Op::JobList
-            | Op::TerminalNew(_)
-            | Op::TerminalList
-            | Op::TerminalKill { .. }
-            | Op::Stream(_) => Err(AgentError::new(
+            Op::JobWait { job } => {
+                let id = self.jobs.resolve(&job)?;
+                self.jobs.wait(id).await.map(Reply::Job)
+            }
+            Op::JobList => Ok(Reply::Jobs {
+                jobs: self.jobs.list(),
+            }),
+            Op::TerminalNew(req) => {
+                let env = lock(&self.env).clone();
+                self.terminals
+                    .create(&self.processes, &env, req)
+                    .map(Reply::Terminal)
+            }
+            Op::TerminalList => Ok(Reply::Terminals {
+                terminals: self.terminals.list(),
+            }),
+            Op::TerminalKill { name } => self.terminals.kill(&name).await.map(|()| Reply::Done),
+            // The connection serves streams itself (see `open_stream`).
+            Op::Stream(_) => Err(AgentError::new(
                 ErrorKind::InvalidArgument,
-                "op: not supported by this agent yet",
+                "op: a stream is opened as a connection's request",
             )),
             Op::SetEnv { set, unset } => lock(&self.env).apply(&set, &unset).map(|()| Reply::Done),
             Op::FileRead(req) => blocking(move || files::read(&req))
@@ -84,6 +101,44 @@ impl Agent {
                 .await
                 .map(|entries| Reply::Entries { entries }),
             Op::Shutdown => Ok(Reply::Done),
+        }
+    }
+
+    /// Validates a stream request and starts what it needs; the connection then
+    /// answers `stream_started` and runs the returned stream.
+    pub fn open_stream(&self, open: StreamOpen) -> Result<Opened, AgentError> {
+        match open {
+            StreamOpen::Exec(spawn) => {
+                let env = lock(&self.env).clone();
+                streams::start_exec(&self.processes, &env, spawn)
+            }
+            StreamOpen::JobOutput { job, follow } => {
+                let job = self.jobs.get(self.jobs.resolve(&job)?)?;
+                Ok(Opened::JobOutput {
+                    output: Arc::clone(&job.output),
+                    follow,
+                })
+            }
+            StreamOpen::TerminalAttach {
+                name,
+                read_only,
+                size,
+            } => {
+                if let Some(size) = size {
+                    size.validate().map_err(|m| {
+                        AgentError::new(ErrorKind::InvalidArgument, format!("size.{m}"))
+                    })?;
+                }
+                let session = self.terminals.get(&name)?;
+                if let (false, Some(size)) = (read_only, size) {
+                    session.resize(size);
+                }
+                Ok(Opened::Attach { session, read_only })
+            }
+            StreamOpen::TerminalRecord { name, from } => Ok(Opened::Record {
+                session: self.terminals.get(&name)?,
+                from,
+            }),
         }
     }
 
@@ -103,8 +158,8 @@ impl Agent {
         }
     }
 
-    /// SIGTERM to every process group the agent started, up to a second for them
-    /// to go, then SIGKILL.
+    /// SIGTERM to every process group the agent started (execs, jobs, terminal
+    /// sessions: each is its own group), up to a second for them to go, then SIGKILL.
     pub async fn stop_children(&self) {
         let groups = |agent: &Agent| {
             let mut g = agent.jobs.running_groups();

@@ -63,6 +63,7 @@ pub async fn run(
         env: &env,
         stdin: req.stdin,
         max_output: output_cap(req.max_output_bytes),
+        ring: None,
     };
     let mut running = match process::start(table, spec) {
         Ok(r) => r,

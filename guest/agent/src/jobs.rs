@@ -1,4 +1,5 @@
-//! Background jobs: started, polled for their output so far, signalled.
+//! Background jobs: started (optionally named), polled for the tail of their
+//! output, waited for, listed, signalled, and streamed (`JobOutput`).
 //!
 //! Jobs belong to the agent, not to a connection, so a host that reconnects can
 //! still poll them. A finished job keeps its status and output until it is
@@ -8,26 +9,27 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use burrow_proto::{AgentError, ErrorKind, JobStart, JobStatus};
+use burrow_proto::{validate_name, AgentError, ErrorKind, ExitInfo, JobInfo, JobStart, JobStatus};
 
 use crate::env::Environment;
 use crate::exec::{millis, resolve_workdir, validate_argv};
-use crate::process::{
-    self, lock, output_cap, Capture, ExitStatus, ProcessTable, SharedCapture, Spec,
-};
+use crate::process::{self, lock, output_cap, ExitStatus, ProcessTable, Spec};
+use crate::ring::{Output, Tag};
 
 /// Jobs kept at most. Past it, the oldest finished job is forgotten, so a host that
 /// never stops starting jobs cannot grow the agent without bound (each finished job
-/// holds up to two capped outputs).
+/// holds a ring of at most twice its output cap).
 pub const MAX_JOBS: usize = 1024;
 
-struct Job {
+pub struct Job {
+    name: Option<String>,
     argv: Vec<String>,
     /// Process group to signal; `None` when the process never started.
     pgid: Option<i32>,
     started: Instant,
-    stdout: SharedCapture,
-    stderr: SharedCapture,
+    /// Both streams, tagged, in one ring of twice the job's output cap; complete
+    /// (with the exit) once the job has ended and its pipes are drained.
+    pub output: Arc<Output>,
     state: Mutex<JobState>,
 }
 
@@ -52,6 +54,10 @@ struct JobTable {
 }
 
 impl JobTable {
+    fn name_taken(&self, name: &str) -> bool {
+        self.jobs.values().any(|j| j.name.as_deref() == Some(name))
+    }
+
     fn insert(&mut self, job: Arc<Job>) -> u32 {
         if self.jobs.len() >= MAX_JOBS {
             let oldest_finished = self
@@ -69,6 +75,14 @@ impl JobTable {
     }
 }
 
+fn exit_info(status: ExitStatus) -> ExitInfo {
+    ExitInfo {
+        exit_code: status.code(),
+        signal: status.signal(),
+        timed_out: false,
+    }
+}
+
 impl Jobs {
     /// Starts a job; its id counts from 1. A command that cannot be started gives a
     /// job that has already finished the way a shell would report it (exit 127 and
@@ -80,62 +94,95 @@ impl Jobs {
         req: JobStart,
     ) -> Result<u32, AgentError> {
         validate_argv(&req.argv)?;
+        if let Some(name) = &req.name {
+            validate_name("name", name)
+                .map_err(|m| AgentError::new(ErrorKind::InvalidArgument, m))?;
+        }
         let workdir = resolve_workdir(req.workdir.as_deref())?;
         let env = base.merged(&req.env)?;
         let cap = output_cap(req.max_output_bytes);
+        let output = Arc::new(Output::new(cap.saturating_mul(2)));
+        // The name is checked and the job inserted under one lock, so two starts
+        // with one name cannot both win; the spawn happens under it too (it is
+        // short: a posix_spawn).
+        let mut jobs = lock(&self.inner);
+        if let Some(name) = &req.name {
+            if jobs.name_taken(name) {
+                return Err(AgentError::new(
+                    ErrorKind::AlreadyExists,
+                    format!("name: a job named {name:?} already exists"),
+                ));
+            }
+        }
         let spec = Spec {
             argv: &req.argv,
             workdir: &workdir,
             env: &env,
             stdin: None,
             max_output: cap,
+            ring: Some(Arc::clone(&output)),
         };
         let mut running = match process::start(table, spec) {
             Ok(r) => r,
             Err(not_started) => {
-                let mut stderr = Capture::new(cap);
-                stderr.push(not_started.stderr.as_bytes());
+                output.push(Tag::Stderr, not_started.stderr.as_bytes());
+                let status = ExitStatus::Exited(not_started.exit_code);
+                output.finish(exit_info(status));
                 let job = Job {
+                    name: req.name,
                     argv: req.argv,
                     pgid: None,
                     started: Instant::now(),
-                    stdout: Arc::new(Mutex::new(Capture::new(cap))),
-                    stderr: Arc::new(Mutex::new(stderr)),
+                    output,
                     state: Mutex::new(JobState::Finished {
-                        status: ExitStatus::Exited(not_started.exit_code),
+                        status,
                         duration: Duration::ZERO,
                     }),
                 };
-                return Ok(lock(&self.inner).insert(Arc::new(job)));
+                return Ok(jobs.insert(Arc::new(job)));
             }
         };
         let job = Arc::new(Job {
+            name: req.name,
             argv: req.argv,
             pgid: Some(running.pid),
             started: running.started,
-            stdout: Arc::clone(&running.stdout),
-            stderr: Arc::clone(&running.stderr),
+            output,
             state: Mutex::new(JobState::Running),
         });
-        let id = lock(&self.inner).insert(Arc::clone(&job));
+        let id = jobs.insert(Arc::clone(&job));
+        drop(jobs);
         tokio::spawn(async move {
             let finished = running.wait(None).await;
             *lock(&job.state) = JobState::Finished {
                 status: finished.status,
                 duration: finished.duration,
             };
+            job.output.finish(exit_info(finished.status));
         });
         Ok(id)
     }
 
-    /// The id of the job `reference` names: its number.
+    /// The id of the job `reference` names: its number, or its name.
     pub fn resolve(&self, reference: &str) -> Result<u32, AgentError> {
-        reference.parse().map_err(|_| {
-            AgentError::new(ErrorKind::NotFound, format!("job {reference}: no such job"))
+        let jobs = lock(&self.inner);
+        let found = match reference.parse::<u32>() {
+            Ok(id) => jobs.jobs.contains_key(&id).then_some(id),
+            Err(_) => jobs
+                .jobs
+                .iter()
+                .find(|(_, j)| j.name.as_deref() == Some(reference))
+                .map(|(id, _)| *id),
+        };
+        found.ok_or_else(|| {
+            AgentError::new(
+                ErrorKind::NotFound,
+                format!("job {}: no such job", reference.escape_debug()),
+            )
         })
     }
 
-    fn get(&self, id: u32) -> Result<Arc<Job>, AgentError> {
+    pub fn get(&self, id: u32) -> Result<Arc<Job>, AgentError> {
         lock(&self.inner)
             .jobs
             .get(&id)
@@ -143,32 +190,51 @@ impl Jobs {
             .ok_or_else(|| AgentError::new(ErrorKind::NotFound, format!("job {id}: no such job")))
     }
 
-    /// The job's state and all its output so far.
+    /// The job's state and the output kept: the tail of each stream (a job keeps
+    /// at most twice its cap of both together; `*_truncated` says bytes of that
+    /// stream were dropped from the head).
     pub fn poll(&self, id: u32) -> Result<JobStatus, AgentError> {
         let job = self.get(id)?;
         // Read the state before the output: a job seen finished then has all of its
-        // output in the captures (it is marked finished only after its pipes closed
-        // or the grace period ran out).
+        // output in the ring (it is marked finished only after its pipes closed or
+        // the grace period ran out).
         let state = *lock(&job.state);
-        let (stdout, stdout_truncated) = lock(&job.stdout).snapshot();
-        let (stderr, stderr_truncated) = lock(&job.stderr).snapshot();
-        let (running, status, duration) = match state {
-            JobState::Running => (true, None, job.started.elapsed()),
-            JobState::Finished { status, duration } => (false, Some(status), duration),
-        };
+        let stdout = job.output.kept(Tag::Stdout);
+        let stderr = job.output.kept(Tag::Stderr);
+        let (_, out_dropped, err_dropped) = job.output.counts();
+        let info = info(id, &job, state);
         Ok(JobStatus {
             job: id,
-            name: None,
-            argv: job.argv.clone(),
-            running,
-            exit_code: status.map(ExitStatus::code),
-            signal: status.and_then(ExitStatus::signal),
+            name: info.name,
+            argv: info.argv,
+            running: info.running,
+            exit_code: info.exit_code,
+            signal: info.signal,
             stdout,
             stderr,
-            stdout_truncated,
-            stderr_truncated,
-            duration_ms: millis(duration),
+            stdout_truncated: out_dropped > 0,
+            stderr_truncated: err_dropped > 0,
+            duration_ms: info.duration_ms,
         })
+    }
+
+    /// Waits until the job has ended (and its output is complete), then polls it.
+    pub async fn wait(&self, id: u32) -> Result<JobStatus, AgentError> {
+        let job = self.get(id)?;
+        job.output.ended().await;
+        self.poll(id)
+    }
+
+    /// Every job kept, by id.
+    pub fn list(&self) -> Vec<JobInfo> {
+        let jobs: Vec<(u32, Arc<Job>)> = lock(&self.inner)
+            .jobs
+            .iter()
+            .map(|(id, j)| (*id, Arc::clone(j)))
+            .collect();
+        jobs.iter()
+            .map(|(id, j)| info(*id, j, *lock(&j.state)))
+            .collect()
     }
 
     /// Sends `signal` to the job's process group. A finished job is not signalled:
@@ -198,6 +264,22 @@ impl Jobs {
     }
 }
 
+fn info(id: u32, job: &Job, state: JobState) -> JobInfo {
+    let (running, status, duration) = match state {
+        JobState::Running => (true, None, job.started.elapsed()),
+        JobState::Finished { status, duration } => (false, Some(status), duration),
+    };
+    JobInfo {
+        job: id,
+        name: job.name.clone(),
+        argv: job.argv.clone(),
+        running,
+        exit_code: status.map(ExitStatus::code),
+        signal: status.and_then(ExitStatus::signal),
+        duration_ms: millis(duration),
+    }
+}
+
 /// Signal numbers 1 to SIGRTMAX. 0 (the existence probe) is refused: it sends
 /// nothing, so asking for it is a mistake.
 pub fn valid_signal(signal: i32) -> bool {
@@ -220,11 +302,11 @@ mod tests {
 
     fn finished_job() -> Arc<Job> {
         Arc::new(Job {
+            name: None,
             argv: vec!["x".into()],
             pgid: None,
             started: Instant::now(),
-            stdout: Arc::default(),
-            stderr: Arc::default(),
+            output: Arc::new(Output::new(0)),
             state: Mutex::new(JobState::Finished {
                 status: ExitStatus::Exited(0),
                 duration: Duration::ZERO,
@@ -251,6 +333,13 @@ mod tests {
     #[test]
     fn unknown_job_is_not_found() {
         let jobs = Jobs::default();
+        let e = jobs.resolve("7").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound);
+        assert_eq!(e.message, "job 7: no such job");
+        assert_eq!(
+            jobs.resolve("build").unwrap_err().message,
+            "job build: no such job"
+        );
         let e = jobs.poll(7).unwrap_err();
         assert_eq!(e.kind, ErrorKind::NotFound);
         assert!(e.message.contains('7'));

@@ -16,7 +16,11 @@ mod init;
 mod jobs;
 mod log;
 mod process;
+mod pty;
+mod ring;
 mod server;
+mod streams;
+mod terminal;
 
 use std::process::ExitCode;
 use std::sync::Arc;

@@ -22,11 +22,13 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 
+use crate::ring::{Output, Tag};
+
 /// How long, after a process has exited, its pipes may stay open before the agent
 /// answers with the output it has. A background grandchild that inherited the
 /// pipes (`server &`) would otherwise hold the answer forever; its output keeps
 /// being drained (and dropped) so it never blocks on a full pipe.
-const OUTPUT_GRACE: Duration = Duration::from_millis(250);
+pub const OUTPUT_GRACE: Duration = Duration::from_millis(250);
 
 /// Locks a mutex, recovering the data if a holder panicked: every structure guarded
 /// here stays consistent between statements.
@@ -126,7 +128,7 @@ impl ProcessTable {
     }
 
     /// Spawns `cmd` and registers its waiter.
-    fn spawn(&self, cmd: &mut Command) -> io::Result<(std::process::Child, ExitWaiter)> {
+    pub fn spawn(&self, cmd: &mut Command) -> io::Result<(std::process::Child, ExitWaiter)> {
         let mut waiters = lock(&self.waiters);
         let child = cmd.spawn()?;
         let (tx, rx) = oneshot::channel();
@@ -154,7 +156,18 @@ impl ProcessTable {
     }
 }
 
-struct ExitWaiter(oneshot::Receiver<ExitStatus>);
+/// The exit status of one child, delivered by the reaper.
+pub struct ExitWaiter(oneshot::Receiver<ExitStatus>);
+
+impl ExitWaiter {
+    /// Waits for the exit. The reaper never drops a waiter without sending (except
+    /// at power-off), so the fallback only guards against that.
+    pub async fn wait(&mut self) -> ExitStatus {
+        (&mut self.0)
+            .await
+            .unwrap_or(ExitStatus::Signaled(libc::SIGKILL))
+    }
+}
 
 /// The first `cap` bytes of one output stream.
 #[derive(Debug, Clone, Default)]
@@ -184,6 +197,7 @@ impl Capture {
     }
 
     /// A copy of the bytes so far and whether any were dropped.
+    #[cfg(test)]
     pub fn snapshot(&self) -> (Vec<u8>, bool) {
         (self.data.clone(), self.truncated)
     }
@@ -194,6 +208,9 @@ impl Capture {
 }
 
 pub type SharedCapture = Arc<Mutex<Capture>>;
+
+/// Where a pipe reader puts what it reads.
+type Sink = Box<dyn FnMut(&[u8]) + Send>;
 
 /// The per-stream cap of a request: the default when absent, never over the
 /// protocol's hard cap (the reply must fit one frame).
@@ -213,6 +230,9 @@ pub struct Spec<'a> {
     /// Bytes for standard input, which is closed afterwards; `/dev/null` if `None`.
     pub stdin: Option<Vec<u8>>,
     pub max_output: usize,
+    /// Where the output goes instead of the captures (jobs): a ring that keeps the
+    /// tail of both streams.
+    pub ring: Option<Arc<Output>>,
 }
 
 /// A process that could not be started: the shell's answer to the same failure.
@@ -292,11 +312,23 @@ pub fn start(table: &ProcessTable, spec: Spec<'_>) -> Result<Running, NotStarted
     let stdout = Arc::new(Mutex::new(Capture::new(spec.max_output)));
     let stderr = Arc::new(Mutex::new(Capture::new(spec.max_output)));
     let mut readers = Vec::with_capacity(2);
+    let sink = |tag: Tag, capture: &SharedCapture| -> Sink {
+        match &spec.ring {
+            Some(ring) => {
+                let ring = Arc::clone(ring);
+                Box::new(move |b: &[u8]| ring.push(tag, b))
+            }
+            None => {
+                let capture = Arc::clone(capture);
+                Box::new(move |b: &[u8]| lock(&capture).push(b))
+            }
+        }
+    };
     if let Some(out) = child.stdout.take() {
-        readers.push(tokio::spawn(drain(out.into(), Arc::clone(&stdout))));
+        readers.push(tokio::spawn(drain(out.into(), sink(Tag::Stdout, &stdout))));
     }
     if let Some(err) = child.stderr.take() {
-        readers.push(tokio::spawn(drain(err.into(), Arc::clone(&stderr))));
+        readers.push(tokio::spawn(drain(err.into(), sink(Tag::Stderr, &stderr))));
     }
     let stdin_writer = match (child.stdin.take(), spec.stdin) {
         (Some(pipe), Some(bytes)) => Some(tokio::spawn(feed(pipe.into(), bytes))),
@@ -363,9 +395,9 @@ pub fn signal_group(pgid: i32, sig: i32) {
     }
 }
 
-/// Reads a pipe to its end into `capture`, draining past the cap so the writer
-/// never blocks on a full pipe.
-async fn drain(fd: OwnedFd, capture: SharedCapture) {
+/// Reads a pipe to its end into `sink`, draining past any cap so the writer never
+/// blocks on a full pipe.
+async fn drain(fd: OwnedFd, mut sink: Sink) {
     let mut rx = match pipe::Receiver::from_owned_fd(fd) {
         Ok(rx) => rx,
         Err(e) => {
@@ -377,7 +409,7 @@ async fn drain(fd: OwnedFd, capture: SharedCapture) {
     loop {
         match rx.read(&mut buf).await {
             Ok(0) => break,
-            Ok(n) => lock(&capture).push(&buf[..n]),
+            Ok(n) => sink(&buf[..n]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => break,
         }

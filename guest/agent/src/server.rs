@@ -1,7 +1,11 @@
 //! Listening and the per-connection protocol loop.
 //!
 //! A connection is a handshake, then requests answered one by one in order.
-//! Connections are served concurrently. Nothing read from the wire can panic the
+//! Connections are served concurrently. A `stream` request turns its connection
+//! into a stream (see `streams`): answered `stream_started`, it carries stream
+//! frames until the stream's last frame, then the agent closes it. A `stream`
+//! request that fails is answered with the error and the connection stays a
+//! request connection. Nothing read from the wire can panic the
 //! agent: every decoding failure becomes an error reply or the end of that
 //! connection.
 
@@ -13,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use burrow_proto::{
     read_frame, read_message, write_message, AgentError, ErrorKind, FrameError, Hello, HelloReply,
-    Op, Outcome, Request, Response, AGENT_PORT, MAX_FRAME, PROTOCOL_VERSION, READY_PORT,
+    Op, Outcome, Reply, Request, Response, AGENT_PORT, MAX_FRAME, PROTOCOL_VERSION, READY_PORT,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixListener;
@@ -137,7 +141,7 @@ impl Listener {
 /// Serves one connection to its end.
 pub async fn serve_connection<S>(agent: Arc<Agent>, stream: S)
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
     if !handshake(&mut rd, &mut wr).await {
@@ -145,6 +149,27 @@ where
     }
     loop {
         let (id, outcome, shutdown) = match read_request(&mut rd).await {
+            Ok(Request {
+                id,
+                op: Op::Stream(open),
+            }) => match agent.open_stream(open) {
+                Ok(opened) => {
+                    let started = Reply::StreamStarted { pid: opened.pid() };
+                    let resp = Response {
+                        id,
+                        outcome: Outcome::Ok(started),
+                    };
+                    if send_response(&mut wr, resp).await {
+                        opened.run(rd, wr).await;
+                    } else {
+                        // The host is gone before the stream began.
+                        opened.abandon();
+                    }
+                    return;
+                }
+                // The connection stays a request connection.
+                Err(e) => (id, Outcome::Err(e), false),
+            },
             Ok(req) => {
                 let shutdown = matches!(req.op, Op::Shutdown);
                 let outcome: Outcome = agent.handle(req.op).await.into();

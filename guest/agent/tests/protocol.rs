@@ -553,21 +553,22 @@ async fn jobs_start_poll_kill() {
 
     let second = c
         .start_job(JobStart {
-            argv: sh("echo done; echo e >&2; exit 4").argv,
-            max_output_bytes: Some(3),
+            argv: sh("echo done; exit 4").argv,
+            max_output_bytes: Some(2),
             ..Default::default()
         })
         .await;
     assert_eq!(second, 2);
     let st = c.poll_until(second, |s| !s.running).await;
     assert_eq!((st.exit_code, st.signal), (Some(4), None));
+    // A job keeps the tail: twice its cap (4 bytes) of both streams together.
     assert_eq!(
         (st.stdout.as_slice(), st.stdout_truncated),
-        (&b"don"[..], true)
+        (&b"one\n"[..], true)
     );
     assert_eq!(
         (st.stderr.as_slice(), st.stderr_truncated),
-        (&b"e\n"[..], false)
+        (&b""[..], false)
     );
 
     let missing = c

@@ -234,12 +234,15 @@ async fn read_raw<R: AsyncRead + Unpin>(r: &mut R) -> Result<(u8, Vec<u8>), Fram
             max: MAX_STREAM_FRAME,
         });
     }
-    let mut buf = vec![0u8; len];
-    r.read_exact(&mut buf).await.map_err(|e| match e.kind() {
+    let eof = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => FrameError::Closed,
         _ => FrameError::Io(e),
-    })?;
-    let kind = buf.remove(0);
+    };
+    let mut kind = [0u8; 1];
+    r.read_exact(&mut kind).await.map_err(eof)?;
+    let mut buf = vec![0u8; len - 1];
+    r.read_exact(&mut buf).await.map_err(eof)?;
+    let kind = kind[0];
     Ok((kind, buf))
 }
 

@@ -1,0 +1,496 @@
+//! Stream connections: a process's live I/O (`Exec`) and a job's output
+//! (`JobOutput`). Terminal streams are in [`crate::terminal`].
+//!
+//! A stream is opened in two steps so that the host hears of bad input before the
+//! connection changes its nature: [`open`] validates and starts what it must and
+//! answers `stream_started` (or an error, after which the connection stays an
+//! ordinary request connection); then [`Opened::run`] carries the frames until
+//! the last guest frame, after which the agent closes the connection.
+
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use burrow_proto::{
+    AgentError, ErrorKind, ExitInfo, FrameError, GuestFrame, HostFrame, Spawn, StreamControl,
+    StreamEvent, MAX_STREAM_CHUNK,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::sync::watch;
+
+use crate::env::Environment;
+use crate::exec::{resolve_workdir, validate_argv};
+use crate::jobs::valid_signal;
+use crate::process::{
+    signal_group, ExitStatus, ExitWaiter, NotStarted, ProcessTable, OUTPUT_GRACE,
+};
+use crate::pty::{self, PtyMaster, DEFAULT_TERM};
+use crate::ring::{Cursor, Item, Next, Output, Piece, Tag};
+use crate::terminal::{self, Session};
+
+/// What an opened stream goes on to do.
+pub enum Opened {
+    Exec(ExecProc),
+    /// The command could not be started: its shell-like message and status.
+    NotStarted(NotStarted),
+    JobOutput {
+        output: Arc<Output>,
+        follow: bool,
+    },
+    Attach {
+        session: Arc<Session>,
+        read_only: bool,
+    },
+    Record {
+        session: Arc<Session>,
+        from: u64,
+    },
+}
+
+impl Opened {
+    /// The pid `stream_started` reports.
+    pub fn pid(&self) -> Option<i32> {
+        match self {
+            Opened::Exec(p) => Some(p.pid),
+            _ => None,
+        }
+    }
+
+    /// Ends a stream that never ran: an exec's process group is killed, as when
+    /// its host goes away.
+    pub fn abandon(self) {
+        if let Opened::Exec(p) = self {
+            signal_group(p.pid, libc::SIGKILL);
+        }
+    }
+
+    /// Carries the stream to its end.
+    pub async fn run<R, W>(self, rd: R, mut wr: W)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send,
+    {
+        match self {
+            Opened::Exec(p) => run_exec(p, rd, &mut wr).await,
+            Opened::NotStarted(n) => {
+                let _ = GuestFrame::Stderr(n.stderr.into_bytes())
+                    .write(&mut wr)
+                    .await;
+                let exit = ExitInfo {
+                    exit_code: n.exit_code,
+                    signal: None,
+                    timed_out: false,
+                };
+                let _ = GuestFrame::Event(StreamEvent::Exit(exit))
+                    .write(&mut wr)
+                    .await;
+            }
+            Opened::JobOutput { output, follow } => {
+                run_job_output(&output, follow, rd, &mut wr).await
+            }
+            Opened::Attach { session, read_only } => {
+                terminal::run_attach(session, read_only, rd, &mut wr).await
+            }
+            Opened::Record { session, from } => {
+                terminal::run_record(&session, from, rd, &mut wr).await
+            }
+        }
+        let _ = wr.shutdown().await;
+    }
+}
+
+/// How the host's input reaches the process.
+enum Input {
+    /// The write end of the stdin pipe; `None` without `stdin`.
+    Pipe(Option<OwnedFd>),
+    Pty {
+        master: Arc<PtyMaster>,
+        stdin: bool,
+    },
+}
+
+/// A process started for an `Exec` stream.
+pub struct ExecProc {
+    pid: i32,
+    exit: ExitWaiter,
+    input: Input,
+    output: ExecOutput,
+    timeout: Option<Duration>,
+}
+
+enum ExecOutput {
+    Pipes(Option<OwnedFd>, Option<OwnedFd>),
+    Pty(Arc<PtyMaster>),
+}
+
+/// Validates `req` and starts its process (in a process group of its own).
+pub fn start_exec(
+    table: &ProcessTable,
+    base: &Environment,
+    req: Spawn,
+) -> Result<Opened, AgentError> {
+    validate_argv(&req.argv)?;
+    if let Some(size) = req.tty {
+        size.validate()
+            .map_err(|m| AgentError::new(ErrorKind::InvalidArgument, format!("tty.{m}")))?;
+    }
+    let workdir = resolve_workdir(req.workdir.as_deref())?;
+    let mut env = base.merged(&req.env)?;
+    let (program, args) = req
+        .argv
+        .split_first()
+        .ok_or_else(|| AgentError::new(ErrorKind::InvalidArgument, "argv: must not be empty"))?;
+    let mut cmd = Command::new(program);
+    cmd.args(args).current_dir(&workdir);
+    let timeout = req.timeout_ms.map(Duration::from_millis);
+    let not_started =
+        |e: &std::io::Error| Ok(Opened::NotStarted(NotStarted::from_spawn_error(program, e)));
+    if let Some(size) = req.tty {
+        if !req.env.contains_key("TERM") {
+            env.insert("TERM".into(), DEFAULT_TERM.into());
+        }
+        cmd.env_clear().envs(&env);
+        let child = match pty::spawn(table, cmd, size) {
+            Ok(c) => c,
+            Err(e) => return not_started(&e),
+        };
+        let master = Arc::new(child.master);
+        return Ok(Opened::Exec(ExecProc {
+            pid: child.pid,
+            exit: child.exit,
+            input: Input::Pty {
+                master: Arc::clone(&master),
+                stdin: req.stdin,
+            },
+            output: ExecOutput::Pty(master),
+            timeout,
+        }));
+    }
+    cmd.env_clear()
+        .envs(&env)
+        .process_group(0)
+        .stdin(if req.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let (mut child, exit) = match table.spawn(&mut cmd) {
+        Ok(c) => c,
+        Err(e) => return not_started(&e),
+    };
+    Ok(Opened::Exec(ExecProc {
+        pid: child.id() as i32,
+        exit,
+        input: Input::Pipe(child.stdin.take().map(OwnedFd::from)),
+        output: ExecOutput::Pipes(
+            child.stdout.take().map(OwnedFd::from),
+            child.stderr.take().map(OwnedFd::from),
+        ),
+        timeout,
+    }))
+}
+
+/// Runs an exec stream: output frames as the process writes (each awaited before
+/// the pipe is read again), input from the host, then the exit. The host going
+/// away kills the process group.
+async fn run_exec<R, W>(p: ExecProc, rd: R, mut wr: W)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send,
+{
+    let ExecProc {
+        pid,
+        mut exit,
+        input,
+        output,
+        timeout,
+    } = p;
+    let alive = Arc::new(AtomicBool::new(true));
+    let mut input_task = tokio::spawn(input_loop(rd, input, pid, Arc::clone(&alive)));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut status: Option<ExitStatus> = None;
+    let mut timed_out = false;
+    let mut host_gone = false;
+    {
+        let pump = async {
+            match output {
+                ExecOutput::Pipes(out, err) => pump_pipes(&mut wr, out, err, stop_rx).await,
+                ExecOutput::Pty(master) => pump_pty(&mut wr, &master, stop_rx).await,
+            }
+        };
+        tokio::pin!(pump);
+        let deadline = async {
+            match timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(deadline);
+        let never = || tokio::time::Instant::now() + Duration::from_secs(1 << 30);
+        let grace = tokio::time::sleep_until(never());
+        tokio::pin!(grace);
+        let mut pump_done = false;
+        while !pump_done || status.is_none() {
+            tokio::select! {
+                r = &mut pump, if !pump_done => {
+                    if r.is_err() {
+                        host_gone = true;
+                        break;
+                    }
+                    pump_done = true;
+                }
+                st = exit.wait(), if status.is_none() => {
+                    alive.store(false, Ordering::SeqCst);
+                    status = Some(st);
+                    grace.as_mut().reset(tokio::time::Instant::now() + OUTPUT_GRACE);
+                }
+                _ = &mut grace, if status.is_some() => {
+                    // A background process still holds the output: stop reading it.
+                    let _ = stop_tx.send(true);
+                    grace.as_mut().reset(never());
+                }
+                _ = &mut deadline, if status.is_none() && !timed_out => {
+                    timed_out = true;
+                    signal_group(pid, libc::SIGKILL);
+                }
+                _ = &mut input_task => {
+                    host_gone = true;
+                    break;
+                }
+            }
+        }
+    }
+    if host_gone {
+        if alive.load(Ordering::SeqCst) {
+            signal_group(pid, libc::SIGKILL);
+        }
+        input_task.abort();
+        return;
+    }
+    input_task.abort();
+    let status = status.unwrap_or(ExitStatus::Signaled(libc::SIGKILL));
+    let exit = ExitInfo {
+        exit_code: status.code(),
+        signal: status.signal(),
+        timed_out,
+    };
+    let _ = GuestFrame::Event(StreamEvent::Exit(exit))
+        .write(&mut wr)
+        .await;
+}
+
+/// Reads what may be read from an optional pipe; pending forever without one.
+async fn read_opt(p: &mut Option<pipe::Receiver>, buf: &mut [u8]) -> std::io::Result<usize> {
+    match p {
+        Some(p) => p.read(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends the two pipes' output as frames until both end or `stop` is set. Each
+/// frame is written (awaited) before its pipe is read again.
+async fn pump_pipes<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    out: Option<OwnedFd>,
+    err: Option<OwnedFd>,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let mut out = out.and_then(|fd| pipe::Receiver::from_owned_fd(fd).ok());
+    let mut err = err.and_then(|fd| pipe::Receiver::from_owned_fd(fd).ok());
+    let mut bo = vec![0u8; MAX_STREAM_CHUNK];
+    let mut be = vec![0u8; MAX_STREAM_CHUNK];
+    while out.is_some() || err.is_some() {
+        let frame = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+            r = read_opt(&mut out, &mut bo) => match r {
+                Ok(n) if n > 0 => GuestFrame::Stdout(bo[..n].to_vec()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                _ => { out = None; continue; }
+            },
+            r = read_opt(&mut err, &mut be) => match r {
+                Ok(n) if n > 0 => GuestFrame::Stderr(be[..n].to_vec()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                _ => { err = None; continue; }
+            },
+        };
+        frame.write(wr).await.map_err(frame_io)?;
+    }
+    Ok(())
+}
+
+async fn pump_pty<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    master: &PtyMaster,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; MAX_STREAM_CHUNK];
+    loop {
+        let n = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+            r = master.read(&mut buf) => match r {
+                Ok(n) if n > 0 => n,
+                _ => return Ok(()),
+            },
+        };
+        GuestFrame::Stdout(buf[..n].to_vec())
+            .write(wr)
+            .await
+            .map_err(frame_io)?;
+    }
+}
+
+fn frame_io(e: FrameError) -> std::io::Error {
+    match e {
+        FrameError::Io(e) => e,
+        other => std::io::Error::other(other.to_string()),
+    }
+}
+
+/// Applies the host's frames to the process until the host closes or breaks the
+/// connection (which is when this returns). Stdin writes are awaited, so a process
+/// that does not read its input stalls the host's sending, not the agent's memory.
+async fn input_loop<R: AsyncRead + Unpin>(
+    mut rd: R,
+    input: Input,
+    pgid: i32,
+    alive: Arc<AtomicBool>,
+) {
+    let (mut pipe_tx, pty) = match input {
+        Input::Pipe(fd) => (fd.and_then(|fd| pipe::Sender::from_owned_fd(fd).ok()), None),
+        Input::Pty { master, stdin } => (None, Some((master, stdin))),
+    };
+    loop {
+        let frame = match HostFrame::read(&mut rd).await {
+            Ok(f) => f,
+            Err(FrameError::Malformed(e)) => {
+                tracing::debug!("stream: bad control frame ignored: {e}");
+                continue;
+            }
+            Err(_) => return,
+        };
+        match (frame, &pty) {
+            (HostFrame::Stdin(data), None) => {
+                if let Some(tx) = &mut pipe_tx {
+                    // EPIPE: the process closed its input; later input is dropped.
+                    if tx.write_all(&data).await.is_err() {
+                        pipe_tx = None;
+                    }
+                }
+            }
+            (HostFrame::Stdin(data), Some((master, true))) => {
+                let _ = master.write_all(&data).await;
+            }
+            (HostFrame::Stdin(_), Some((_, false))) => {}
+            (HostFrame::Control(StreamControl::CloseStdin), None) => pipe_tx = None,
+            (HostFrame::Control(StreamControl::CloseStdin), Some((master, _))) => {
+                let _ = master.write_all(&[master.eof_char()]).await;
+            }
+            (HostFrame::Control(StreamControl::Resize(size)), Some((master, _))) => {
+                if size.validate().is_ok() {
+                    let _ = master.resize(size);
+                }
+            }
+            (HostFrame::Control(StreamControl::Resize(_)), None) => {}
+            (HostFrame::Control(StreamControl::Signal { signal }), pty) => {
+                if !valid_signal(signal) || !alive.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let group = pty
+                    .as_ref()
+                    .and_then(|(m, _)| m.foreground())
+                    .unwrap_or(pgid);
+                signal_group(group, signal);
+            }
+        }
+    }
+}
+
+/// Resolves when the host closes or breaks the connection; frames it sends are
+/// read and ignored.
+pub async fn host_gone<R: AsyncRead + Unpin>(rd: &mut R) {
+    loop {
+        match HostFrame::read(rd).await {
+            Ok(_) | Err(FrameError::Malformed(_)) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Sends a job's kept output (a gap event first if its head was dropped), then
+/// without `follow` `caught_up` or `exit`; with `follow` live output until the job
+/// ends, then `exit`. A follower that falls behind the ring gets a gap and goes on.
+async fn run_job_output<R, W>(output: &Output, follow: bool, mut rd: R, mut wr: W)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut cur = Cursor::at(0);
+    let gone = host_gone(&mut rd);
+    tokio::pin!(gone);
+    if !follow {
+        // An ended job's output is complete: all of it, then its exit. A running
+        // job's: what it had written when the stream opened, then caught_up.
+        let ended = output.exit();
+        let (end, _, _) = output.counts();
+        while ended.is_some() || cur.offset() < end {
+            let pieces = output.read_now(&mut cur, MAX_STREAM_CHUNK);
+            if pieces.is_empty() {
+                break;
+            }
+            if send_job_pieces(&mut wr, pieces).await.is_err() {
+                return;
+            }
+        }
+        let last = match ended {
+            Some(exit) => StreamEvent::Exit(exit),
+            None => StreamEvent::CaughtUp,
+        };
+        let _ = GuestFrame::Event(last).write(&mut wr).await;
+        return;
+    }
+    loop {
+        let next = tokio::select! {
+            n = output.next(&mut cur, MAX_STREAM_CHUNK) => n,
+            _ = &mut gone => return,
+        };
+        match next {
+            Next::Pieces(pieces) => {
+                if send_job_pieces(&mut wr, pieces).await.is_err() {
+                    return;
+                }
+            }
+            Next::Ended(exit) => {
+                let _ = GuestFrame::Event(StreamEvent::Exit(exit))
+                    .write(&mut wr)
+                    .await;
+                return;
+            }
+        }
+    }
+}
+
+async fn send_job_pieces<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    pieces: Vec<Piece>,
+) -> Result<(), FrameError> {
+    for p in pieces {
+        let frame = match p {
+            Piece::Gap(bytes) => GuestFrame::Event(StreamEvent::Gap { bytes }),
+            Piece::Entry(e) => match e.item {
+                Item::Data(Tag::Stdout, d) => GuestFrame::Stdout(d),
+                Item::Data(Tag::Stderr, d) => GuestFrame::Stderr(d),
+                Item::Resize(_) => continue,
+            },
+        };
+        frame.write(wr).await?;
+    }
+    Ok(())
+}
