@@ -5,10 +5,13 @@
 //! terminal, and `logs -f` that ends when the workspace stops.
 
 use std::io::{Read, Write};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use burrow_tests::transfer::{
+    drain, feed, hex, rss_kib, status_kib, stderr_of, wait_progressing, RssSampler, GIB,
+};
 use burrow_tests::{kill9, require_root, text, wait_child, wait_until, Burrow, LineReader};
 use sha2::{Digest, Sha256};
 
@@ -276,149 +279,6 @@ fn tty_needs_a_terminal(b: &Burrow) {
     ]);
 }
 
-/// Deterministic bytes (xorshift64*), so that both ends can be hashed as they go.
-struct Pattern(u64);
-
-impl Pattern {
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            let v = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-}
-
-fn hex(d: &[u8]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn status_kib(status: &str, field: &str) -> Option<u64> {
-    status
-        .lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// burrowd's resident size, sampled while a transfer runs (`done` ends it).
-struct RssSampler {
-    done: Arc<AtomicBool>,
-    peak: Arc<AtomicU64>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-fn rss_kib(pid: i32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| status_kib(&s, "VmRSS:"))
-}
-
-impl RssSampler {
-    fn start(pid: i32) -> RssSampler {
-        let done = Arc::new(AtomicBool::new(false));
-        let peak = Arc::new(AtomicU64::new(rss_kib(pid).unwrap_or(0)));
-        let thread = {
-            let (done, peak) = (done.clone(), peak.clone());
-            std::thread::spawn(move || {
-                while !done.load(Ordering::SeqCst) {
-                    if let Some(kib) = rss_kib(pid) {
-                        peak.fetch_max(kib, Ordering::SeqCst);
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            })
-        };
-        RssSampler { done, peak, thread }
-    }
-
-    fn peak(self) -> u64 {
-        self.done.store(true, Ordering::SeqCst);
-        self.thread.join().expect("sampler");
-        self.peak.load(Ordering::SeqCst)
-    }
-}
-
-const GIB: u64 = 1 << 30;
-
-/// Writes GIB bytes of [`Pattern`] to `w` on a thread, counting them in
-/// `progress`; returns their sha256.
-fn feed(
-    mut w: impl Write + Send + 'static,
-    progress: Arc<AtomicU64>,
-) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut p = Pattern(0x9e37_79b9_7f4a_7c15);
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut sent = 0u64;
-        while sent < GIB {
-            p.fill(&mut buf);
-            h.update(&buf);
-            if w.write_all(&buf).is_err() {
-                break;
-            }
-            sent += buf.len() as u64;
-            progress.fetch_add(buf.len() as u64, Ordering::SeqCst);
-        }
-        hex(&h.finalize())
-    })
-}
-
-/// Reads `r` to its end on a thread, hashing; `progress` counts the bytes so far.
-fn drain(
-    mut r: impl Read + Send + 'static,
-    progress: Arc<AtomicU64>,
-) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            match r.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(k) => {
-                    h.update(&buf[..k]);
-                    progress.fetch_add(k as u64, Ordering::SeqCst);
-                }
-            }
-        }
-        hex(&h.finalize())
-    })
-}
-
-/// Waits for `cli` to exit while `progress` moves; a transfer that makes no
-/// progress for a minute has hung: the CLI is killed and the test fails saying
-/// where it stopped.
-fn wait_progressing(what: &str, cli: &mut std::process::Child, progress: &AtomicU64) -> i32 {
-    let mut last = (progress.load(Ordering::SeqCst), Instant::now());
-    loop {
-        if let Some(s) = cli.try_wait().expect("try_wait") {
-            return s.code().unwrap_or(-1);
-        }
-        let now = progress.load(Ordering::SeqCst);
-        if now != last.0 {
-            last = (now, Instant::now());
-        } else if last.1.elapsed() > Duration::from_secs(60) {
-            let _ = cli.kill();
-            let _ = cli.wait();
-            panic!("{what}: stalled after {now} bytes (no progress for a minute)");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn stderr_of(cli: &mut std::process::Child) -> String {
-    let mut s = String::new();
-    if let Some(mut e) = cli.stderr.take() {
-        let _ = e.read_to_string(&mut s);
-    }
-    s
-}
-
 /// 1 GiB streamed into a guest command and 1 GiB out of one: the same bytes on
 /// both sides (sha256), and neither burrowd nor the agent holds more than a
 /// bounded amount of them.
@@ -484,32 +344,6 @@ fn one_gib_in_and_out(b: &Burrow) {
         agent_growth <= 128 * 1024,
         "the agent grew by {agent_growth} KiB streaming 1 GiB"
     );
-}
-
-/// 1 GiB through `exec -i dev -- cat`: input and output stream at once on one
-/// stream, and come back the same.
-#[test]
-fn round_trip_of_1_gib_through_cat() {
-    require_root!();
-    let b = Burrow::new();
-    b.ok(&["create", "--name", "dev"]);
-    let daemon = b.daemon_pid().expect("daemon pid");
-    let daemon_before = rss_kib(daemon).expect("daemon VmRSS");
-    let sampler = RssSampler::start(daemon);
-    let mut cli = b.spawn(&["exec", "-i", "dev", "--", "cat"]);
-    let progress = Arc::new(AtomicU64::new(0));
-    let sent = feed(
-        cli.stdin.take().expect("stdin"),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let got = drain(cli.stdout.take().expect("stdout"), progress.clone());
-    let code = wait_progressing("1 GiB round trip through cat", &mut cli, &progress);
-    let (sent, got) = (sent.join().expect("writer"), got.join().expect("reader"));
-    let growth = sampler.peak().saturating_sub(daemon_before);
-    assert_eq!(code, 0, "{}", stderr_of(&mut cli));
-    assert_eq!(progress.load(Ordering::SeqCst), GIB);
-    assert_eq!(got, sent, "the bytes came back changed");
-    assert!(growth <= 128 * 1024, "burrowd grew by {growth} KiB");
 }
 
 /// `logs -f` prints the log and new lines, and ends once the workspace stops.

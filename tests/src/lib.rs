@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod transfer;
+
 /// Skips the test, saying why, when not root: the runtime needs root for now
 /// (virtiofsd serving a root file system with its owners, /dev/kvm probing).
 #[macro_export]
