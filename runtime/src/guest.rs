@@ -86,16 +86,26 @@ impl GuestClient {
     /// agent's refusal (an unknown job, a bad command) is the error.
     pub async fn open_stream(&self, open: StreamOpen) -> Result<GuestStream> {
         let mut conn = self.connect().await?;
-        let pid = match tokio::time::timeout(CONNECT_TIMEOUT, conn.call(Op::Stream(open)))
-            .await
-            .map_err(|_| self.unreachable("opening the stream timed out"))??
-        {
-            Reply::StreamStarted { pid } => pid,
-            r => return Err(Error::Vmm(format!("agent answered a stream with {r:?}"))),
+        let (pid, token) = self.start_stream(&mut conn, open).await?;
+        // An exec's input goes on a connection of its own (see
+        // burrow_proto::stream): opened now, before any input is sent.
+        let input = match token {
+            Some(token) => {
+                let mut c = self.connect().await?;
+                self.start_stream(&mut c, StreamOpen::Input { token })
+                    .await?;
+                let (_, wr) = c.stream.into_split();
+                Some(GuestStreamWriter {
+                    wr,
+                    client: self.clone(),
+                })
+            }
+            None => None,
         };
         let (rd, wr) = conn.stream.into_split();
         Ok(GuestStream {
             pid,
+            input,
             reader: GuestStreamReader {
                 rd: tokio::io::BufReader::with_capacity(256 << 10, rd),
                 client: self.clone(),
@@ -105,6 +115,20 @@ impl GuestClient {
                 client: self.clone(),
             },
         })
+    }
+
+    async fn start_stream(
+        &self,
+        conn: &mut GuestConn,
+        open: StreamOpen,
+    ) -> Result<(Option<i32>, Option<u64>)> {
+        match tokio::time::timeout(CONNECT_TIMEOUT, conn.call(Op::Stream(open)))
+            .await
+            .map_err(|_| self.unreachable("opening the stream timed out"))??
+        {
+            Reply::StreamStarted { pid, input } => Ok((pid, input)),
+            r => Err(Error::Vmm(format!("agent answered a stream with {r:?}"))),
+        }
     }
 
     /// One request on a fresh connection. `timeout` bounds the whole call; None
@@ -162,6 +186,9 @@ impl GuestConn {
 pub struct GuestStream {
     /// The process started, when the stream started one.
     pub pid: Option<i32>,
+    /// Where an exec's standard input goes, when it takes input; closing it is
+    /// the end of input.
+    pub input: Option<GuestStreamWriter>,
     pub reader: GuestStreamReader,
     pub writer: GuestStreamWriter,
 }

@@ -29,6 +29,8 @@ pub struct Agent {
     processes: Arc<ProcessTable>,
     jobs: Jobs,
     terminals: Terminals,
+    /// Exec streams waiting for their input connection.
+    inputs: Arc<streams::Inputs>,
 }
 
 impl Agent {
@@ -40,6 +42,7 @@ impl Agent {
             processes,
             jobs: Jobs::default(),
             terminals: Terminals::default(),
+            inputs: Arc::default(),
         }
     }
 
@@ -110,8 +113,9 @@ impl Agent {
         match open {
             StreamOpen::Exec(spawn) => {
                 let env = lock(&self.env).clone();
-                streams::start_exec(&self.processes, &env, spawn)
+                streams::start_exec(&self.processes, &self.inputs, &env, spawn)
             }
+            StreamOpen::Input { token } => self.inputs.take(token),
             StreamOpen::JobOutput { job, follow } => {
                 let job = self.jobs.get(self.jobs.resolve(&job)?)?;
                 Ok(Opened::JobOutput {

@@ -154,7 +154,27 @@ where
                 op: Op::Stream(open),
             }) => match agent.open_stream(open) {
                 Ok(opened) => {
-                    let started = Reply::StreamStarted { pid: opened.pid() };
+                    if opened.is_input() {
+                        // The exec gets its input connection before the host
+                        // hears it is open, so that no end of input the host
+                        // sends on the stream connection can overtake it.
+                        let started = Reply::StreamStarted {
+                            pid: None,
+                            input: None,
+                        };
+                        opened.run(rd, NoWrite).await;
+                        let resp = Response {
+                            id,
+                            outcome: Outcome::Ok(started),
+                        };
+                        let _ = send_response(&mut wr, resp).await;
+                        // The exec holds the reading half; this half may go.
+                        return;
+                    }
+                    let started = Reply::StreamStarted {
+                        pid: opened.pid(),
+                        input: opened.input_token(),
+                    };
                     let resp = Response {
                         id,
                         outcome: Outcome::Ok(started),
@@ -200,6 +220,31 @@ where
             agent.shutdown().await;
             return;
         }
+    }
+}
+
+/// A writer for a stream that writes nothing (an input connection's run).
+struct NoWrite;
+
+impl AsyncWrite for NoWrite {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
     }
 }
 

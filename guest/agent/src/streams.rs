@@ -49,6 +49,60 @@ pub enum Opened {
         session: Arc<Session>,
         from: u64,
     },
+    /// An exec's input connection: its reading half goes to the exec.
+    Input(tokio::sync::oneshot::Sender<InputReader>),
+}
+
+/// The reading half of an input connection.
+pub type InputReader = Box<dyn AsyncRead + Unpin + Send>;
+
+/// Exec streams waiting for their input connection, by token.
+#[derive(Default)]
+pub struct Inputs {
+    next: std::sync::atomic::AtomicU64,
+    waiting:
+        std::sync::Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<InputReader>>>,
+}
+
+impl Inputs {
+    fn register(self: &Arc<Self>) -> InputSlot {
+        // Tokens need not be secret: only the host reaches the agent's port, and
+        // root in the guest can touch any process anyway. They must not repeat.
+        let token = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        crate::process::lock(&self.waiting).insert(token, tx);
+        InputSlot {
+            token,
+            rx,
+            inputs: Arc::clone(self),
+        }
+    }
+
+    /// The exec waiting for input connection `token`.
+    pub fn take(&self, token: u64) -> Result<Opened, AgentError> {
+        crate::process::lock(&self.waiting)
+            .remove(&token)
+            .map(Opened::Input)
+            .ok_or_else(|| {
+                AgentError::new(
+                    ErrorKind::NotFound,
+                    format!("token: no exec waits for input connection {token}"),
+                )
+            })
+    }
+}
+
+/// An exec's claim on its input connection; given up when dropped.
+struct InputSlot {
+    token: u64,
+    rx: tokio::sync::oneshot::Receiver<InputReader>,
+    inputs: Arc<Inputs>,
+}
+
+impl Drop for InputSlot {
+    fn drop(&mut self) {
+        crate::process::lock(&self.inputs.waiting).remove(&self.token);
+    }
 }
 
 impl Opened {
@@ -56,6 +110,22 @@ impl Opened {
     pub fn pid(&self) -> Option<i32> {
         match self {
             Opened::Exec(p) => Some(p.pid),
+            _ => None,
+        }
+    }
+
+    /// Whether this is an exec's input connection.
+    pub fn is_input(&self) -> bool {
+        matches!(self, Opened::Input(_))
+    }
+
+    /// The token of the exec's input connection, when it takes input.
+    pub fn input_token(&self) -> Option<u64> {
+        match self {
+            Opened::Exec(ExecProc {
+                stdin: Some((slot, _)),
+                ..
+            }) => Some(slot.token),
             _ => None,
         }
     }
@@ -98,26 +168,36 @@ impl Opened {
             Opened::Record { session, from } => {
                 terminal::run_record(&session, from, rd, &mut wr).await
             }
+            Opened::Input(tx) => {
+                // The exec reads it from here on; nothing goes back this way.
+                let _ = tx.send(Box::new(rd));
+            }
         }
         let _ = wr.shutdown().await;
     }
 }
 
-/// How the host's input reaches the process.
-enum Input {
-    /// The write end of the stdin pipe; `None` without `stdin`.
-    Pipe(Option<OwnedFd>),
-    Pty {
-        master: Arc<PtyMaster>,
-        stdin: bool,
-    },
+/// Where the input connection's bytes go.
+enum StdinSink {
+    Pipe(OwnedFd),
+    Pty(Arc<PtyMaster>),
+}
+
+/// Input for the process, from either connection.
+enum In {
+    Data(Vec<u8>),
+    /// End of input: the pipe closes; a terminal gets its EOF character.
+    Close,
 }
 
 /// A process started for an `Exec` stream.
 pub struct ExecProc {
     pid: i32,
     exit: ExitWaiter,
-    input: Input,
+    /// The terminal, for resizes and signals to its foreground group.
+    master: Option<Arc<PtyMaster>>,
+    /// With `stdin`: the input connection's slot and where input goes.
+    stdin: Option<(InputSlot, StdinSink)>,
     output: ExecOutput,
     timeout: Option<Duration>,
 }
@@ -130,6 +210,7 @@ enum ExecOutput {
 /// Validates `req` and starts its process (in a process group of its own).
 pub fn start_exec(
     table: &ProcessTable,
+    inputs: &Arc<Inputs>,
     base: &Environment,
     req: Spawn,
 ) -> Result<Opened, AgentError> {
@@ -159,13 +240,14 @@ pub fn start_exec(
             Err(e) => return not_started(&e),
         };
         let master = Arc::new(child.master);
+        let stdin = req
+            .stdin
+            .then(|| (inputs.register(), StdinSink::Pty(Arc::clone(&master))));
         return Ok(Opened::Exec(ExecProc {
             pid: child.pid,
             exit: child.exit,
-            input: Input::Pty {
-                master: Arc::clone(&master),
-                stdin: req.stdin,
-            },
+            master: Some(Arc::clone(&master)),
+            stdin,
             output: ExecOutput::Pty(master),
             timeout,
         }));
@@ -184,10 +266,15 @@ pub fn start_exec(
         Ok(c) => c,
         Err(e) => return not_started(&e),
     };
+    let stdin = child
+        .stdin
+        .take()
+        .map(|p| (inputs.register(), StdinSink::Pipe(OwnedFd::from(p))));
     Ok(Opened::Exec(ExecProc {
         pid: child.id() as i32,
         exit,
-        input: Input::Pipe(child.stdin.take().map(OwnedFd::from)),
+        master: None,
+        stdin,
         output: ExecOutput::Pipes(
             child.stdout.take().map(OwnedFd::from),
             child.stderr.take().map(OwnedFd::from),
@@ -207,12 +294,20 @@ where
     let ExecProc {
         pid,
         mut exit,
-        input,
+        master,
+        stdin,
         output,
         timeout,
     } = p;
     let alive = Arc::new(AtomicBool::new(true));
-    let mut input_task = tokio::spawn(input_loop(rd, input, pid, Arc::clone(&alive)));
+    // In-band input (small: keys) and input from the input connection meet in
+    // one task that owns the process's stdin.
+    let (inband_tx, inband_rx) = tokio::sync::mpsc::channel::<In>(4);
+    let inband = stdin.is_some().then_some(inband_tx);
+    let mut input_task = tokio::spawn(input_loop(rd, master, inband, pid, Arc::clone(&alive)));
+    // Aborted when the exec ends, whether or not its connection came.
+    let _stdin_task =
+        stdin.map(|(slot, sink)| AbortOnDrop(tokio::spawn(stdin_loop(slot, sink, inband_rx))));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut status: Option<ExitStatus> = None;
     let mut timed_out = false;
@@ -283,6 +378,95 @@ where
     let _ = GuestFrame::Event(StreamEvent::Exit(exit))
         .write(&mut wr)
         .await;
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Writes the process's input: frames from its input connection (once the host
+/// opened it) and in-band input from the stream connection, each write awaited
+/// (a process that does not read stalls its input, nothing else). The input
+/// connection's end is the end of input on a pipe.
+async fn stdin_loop(
+    mut slot: InputSlot,
+    sink: StdinSink,
+    mut inband: tokio::sync::mpsc::Receiver<In>,
+) {
+    let (mut pipe, master) = match sink {
+        StdinSink::Pipe(fd) => (pipe::Sender::from_owned_fd(fd).ok(), None),
+        StdinSink::Pty(master) => (None, Some(master)),
+    };
+    let mut conn: Option<InputReader> = None;
+    let mut waiting = true;
+    // An in-band end of input waits for the input connection's end, so that no
+    // input still on its way there is cut off.
+    let mut close_pending = false;
+    loop {
+        let input = tokio::select! {
+            // The input connection first: an in-band end of input that came after
+            // it must wait for it (see `close_pending`).
+            biased;
+            r = &mut slot.rx, if waiting => {
+                waiting = false;
+                conn = r.ok();
+                continue;
+            }
+            m = inband.recv() => match m {
+                Some(In::Close) if conn.is_some() => {
+                    close_pending = true;
+                    continue;
+                }
+                Some(m) => m,
+                // The stream connection is gone: so is the exec.
+                None => return,
+            },
+            f = read_input(&mut conn) => match f {
+                Some(data) => In::Data(data),
+                None => {
+                    conn = None;
+                    // A terminal's input ends only when the host says so.
+                    if master.is_some() && !close_pending { continue } else { In::Close }
+                }
+            },
+        };
+        match (input, &master) {
+            (In::Data(data), None) => {
+                if let Some(tx) = &mut pipe {
+                    // EPIPE: the process closed its input; later input is dropped.
+                    if tx.write_all(&data).await.is_err() {
+                        pipe = None;
+                    }
+                }
+            }
+            (In::Data(data), Some(m)) => {
+                let _ = m.write_all(&data).await;
+            }
+            (In::Close, None) => pipe = None,
+            (In::Close, Some(m)) => {
+                let _ = m.write_all(&[m.eof_char()]).await;
+            }
+        }
+    }
+}
+
+/// The next input frame's bytes from the input connection; `None` at its end;
+/// pending forever while there is none.
+async fn read_input(conn: &mut Option<InputReader>) -> Option<Vec<u8>> {
+    let Some(rd) = conn else {
+        return std::future::pending().await;
+    };
+    loop {
+        match HostFrame::read(rd).await {
+            Ok(HostFrame::Stdin(data)) => return Some(data),
+            Ok(HostFrame::Control(_)) | Err(FrameError::Malformed(_)) => continue,
+            Err(_) => return None,
+        }
+    }
 }
 
 /// Reads what may be read from an optional pipe; pending forever without one.
@@ -359,14 +543,11 @@ fn frame_io(e: FrameError) -> std::io::Error {
 /// that does not read its input stalls the host's sending, not the agent's memory.
 async fn input_loop<R: AsyncRead + Unpin>(
     mut rd: R,
-    input: Input,
+    master: Option<Arc<PtyMaster>>,
+    stdin: Option<tokio::sync::mpsc::Sender<In>>,
     pgid: i32,
     alive: Arc<AtomicBool>,
 ) {
-    let (mut pipe_tx, pty) = match input {
-        Input::Pipe(fd) => (fd.and_then(|fd| pipe::Sender::from_owned_fd(fd).ok()), None),
-        Input::Pty { master, stdin } => (None, Some((master, stdin))),
-    };
     loop {
         let frame = match HostFrame::read(&mut rd).await {
             Ok(f) => f,
@@ -376,38 +557,27 @@ async fn input_loop<R: AsyncRead + Unpin>(
             }
             Err(_) => return,
         };
-        match (frame, &pty) {
-            (HostFrame::Stdin(data), None) => {
-                if let Some(tx) = &mut pipe_tx {
-                    // EPIPE: the process closed its input; later input is dropped.
-                    if tx.write_all(&data).await.is_err() {
-                        pipe_tx = None;
-                    }
+        let input = match frame {
+            HostFrame::Stdin(data) => In::Data(data),
+            HostFrame::Control(StreamControl::CloseStdin) => In::Close,
+            HostFrame::Control(StreamControl::Resize(size)) => {
+                if let (Some(m), true) = (&master, size.validate().is_ok()) {
+                    let _ = m.resize(size);
                 }
+                continue;
             }
-            (HostFrame::Stdin(data), Some((master, true))) => {
-                let _ = master.write_all(&data).await;
-            }
-            (HostFrame::Stdin(_), Some((_, false))) => {}
-            (HostFrame::Control(StreamControl::CloseStdin), None) => pipe_tx = None,
-            (HostFrame::Control(StreamControl::CloseStdin), Some((master, _))) => {
-                let _ = master.write_all(&[master.eof_char()]).await;
-            }
-            (HostFrame::Control(StreamControl::Resize(size)), Some((master, _))) => {
-                if size.validate().is_ok() {
-                    let _ = master.resize(size);
+            HostFrame::Control(StreamControl::Signal { signal }) => {
+                if valid_signal(signal) && alive.load(Ordering::SeqCst) {
+                    let group = master.as_ref().and_then(|m| m.foreground()).unwrap_or(pgid);
+                    signal_group(group, signal);
                 }
+                continue;
             }
-            (HostFrame::Control(StreamControl::Resize(_)), None) => {}
-            (HostFrame::Control(StreamControl::Signal { signal }), pty) => {
-                if !valid_signal(signal) || !alive.load(Ordering::SeqCst) {
-                    continue;
-                }
-                let group = pty
-                    .as_ref()
-                    .and_then(|(m, _)| m.foreground())
-                    .unwrap_or(pgid);
-                signal_group(group, signal);
+        };
+        // Without `stdin` the process takes no input.
+        if let Some(tx) = &stdin {
+            if tx.send(input).await.is_err() {
+                return;
             }
         }
     }

@@ -97,7 +97,7 @@ impl AgentProcess {
         let resp: Response = read_message(&mut s).await.expect("response");
         assert_eq!(resp.id, 7);
         match Result::<Reply, AgentError>::from(resp.outcome)? {
-            Reply::StreamStarted { pid } => Ok((s, pid)),
+            Reply::StreamStarted { pid, .. } => Ok((s, pid)),
             other => panic!("unexpected {other:?}"),
         }
     }

@@ -327,6 +327,10 @@ pub enum Reply {
     StreamStarted {
         #[serde(default)]
         pid: Option<i32>,
+        /// For an exec with `stdin`: the token of its input connection
+        /// ([`crate::stream::StreamOpen::Input`]).
+        #[serde(default)]
+        input: Option<u64>,
     },
     Done,
 }

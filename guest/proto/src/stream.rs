@@ -22,6 +22,14 @@
 //! which both sides notice without a protocol of their own. Connections are cheap: one
 //! `CONNECT` line through the vsock proxy.
 //!
+//! An exec's standard input is the exception: it comes on a second connection
+//! ([`StreamOpen::Input`]). vhost-device-vsock (0.3) stops sending a connection's
+//! credit updates to the guest while the guest is not taking that connection's
+//! host-to-guest data, so a connection saturated both ways (`cat` whose output the
+//! host reads while it sends input) would hang. With input apart, the output
+//! connection only ever carries small control frames towards the guest, which the
+//! agent always reads at once.
+//!
 //! Data travels as raw bytes, not base64 JSON, so a stream costs one copy per hop.
 
 use serde::{Deserialize, Serialize};
@@ -72,6 +80,14 @@ pub enum StreamOpen {
         #[serde(default)]
         size: Option<WinSize>,
     },
+    /// The standard input of an `Exec` stream opened with `stdin: true`, whose
+    /// `stream_started` gave `token`: stdin frames until the host closes this
+    /// connection, which is the end of input. Input has a connection of its own
+    /// because an emulated vsock device may stop a connection's credit updates
+    /// while the guest is not taking that connection's input (see the module
+    /// docs): on one connection, a process that writes before it reads (`cat`)
+    /// would stall the very output the host is waiting for.
+    Input { token: u64 },
     /// The session's output with offsets and times, for a recording, starting at
     /// byte `from` of its output (a `gap` event says what was no longer kept). Not
     /// counted as a viewer; never dropped for reading slowly.

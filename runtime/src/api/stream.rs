@@ -152,6 +152,7 @@ async fn relay(engine: Arc<Engine>, ws: String, socket: WebSocket) {
     let crate::guest::GuestStream {
         mut reader,
         mut writer,
+        mut input,
         ..
     } = stream;
     // Guest → client. Ends with the guest's last event, or an error line.
@@ -197,7 +198,18 @@ async fn relay(engine: Arc<Engine>, ws: String, socket: WebSocket) {
                 Message::Close(_) => break,
                 Message::Ping(_) | Message::Pong(_) => continue,
             };
-            if writer.send(&frame).await.is_err() {
+            let sent = match (&frame, &mut input) {
+                // Input takes its own connection when the exec has one.
+                (HostFrame::Stdin(_), Some(w)) => w.send(&frame).await,
+                (HostFrame::Control(StreamControl::CloseStdin), Some(_)) => {
+                    // Its end is the end of input; the stream connection still
+                    // says so too (a terminal's EOF character).
+                    input = None;
+                    writer.send(&frame).await
+                }
+                _ => writer.send(&frame).await,
+            };
+            if sent.is_err() {
                 break;
             }
         }

@@ -175,6 +175,11 @@ pub fn validate_open(open: &StreamOpen) -> Result<()> {
             }
             Ok(())
         }
+        // burrowd opens an exec's input connection itself.
+        StreamOpen::Input { .. } => Err(Error::invalid(
+            "stream",
+            "input is opened with its exec stream, not on its own",
+        )),
         StreamOpen::TerminalRecord { name, .. } => {
             validate_name("name", name).map_err(|e| Error::invalid_line("name", e))
         }

@@ -4,7 +4,7 @@
 use std::io::Read;
 
 use burrow::api::client::Client;
-use burrow::api::stream::{ClientStream, ServerEvent, StreamMessage, StreamReceiver, StreamSender};
+use burrow::api::stream::{ClientStream, ServerEvent, StreamMessage};
 use burrow_proto::{ExitInfo, Spawn, StreamControl, StreamOpen};
 use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{signal, SignalKind};
@@ -70,14 +70,18 @@ pub async fn exec(c: &Client, mut e: ExecStream) -> Result<i32, Failure> {
     let stream = c
         .open_stream(&e.workspace, &StreamOpen::Exec(e.spawn))
         .await?;
-    let raw = if e.tty { Some(raw_mode()?) } else { None };
+    // Keys go to the guest raw only when they go at all (-it); with -t alone, as
+    // with Docker, the local terminal stays as it is and Ctrl-C is a local SIGINT,
+    // forwarded.
+    let raw_keys = e.tty && stdin;
+    let raw = if raw_keys { Some(raw_mode()?) } else { None };
     let ended = pump(
         stream,
         Pump {
             stdin,
             tty: e.tty,
             detach: false,
-            forward_signals: !e.tty,
+            forward_signals: !raw_keys,
         },
     )
     .await;
@@ -224,52 +228,10 @@ fn scan_detach(chunk: &[u8], pending: &mut bool) -> (Vec<u8>, bool) {
     (out, false)
 }
 
-/// How forwarding local input ended.
-enum InputEnd {
+/// Why the sending half stopped on its own.
+enum SendEnd {
     Detached,
-    /// The stream broke, or the pump ended: the pump reads why from the stream.
-    Failed,
-}
-
-/// Sends local input (and control messages) to the stream, on a task of its own:
-/// a send that waits for the guest to take its input must never keep the pump
-/// from reading output, or a command that writes while it reads (`cat`) would
-/// wait on the CLI while the CLI waits on it.
-async fn forward_input(
-    mut sender: StreamSender,
-    mut input: Option<mpsc::Receiver<Vec<u8>>>,
-    mut controls: mpsc::UnboundedReceiver<StreamControl>,
-    detach: bool,
-    tty: bool,
-) -> InputEnd {
-    let mut pending_detach = false;
-    loop {
-        let r = tokio::select! {
-            c = controls.recv() => match c {
-                Some(c) => sender.control(&c).await,
-                // The pump has ended.
-                None => return InputEnd::Failed,
-            },
-            chunk = recv_opt(&mut input) => match chunk {
-                Some(data) if detach => {
-                    let (data, detached) = scan_detach(&data, &mut pending_detach);
-                    if detached {
-                        sender.close().await;
-                        return InputEnd::Detached;
-                    }
-                    if data.is_empty() { Ok(()) } else { sender.stdin(data).await }
-                }
-                Some(data) => sender.stdin(data).await,
-                None => {
-                    input = None;
-                    if tty { Ok(()) } else { sender.control(&StreamControl::CloseStdin).await }
-                }
-            },
-        };
-        if r.is_err() {
-            return InputEnd::Failed;
-        }
-    }
+    Lost(String),
 }
 
 async fn pump(stream: ClientStream, cfg: Pump) -> Ended {
@@ -278,26 +240,6 @@ async fn pump(stream: ClientStream, cfg: Pump) -> Ended {
         mut receiver,
         ..
     } = stream;
-    let input = if cfg.stdin {
-        Some(stdin_reader())
-    } else {
-        None
-    };
-    let (controls, control_rx) = mpsc::unbounded_channel::<StreamControl>();
-    let mut forward = tokio::spawn(forward_input(
-        sender, input, control_rx, cfg.detach, cfg.tty,
-    ));
-    let ended = pump_output(&mut receiver, &mut forward, &controls, &cfg).await;
-    forward.abort();
-    ended
-}
-
-async fn pump_output(
-    receiver: &mut StreamReceiver,
-    forward: &mut tokio::task::JoinHandle<InputEnd>,
-    controls: &mpsc::UnboundedSender<StreamControl>,
-    cfg: &Pump,
-) -> Ended {
     let mut winch = if cfg.tty {
         signal(SignalKind::window_change()).ok()
     } else {
@@ -310,12 +252,30 @@ async fn pump_output(
     ) else {
         return Ended::Lost("cannot watch signals".into());
     };
+    // Input goes out on a task of its own: a send that waits for the guest to take
+    // input must never stop this loop from taking the guest's output, or a `cat`
+    // whose output nobody reads would never read its input either.
+    let input = if cfg.stdin {
+        Some(stdin_reader())
+    } else {
+        None
+    };
+    let (control_tx, control_rx) = mpsc::channel::<StreamControl>(16);
+    let (end_tx, end_rx) = tokio::sync::oneshot::channel::<SendEnd>();
+    let mut end_rx = Some(end_rx);
+    let send_task = tokio::spawn(send_loop(
+        sender, input, control_rx, cfg.detach, cfg.tty, end_tx,
+    ));
+    let _abort = AbortOnDrop(send_task);
+    // A full control queue (the guest not taking input) drops a resize or a
+    // signal rather than stopping the output.
+    let control = |c: StreamControl| {
+        let _ = control_tx.try_send(c);
+    };
     let mut out = tokio::io::stdout();
     let mut err = tokio::io::stderr();
-    let mut input_failed = false;
     loop {
         tokio::select! {
-            biased;
             msg = receiver.next() => {
                 match msg {
                     Ok(Some(StreamMessage::Stdout(d))) | Ok(Some(StreamMessage::Record { data: d, .. })) => {
@@ -342,26 +302,85 @@ async fn pump_output(
                     Err(e) => return Ended::Lost(format!("lost the connection to burrowd: {e}")),
                 }
             }
-            end = &mut *forward, if !input_failed => match end {
-                Ok(InputEnd::Detached) => return Ended::Detached,
-                // The stream's own end (an exit, or the error that broke it) is
-                // still to be read: it says how the stream ended.
-                Ok(InputEnd::Failed) | Err(_) => input_failed = true,
+            end = recv_end(&mut end_rx) => match end {
+                Ok(SendEnd::Detached) => return Ended::Detached,
+                Ok(SendEnd::Lost(m)) => return Ended::Lost(m),
+                // The sender ended without a word: its input is done; go on.
+                Err(_) => end_rx = None,
             },
             _ = recv_winch(&mut winch) => {
                 if let Some(size) = tty::window_size() {
-                    let _ = controls.send(StreamControl::Resize(size));
+                    control(StreamControl::Resize(size));
                 }
             }
             _ = int.recv() => {
                 if !cfg.forward_signals { return Ended::Stopped(libc::SIGINT); }
-                let _ = controls.send(StreamControl::Signal { signal: libc::SIGINT });
+                control(StreamControl::Signal { signal: libc::SIGINT });
             }
             _ = term.recv() => {
                 if !cfg.forward_signals { return Ended::Stopped(libc::SIGTERM); }
-                let _ = controls.send(StreamControl::Signal { signal: libc::SIGTERM });
+                control(StreamControl::Signal { signal: libc::SIGTERM });
             }
             _ = hup.recv() => return Ended::Stopped(libc::SIGHUP),
+        }
+    }
+}
+
+async fn recv_end(
+    rx: &mut Option<tokio::sync::oneshot::Receiver<SendEnd>>,
+) -> Result<SendEnd, tokio::sync::oneshot::error::RecvError> {
+    match rx {
+        Some(rx) => rx.await,
+        None => std::future::pending().await,
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sends standard input (scanning for the detach keys) and control messages.
+async fn send_loop(
+    mut sender: burrow::api::stream::StreamSender,
+    mut input: Option<mpsc::Receiver<Vec<u8>>>,
+    mut control: mpsc::Receiver<StreamControl>,
+    detach: bool,
+    tty: bool,
+    end: tokio::sync::oneshot::Sender<SendEnd>,
+) {
+    let mut pending_detach = false;
+    loop {
+        let sent = tokio::select! {
+            chunk = recv_opt(&mut input) => match chunk {
+                Some(data) if detach => {
+                    let (data, detached) = scan_detach(&data, &mut pending_detach);
+                    if detached {
+                        sender.close().await;
+                        let _ = end.send(SendEnd::Detached);
+                        return;
+                    }
+                    if data.is_empty() { Ok(()) } else { sender.stdin(data).await }
+                }
+                Some(data) => sender.stdin(data).await,
+                None => {
+                    input = None;
+                    // On a terminal, end of local input is not the guest's: keys
+                    // just stop coming.
+                    if tty { Ok(()) } else { sender.control(&StreamControl::CloseStdin).await }
+                }
+            },
+            c = control.recv() => match c {
+                Some(c) => sender.control(&c).await,
+                None => return,
+            },
+        };
+        if let Err(e) = sent {
+            let _ = end.send(SendEnd::Lost(format!("lost the stream: {e}")));
+            return;
         }
     }
 }
