@@ -298,6 +298,9 @@ async fn pump(stream: ClientStream, cfg: Pump) -> Ended {
                         ServerEvent::Error { message, .. } => return Ended::Lost(message),
                         ServerEvent::Started { .. } | ServerEvent::Resize { .. } => {}
                     },
+                    // The end of a stream this side detached from is the detach.
+                    Ok(None) if detached(&mut end_rx) => return Ended::Detached,
+                    Err(_) if detached(&mut end_rx) => return Ended::Detached,
                     Ok(None) => return Ended::Lost("burrowd closed the stream before it ended".into()),
                     Err(e) => return Ended::Lost(format!("lost the connection to burrowd: {e}")),
                 }
@@ -324,6 +327,14 @@ async fn pump(stream: ClientStream, cfg: Pump) -> Ended {
             _ = hup.recv() => return Ended::Stopped(libc::SIGHUP),
         }
     }
+}
+
+/// Whether the sending half has said that the user detached.
+fn detached(rx: &mut Option<tokio::sync::oneshot::Receiver<SendEnd>>) -> bool {
+    matches!(
+        rx.as_mut().map(|rx| rx.try_recv()),
+        Some(Ok(SendEnd::Detached))
+    )
 }
 
 async fn recv_end(
@@ -359,8 +370,10 @@ async fn send_loop(
                 Some(data) if detach => {
                     let (data, detached) = scan_detach(&data, &mut pending_detach);
                     if detached {
-                        sender.close().await;
+                        // Said first: the daemon's answer to the close (it ends
+                        // the socket) must not read as a lost stream.
                         let _ = end.send(SendEnd::Detached);
+                        sender.close().await;
                         return;
                     }
                     if data.is_empty() { Ok(()) } else { sender.stdin(data).await }
