@@ -224,12 +224,14 @@ async fn write_raw<W: AsyncWrite + Unpin>(
             max: MAX_STREAM_FRAME,
         });
     }
-    let mut buf = Vec::with_capacity(5 + head.len());
+    // One write per frame: under an emulated CPU a system call costs more than
+    // copying the payload once.
+    let mut buf = Vec::with_capacity(5 + head.len() + body.len());
     buf.extend_from_slice(&(len as u32).to_be_bytes());
     buf.push(kind);
     buf.extend_from_slice(head);
+    buf.extend_from_slice(body);
     w.write_all(&buf).await?;
-    w.write_all(body).await?;
     Ok(())
 }
 
