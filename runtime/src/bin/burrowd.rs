@@ -41,7 +41,20 @@ struct Args {
     group: Option<String>,
 }
 
-fn main() -> anyhow::Result<()> {
+/// Ends with the error chain on one line (and no backtrace, whatever
+/// RUST_BACKTRACE says), which is what `burrow` shows from the daemon's log when
+/// the daemon it started exits before it is ready.
+fn main() -> std::process::ExitCode {
+    match serve() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("BURROW_LOG").unwrap_or_else(|_| "info".into());

@@ -1,23 +1,17 @@
-//! One function per command: build the request, send it, print the answer.
+//! One function per command: build the request, call the client, print the answer.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
-use burrow::api::client::{seg, Client, ClientError};
-use burrow::api::{DaemonStatus, EnvRequest, JobKillRequest};
-use burrow::engine::{CreateParams, Diff, ForkParams, SnapshotInfo, TeamMember, WorkspaceInfo};
-use burrow::image::ImageInfo;
+use burrow::api::client::{Client, ClientError};
+use burrow::api::connect::{self, ConnectError, Found};
+use burrow::api::*;
 use burrow::paths::StateDir;
-use burrow_proto::{
-    DirEntry, Exec, ExecResult, FileData, FileEdit, FileRead, FileWrite, JobStart, JobStatus,
-    MAX_FILE_CHUNK,
-};
-use serde_json::{json, Value};
 
 use crate::output::{print_entries, print_info, print_job, print_list};
 use crate::SnapshotCommand;
 use crate::{
-    daemon, Cli, Command, DaemonCommand, EnvCommand, FileCommand, ImageCommand, JobCommand,
+    Cli, Command, DaemonCommand, EnvCommand, FileCommand, ImageCommand, JobCommand,
     PortForwardCommand, TeamCommand,
 };
 
@@ -29,6 +23,12 @@ pub struct Failure(String, i32);
 
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Self {
+        Failure(e.to_string(), 1)
+    }
+}
+
+impl From<ConnectError> for Failure {
+    fn from(e: ConnectError) -> Self {
         Failure(e.to_string(), 1)
     }
 }
@@ -53,16 +53,18 @@ pub async fn run(cli: Cli) -> i32 {
     }
 }
 
-fn ws_path(ws: &str, rest: &str) -> String {
-    format!("/v1/workspaces/{}{rest}", seg(ws))
-}
-
 async fn dispatch(cli: Cli) -> Result<i32, Failure> {
     let state = StateDir::new(&cli.state_dir).map_err(|e| format!("state dir: {e}"))?;
     if let Command::Daemon(cmd) = &cli.command {
         return daemon_command(cmd, &state, &cli.cache_dir).await;
     }
-    let c = daemon::connect(&state, &cli.cache_dir).await?;
+    let (c, found) = connect::connect(&state, &cli.cache_dir).await?;
+    if let Found::Started(pid) = found {
+        eprintln!(
+            "burrow: started burrowd for {} (pid {pid})",
+            state.root().display()
+        );
+    }
     match cli.command {
         Command::Create(a) => {
             let image = a
@@ -78,7 +80,7 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
                 boot_timeout_secs: a.boot_timeout,
                 disk_gb: a.disk_gb,
             };
-            let w: WorkspaceInfo = c.post("/v1/workspaces", &p).await?;
+            let w = c.create(&p).await?;
             if a.json {
                 print_json(&w);
             } else {
@@ -89,31 +91,19 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
         Command::Job(cmd) => job(&c, cmd).await?,
         Command::Env(EnvCommand::Set { workspace, vars }) => {
             let set = parse_vars(&vars, "env")?;
-            let _: Value = c
-                .post(
-                    &ws_path(&workspace, "/env"),
-                    &EnvRequest { set, unset: vec![] },
-                )
-                .await?;
+            let r = EnvRequest { set, unset: vec![] };
+            c.set_env(&workspace, &r).await?;
         }
         Command::Env(EnvCommand::Unset { workspace, keys }) => {
-            let _: Value = c
-                .post(
-                    &ws_path(&workspace, "/env"),
-                    &EnvRequest {
-                        set: BTreeMap::new(),
-                        unset: keys,
-                    },
-                )
-                .await?;
+            let r = EnvRequest {
+                set: BTreeMap::new(),
+                unset: keys,
+            };
+            c.set_env(&workspace, &r).await?;
         }
         Command::File(cmd) => file(&c, cmd).await?,
         Command::Ls(a) => {
-            let q = a
-                .state
-                .map(|s| format!("?state={}", seg(&s)))
-                .unwrap_or_default();
-            let list: Vec<WorkspaceInfo> = c.get(&format!("/v1/workspaces{q}")).await?;
+            let list = c.list(&ListQuery { state: a.state }).await?;
             if a.json {
                 print_json(&list);
             } else {
@@ -121,7 +111,7 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
             }
         }
         Command::Info(a) => {
-            let w: WorkspaceInfo = c.get(&ws_path(&a.workspace, "")).await?;
+            let w = c.info(&a.workspace).await?;
             if a.json {
                 print_json(&w);
             } else {
@@ -129,41 +119,40 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
             }
         }
         Command::Logs(a) => {
-            let v: BTreeMap<String, Vec<String>> = c
-                .get(&ws_path(
-                    &a.workspace,
-                    &format!("/logs?type={}&lines={}", a.kind, a.lines),
-                ))
-                .await?;
+            let q = LogsQuery {
+                r#type: Some(match a.kind.as_str() {
+                    "agent" => LogKind::Agent,
+                    _ => LogKind::Console,
+                }),
+                lines: Some(a.lines),
+            };
+            let logs = c.logs(&a.workspace, &q).await?;
             let mut out = std::io::stdout().lock();
-            for l in v.get("lines").into_iter().flatten() {
+            for l in logs.lines {
                 let _ = writeln!(out, "{l}");
             }
         }
         Command::Start(a) => {
-            let body = json!({"boot_timeout_secs": a.boot_timeout});
-            let w: WorkspaceInfo = c.post(&ws_path(&a.workspace, "/start"), &body).await?;
+            let r = StartRequest {
+                boot_timeout_secs: a.boot_timeout,
+            };
+            let w = c.start(&a.workspace, &r).await?;
             println!("{} {}", w.name, w.state);
         }
         Command::Stop(a) => {
-            let w: WorkspaceInfo = c.post(&ws_path(&a.workspace, "/stop"), &json!({})).await?;
+            let w = c.stop(&a.workspace).await?;
             println!("{} {}", w.name, w.state);
         }
         Command::Destroy(a) => {
-            let _: Value = c
-                .call(
-                    hyper::Method::DELETE,
-                    &ws_path(&a.workspace, ""),
-                    None::<&()>,
-                )
-                .await?;
+            c.destroy(&a.workspace).await?;
             println!("{} destroyed", a.workspace);
         }
         Command::Image(ImageCommand::Build { name, force }) => {
-            build_image(&c, &name, force, None).await?
+            c.build_image(&name, &BuildQuery { force }, |l| eprintln!("{l}"))
+                .await?
         }
         Command::Image(ImageCommand::Ls { json }) => {
-            let list: Vec<ImageInfo> = c.get("/v1/images").await?;
+            let list = c.images().await?;
             if json {
                 print_json(&list);
             } else {
@@ -191,7 +180,7 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
                 boot_timeout_secs: None,
                 disk_gb: a.disk_gb,
             };
-            let forks: Vec<WorkspaceInfo> = c.post(&ws_path(&a.workspace, "/fork"), &p).await?;
+            let forks = c.fork(&a.workspace, &p).await?;
             if a.json {
                 print_json(&forks);
             } else {
@@ -201,12 +190,7 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
             }
         }
         Command::Diff(a) => {
-            let d: Diff = c
-                .get(&ws_path(
-                    &a.workspace,
-                    &format!("/diff/{}", seg(&a.snapshot)),
-                ))
-                .await?;
+            let d = c.diff(&a.workspace, &a.snapshot).await?;
             if a.json {
                 print_json(&d);
             } else {
@@ -234,16 +218,14 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
                     .map(str::to_string)
                     .collect()
             });
-            let body = burrow::engine::PolicyChange {
+            let change = PolicyChange {
                 allow_internet: a.allow_internet,
                 allow_inter_vm: a.allow_inter_vm,
                 allowed_ports: ports,
                 allow_host_ports: host_ports,
                 allow_cidr: cidrs,
             };
-            let p: burrow_netd::protocol::Policy = c
-                .post(&ws_path(&a.workspace, "/network-policy"), &body)
-                .await?;
+            let p = c.set_network_policy(&a.workspace, &change).await?;
             if a.json {
                 print_json(&p);
             } else {
@@ -298,47 +280,21 @@ fn parse_vars(vars: &[String], field: &str) -> Result<BTreeMap<String, String>, 
     Ok(out)
 }
 
+/// Builds `name` first if it is not built, saying so before its progress.
 async fn ensure_image(c: &Client, name: &str) -> Result<(), Failure> {
-    let list: Vec<ImageInfo> = c.get("/v1/images").await?;
-    if list.iter().any(|i| i.name == name) {
-        return Ok(());
-    }
-    build_image(
-        c,
-        name,
-        false,
-        Some(format!(
-            "burrow: image {name} is not built yet; building it first"
-        )),
-    )
-    .await
-}
-
-/// Builds an image, showing progress. `notice` is printed before the first progress
-/// line, so that a refused build prints nothing but its error.
-async fn build_image(
-    c: &Client,
-    name: &str,
-    force: bool,
-    mut notice: Option<String>,
-) -> Result<(), Failure> {
-    let mut last = String::new();
-    let path = format!("/v1/images/{}/build?force={force}", seg(name));
-    c.stream_lines(hyper::Method::POST, &path, |line| {
+    let mut notice = Some(format!(
+        "burrow: image {name} is not built yet; building it first"
+    ));
+    // The notice waits for the first progress line, so that a refused build
+    // prints nothing but its error.
+    c.ensure_image(name, |line| {
         if let Some(n) = notice.take() {
             eprintln!("{n}");
         }
-        if line != "ok" && !line.starts_with("error: ") {
-            eprintln!("{line}");
-        }
-        last = line.to_string();
+        eprintln!("{line}");
     })
     .await?;
-    match last.strip_prefix("error: ") {
-        Some(e) => fail(e.to_string()),
-        None if last == "ok" => Ok(()),
-        None => fail("the image build ended without a result"),
-    }
+    Ok(())
 }
 
 async fn exec(c: &Client, a: crate::ExecArgs) -> Result<i32, Failure> {
@@ -368,7 +324,7 @@ async fn exec(c: &Client, a: crate::ExecArgs) -> Result<i32, Failure> {
         max_output_bytes: a.max_output,
         stdin,
     };
-    let r: ExecResult = c.post(&ws_path(&a.workspace, "/exec"), &req).await?;
+    let r = c.exec(&a.workspace, &req).await?;
     {
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(&r.stdout);
@@ -404,17 +360,15 @@ async fn job(c: &Client, cmd: JobCommand) -> Result<(), Failure> {
                 env: parse_vars(&env, "env")?,
                 max_output_bytes: None,
             };
-            let v: Value = c.post(&ws_path(&workspace, "/jobs"), &req).await?;
-            println!("{}", v.get("job").cloned().unwrap_or(Value::Null));
+            let started = c.job_start(&workspace, &req).await?;
+            println!("{}", started.job);
         }
         JobCommand::Poll {
             workspace,
             job,
             json,
         } => {
-            let s: JobStatus = c
-                .get(&ws_path(&workspace, &format!("/jobs/{}", seg(&job))))
-                .await?;
+            let s = c.job_poll(&workspace, &job).await?;
             print_job(&s, json);
         }
         JobCommand::Kill {
@@ -423,11 +377,7 @@ async fn job(c: &Client, cmd: JobCommand) -> Result<(), Failure> {
             signal,
         } => {
             let signal = parse_signal(&signal)?;
-            let _: Value = c
-                .post(
-                    &ws_path(&workspace, &format!("/jobs/{}/kill", seg(&job))),
-                    &JobKillRequest { signal },
-                )
+            c.job_kill(&workspace, &job, &JobKillRequest { signal })
                 .await?;
         }
     }
@@ -479,32 +429,8 @@ async fn file(c: &Client, cmd: FileCommand) -> Result<(), Failure> {
                         })?,
                 ),
             };
-            let mut data = Vec::new();
-            std::io::stdin()
-                .read_to_end(&mut data)
-                .map_err(|e| format!("read stdin: {e}"))?;
-            // Large contents go in chunks: the first truncates, the rest append.
-            let mut chunks = data.chunks(MAX_FILE_CHUNK).peekable();
-            let first = chunks.next().unwrap_or(&[]);
-            let mut req = FileWrite {
-                path,
-                data: first.to_vec(),
-                mode,
-                append: false,
-            };
-            loop {
-                let _: Value = c.post(&ws_path(&workspace, "/files/write"), &req).await?;
-                match chunks.next() {
-                    Some(next) => {
-                        req = FileWrite {
-                            data: next.to_vec(),
-                            append: true,
-                            ..req
-                        }
-                    }
-                    None => break,
-                }
-            }
+            let mut stdin = tokio::io::stdin();
+            c.write_file(&workspace, &path, mode, &mut stdin).await?;
         }
         FileCommand::Read {
             workspace,
@@ -512,29 +438,17 @@ async fn file(c: &Client, cmd: FileCommand) -> Result<(), Failure> {
             offset,
             limit,
         } => {
-            let mut out = std::io::stdout().lock();
-            let mut offset = offset;
-            let mut left = limit;
-            loop {
-                let chunk = left
-                    .map(|l| l.min(MAX_FILE_CHUNK as u64))
-                    .unwrap_or(MAX_FILE_CHUNK as u64);
-                let req = FileRead {
-                    path: path.clone(),
-                    offset,
-                    limit: Some(chunk),
-                };
-                let d: FileData = c.post(&ws_path(&workspace, "/files/read"), &req).await?;
-                let _ = out.write_all(&d.data);
-                offset += d.data.len() as u64;
-                if let Some(l) = left.as_mut() {
-                    *l -= (d.data.len() as u64).min(*l);
-                }
-                if d.eof || d.data.is_empty() || left == Some(0) {
-                    break;
+            let mut stdout = tokio::io::stdout();
+            match c
+                .read_file(&workspace, &path, offset, limit, &mut stdout)
+                .await
+            {
+                // The reader went away (`| head`): what it wanted it has.
+                Err(ClientError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                r => {
+                    r?;
                 }
             }
-            let _ = out.flush();
         }
         FileCommand::Edit {
             workspace,
@@ -543,18 +457,13 @@ async fn file(c: &Client, cmd: FileCommand) -> Result<(), Failure> {
             new,
             all,
         } => {
-            let v: Value = c
-                .post(
-                    &ws_path(&workspace, "/files/edit"),
-                    &FileEdit {
-                        path,
-                        old,
-                        new,
-                        all,
-                    },
-                )
-                .await?;
-            let n = v.get("replacements").and_then(Value::as_u64).unwrap_or(0);
+            let r = FileEdit {
+                path,
+                old,
+                new,
+                all,
+            };
+            let n = c.file_edit(&workspace, &r).await?.replacements;
             eprintln!("burrow: {n} replacement{}", if n == 1 { "" } else { "s" });
         }
         FileCommand::Ls {
@@ -562,10 +471,10 @@ async fn file(c: &Client, cmd: FileCommand) -> Result<(), Failure> {
             path,
             json,
         } => {
-            let v: BTreeMap<String, Vec<DirEntry>> = c
-                .post(&ws_path(&workspace, "/files/list"), &json!({"path": path}))
-                .await?;
-            let entries = v.get("entries").cloned().unwrap_or_default();
+            let entries = c
+                .file_list(&workspace, &FileListRequest { path })
+                .await?
+                .entries;
             if json {
                 print_json(&entries);
             } else {
@@ -576,74 +485,56 @@ async fn file(c: &Client, cmd: FileCommand) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `daemon start|stop|status`: these talk to the daemon without starting it
+/// (but `start`).
 async fn daemon_command(
     cmd: &DaemonCommand,
     state: &StateDir,
     cache: &std::path::Path,
 ) -> Result<i32, Failure> {
-    let c = Client::new(state.socket());
     match cmd {
-        DaemonCommand::Start => match c.get::<DaemonStatus>("/v1/daemon").await {
-            Ok(s) => println!("burrowd already runs for {} (pid {})", s.state_dir, s.pid),
-            Err(ClientError::NotRunning { .. }) => {
-                let pid = daemon::start(state, cache).await?;
-                println!("burrowd started for {} (pid {pid})", state.root().display());
+        DaemonCommand::Start => match connect::connect(state, cache).await? {
+            (_, Found::Running(s)) => {
+                println!("burrowd already runs for {} (pid {})", s.state_dir, s.pid)
             }
-            Err(e) => return Err(e.into()),
+            (_, Found::Started(pid)) => {
+                println!("burrowd started for {} (pid {pid})", state.root().display())
+            }
         },
-        DaemonCommand::Stop => match c.get::<DaemonStatus>("/v1/daemon").await {
-            Ok(s) => {
-                let _: Value = c.post("/v1/daemon/shutdown", &json!({})).await?;
-                if let Some(p) = burrow::db::ProcId::of(s.pid as i32) {
-                    if tokio::time::timeout(std::time::Duration::from_secs(30), p.exited())
-                        .await
-                        .is_err()
-                    {
-                        return fail(format!("burrowd (pid {}) did not stop within 30 s", s.pid));
-                    }
-                }
+        DaemonCommand::Stop => match connect::stop(state).await? {
+            Some(pid) => println!("burrowd stopped (pid {pid}); running workspaces keep running"),
+            None => println!("burrowd is not running for {}", state.root().display()),
+        },
+        DaemonCommand::Status { json } => match connect::status(state).await? {
+            Some(s) if *json => print_json(&s),
+            Some(s) => {
+                println!("burrowd running (pid {})", s.pid);
+                println!("state dir:  {}", s.state_dir);
+                println!("cache dir:  {}", s.cache_dir);
                 println!(
-                    "burrowd stopped (pid {}); running workspaces keep running",
-                    s.pid
+                    "accel:      {}",
+                    s.accel.as_deref().unwrap_or("(not probed yet)")
                 );
+                println!("store:      {}", s.store);
+                println!("workspaces: {} ({} running)", s.workspaces, s.running);
             }
-            Err(ClientError::NotRunning { .. }) => {
-                println!("burrowd is not running for {}", state.root().display())
-            }
-            Err(e) => return Err(e.into()),
-        },
-        DaemonCommand::Status { json } => match c.get::<DaemonStatus>("/v1/daemon").await {
-            Ok(s) => {
+            None => {
                 if *json {
-                    print_json(&s);
-                } else {
-                    println!("burrowd running (pid {})", s.pid);
-                    println!("state dir:  {}", s.state_dir);
-                    println!("cache dir:  {}", s.cache_dir);
-                    println!(
-                        "accel:      {}",
-                        s.accel.as_deref().unwrap_or("(not probed yet)")
-                    );
-                    println!("store:      {}", s.store);
-                    println!("workspaces: {} ({} running)", s.workspaces, s.running);
-                }
-            }
-            Err(ClientError::NotRunning { .. }) => {
-                if *json {
-                    print_json(&json!({"running": false, "state_dir": state.root()}));
+                    print_json(&crate::output::NotRunning {
+                        running: false,
+                        state_dir: state.root(),
+                    });
                 } else {
                     println!("burrowd is not running for {}", state.root().display());
                 }
                 return Ok(3);
             }
-            Err(e) => return Err(e.into()),
         },
     }
     Ok(0)
 }
 
 async fn port_forward(c: &Client, cmd: PortForwardCommand) -> Result<(), Failure> {
-    use burrow_netd::protocol::Forward;
     match cmd {
         PortForwardCommand::Add {
             workspace,
@@ -652,12 +543,12 @@ async fn port_forward(c: &Client, cmd: PortForwardCommand) -> Result<(), Failure
             bind,
             json,
         } => {
-            let f: Forward = c
-                .post(
-                    &ws_path(&workspace, "/port-forwards"),
-                    &json!({"guest_port": guest_port, "host_port": host_port, "bind": bind}),
-                )
-                .await?;
+            let p = ForwardParams {
+                guest_port,
+                host_port,
+                bind,
+            };
+            let f = c.port_forward_add(&workspace, &p).await?;
             if json {
                 print_json(&f);
             } else {
@@ -665,7 +556,7 @@ async fn port_forward(c: &Client, cmd: PortForwardCommand) -> Result<(), Failure
             }
         }
         PortForwardCommand::Ls { workspace, json } => {
-            let list: Vec<Forward> = c.get(&ws_path(&workspace, "/port-forwards")).await?;
+            let list = c.port_forwards(&workspace).await?;
             if json {
                 print_json(&list);
             } else {
@@ -679,13 +570,7 @@ async fn port_forward(c: &Client, cmd: PortForwardCommand) -> Result<(), Failure
             workspace,
             guest_port,
         } => {
-            let _: Value = c
-                .call(
-                    hyper::Method::DELETE,
-                    &ws_path(&workspace, &format!("/port-forwards/{guest_port}")),
-                    None::<&()>,
-                )
-                .await?;
+            c.port_forward_rm(&workspace, guest_port).await?;
             println!("{workspace}: {guest_port} no longer forwarded");
         }
     }
@@ -715,23 +600,15 @@ async fn team(c: &Client, cmd: TeamCommand) -> Result<(), Failure> {
             members,
             json,
         } => {
-            let m: Vec<TeamMember> = c
-                .post("/v1/teams", &json!({"name": name, "members": members}))
-                .await?;
+            let m = c.team_create(&TeamParams { name, members }).await?;
             print(&m, json);
         }
         TeamCommand::Status { name, json } => {
-            let m: Vec<TeamMember> = c.get(&format!("/v1/teams/{}", seg(&name))).await?;
+            let m = c.team_status(&name).await?;
             print(&m, json);
         }
         TeamCommand::Destroy { name } => {
-            let _: Value = c
-                .call(
-                    hyper::Method::DELETE,
-                    &format!("/v1/teams/{}", seg(&name)),
-                    None::<&()>,
-                )
-                .await?;
+            c.team_destroy(&name).await?;
             println!("team {name} destroyed");
         }
     }
@@ -741,13 +618,13 @@ async fn team(c: &Client, cmd: TeamCommand) -> Result<(), Failure> {
 async fn snapshot(c: &Client, cmd: SnapshotCommand) -> Result<(), Failure> {
     match cmd {
         SnapshotCommand::Create { workspace, name } => {
-            let s: SnapshotInfo = c
-                .post(&ws_path(&workspace, "/snapshots"), &json!({"name": name}))
+            let s = c
+                .snapshot_create(&workspace, &SnapshotRequest { name })
                 .await?;
             println!("{} {}", s.workspace, s.name);
         }
         SnapshotCommand::Ls { workspace, json } => {
-            let list: Vec<SnapshotInfo> = c.get(&ws_path(&workspace, "/snapshots")).await?;
+            let list = c.snapshot_list(&workspace).await?;
             if json {
                 print_json(&list);
             } else {
@@ -769,13 +646,11 @@ async fn snapshot(c: &Client, cmd: SnapshotCommand) -> Result<(), Failure> {
             }
         }
         SnapshotCommand::Restore { workspace, name } => {
-            let path = ws_path(&workspace, &format!("/snapshots/{}/restore", seg(&name)));
-            let w: WorkspaceInfo = c.post(&path, &json!({})).await?;
+            let w = c.snapshot_restore(&workspace, &name).await?;
             println!("{} restored to {name} ({})", w.name, w.state);
         }
         SnapshotCommand::Delete { workspace, name } => {
-            let path = ws_path(&workspace, &format!("/snapshots/{}", seg(&name)));
-            let _: Value = c.call(hyper::Method::DELETE, &path, None::<&()>).await?;
+            c.snapshot_delete(&workspace, &name).await?;
             println!("{name} deleted");
         }
     }

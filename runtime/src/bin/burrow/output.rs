@@ -1,10 +1,33 @@
 //! Human-readable output.
 
 use std::io::Write;
+use std::path::Path;
 
-use burrow::engine::WorkspaceInfo;
-use burrow_proto::{DirEntry, FileKind, JobStatus};
-use serde_json::json;
+use burrow::api::{DirEntry, FileKind, JobStatus, WorkspaceInfo};
+use serde::Serialize;
+
+/// `daemon status --json` when no daemon serves the state dir.
+#[derive(Serialize)]
+pub struct NotRunning<'a> {
+    pub running: bool,
+    pub state_dir: &'a Path,
+}
+
+/// `job poll --json`: the job's status with its output as text (the API's
+/// base64 is for programs; this is for people and scripts reading text).
+#[derive(Serialize)]
+struct JobText<'a> {
+    job: u32,
+    argv: &'a [String],
+    running: bool,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    stdout: String,
+    stderr: String,
+    stdout_truncated: bool,
+    stderr_truncated: bool,
+    duration_ms: u64,
+}
 
 pub fn unix_time(secs: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(secs)
@@ -107,18 +130,18 @@ pub fn print_info(w: &WorkspaceInfo) {
 
 pub fn print_job(s: &JobStatus, as_json: bool) {
     if as_json {
-        let v = json!({
-            "job": s.job,
-            "argv": s.argv,
-            "running": s.running,
-            "exit_code": s.exit_code,
-            "signal": s.signal,
-            "stdout": String::from_utf8_lossy(&s.stdout),
-            "stderr": String::from_utf8_lossy(&s.stderr),
-            "stdout_truncated": s.stdout_truncated,
-            "stderr_truncated": s.stderr_truncated,
-            "duration_ms": s.duration_ms,
-        });
+        let v = JobText {
+            job: s.job,
+            argv: &s.argv,
+            running: s.running,
+            exit_code: s.exit_code,
+            signal: s.signal,
+            stdout: String::from_utf8_lossy(&s.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&s.stderr).into_owned(),
+            stdout_truncated: s.stdout_truncated,
+            stderr_truncated: s.stderr_truncated,
+            duration_ms: s.duration_ms,
+        };
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return;
     }
