@@ -8,7 +8,9 @@ use burrow::api::connect::{self, ConnectError, Found};
 use burrow::api::*;
 use burrow::paths::StateDir;
 
-use crate::output::{print_entries, print_info, print_job, print_list};
+use crate::output::{
+    print_diff, print_entries, print_images, print_info, print_job, print_list, print_policy,
+};
 use crate::SnapshotCommand;
 use crate::{
     Cli, Command, DaemonCommand, EnvCommand, FileCommand, ImageCommand, JobCommand,
@@ -66,27 +68,7 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
         );
     }
     match cli.command {
-        Command::Create(a) => {
-            let image = a
-                .image
-                .clone()
-                .unwrap_or_else(|| burrow::image::DEFAULT_IMAGE.to_string());
-            ensure_image(&c, &image).await?;
-            let p = CreateParams {
-                name: a.name,
-                vcpus: a.vcpus,
-                memory_mib: a.memory,
-                image: Some(image),
-                boot_timeout_secs: a.boot_timeout,
-                disk_gb: a.disk_gb,
-            };
-            let w = c.create(&p).await?;
-            if a.json {
-                print_json(&w);
-            } else {
-                println!("{} {}", w.id, w.name);
-            }
-        }
+        Command::Create(a) => create(&c, a).await?,
         Command::Exec(a) => return exec(&c, a).await,
         Command::Job(cmd) => job(&c, cmd).await?,
         Command::Env(EnvCommand::Set { workspace, vars }) => {
@@ -118,20 +100,7 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
                 print_info(&w);
             }
         }
-        Command::Logs(a) => {
-            let q = LogsQuery {
-                r#type: Some(match a.kind.as_str() {
-                    "agent" => LogKind::Agent,
-                    _ => LogKind::Console,
-                }),
-                lines: Some(a.lines),
-            };
-            let logs = c.logs(&a.workspace, &q).await?;
-            let mut out = std::io::stdout().lock();
-            for l in logs.lines {
-                let _ = writeln!(out, "{l}");
-            }
-        }
+        Command::Logs(a) => logs(&c, a).await?,
         Command::Start(a) => {
             let r = StartRequest {
                 boot_timeout_secs: a.boot_timeout,
@@ -147,117 +116,134 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
             c.destroy(&a.workspace).await?;
             println!("{} destroyed", a.workspace);
         }
-        Command::Image(ImageCommand::Build { name, force }) => {
-            c.build_image(&name, &BuildQuery { force }, |l| eprintln!("{l}"))
-                .await?
-        }
-        Command::Image(ImageCommand::Ls { json }) => {
-            let list = c.images().await?;
-            if json {
-                print_json(&list);
-            } else {
-                println!("{:<10} {:>10} {:>8}  BUILT", "NAME", "SIZE", "PACKAGES");
-                for i in list {
-                    println!(
-                        "{:<10} {:>9}M {:>8}  {}",
-                        i.name,
-                        i.size_bytes >> 20,
-                        i.packages,
-                        crate::output::unix_time(i.built_at)
-                    );
-                }
-            }
-        }
+        Command::Image(cmd) => image(&c, cmd).await?,
         Command::Snapshot(cmd) => snapshot(&c, cmd).await?,
         Command::Team(cmd) => team(&c, cmd).await?,
         Command::PortForward(cmd) => port_forward(&c, cmd).await?,
-        Command::Fork(a) => {
-            let p = ForkParams {
-                snapshot: a.snapshot,
-                name: a.name,
-                count: a.count,
-                name_prefix: a.name_prefix,
-                boot_timeout_secs: None,
-                disk_gb: a.disk_gb,
-            };
-            let forks = c.fork(&a.workspace, &p).await?;
-            if a.json {
-                print_json(&forks);
-            } else {
-                for w in forks {
-                    println!("{} {}", w.id, w.name);
-                }
-            }
-        }
+        Command::Fork(a) => fork(&c, a).await?,
         Command::Diff(a) => {
             let d = c.diff(&a.workspace, &a.snapshot).await?;
             if a.json {
                 print_json(&d);
             } else {
-                for (mark, paths) in [("A", &d.added), ("M", &d.modified), ("D", &d.deleted)] {
-                    for p in paths {
-                        println!("{mark} {}", crate::output::quote_path(&p.bytes()));
-                    }
-                }
+                print_diff(&d);
             }
         }
-        Command::NetworkPolicy(a) => {
-            let ports = match &a.allowed_ports {
-                None => None,
-                Some(list) => Some(parse_ports("allowed-ports", list)?),
-            };
-            let host_ports = match &a.allow_host_ports {
-                None => None,
-                Some(list) => Some(parse_ports("allow-host-ports", list)?),
-            };
-            // Checked by the daemon (one line naming allow_cidr).
-            let cidrs: Option<Vec<String>> = a.allow_cidr.as_ref().map(|list| {
-                list.split(',')
-                    .map(str::trim)
-                    .filter(|c| !c.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            });
-            let change = PolicyChange {
-                allow_internet: a.allow_internet,
-                allow_inter_vm: a.allow_inter_vm,
-                allowed_ports: ports,
-                allow_host_ports: host_ports,
-                allow_cidr: cidrs,
-            };
-            let p = c.set_network_policy(&a.workspace, &change).await?;
-            if a.json {
-                print_json(&p);
-            } else {
-                let ports = p
-                    .allowed_ports
-                    .map(|v| v.iter().map(u16::to_string).collect::<Vec<_>>().join(","))
-                    .unwrap_or_else(|| "any".into());
-                let host_ports = p
-                    .allow_host_ports
-                    .iter()
-                    .map(u16::to_string)
-                    .collect::<Vec<_>>()
-                    .join(",");
-                let cidrs = p
-                    .allow_cidr
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(",");
-                println!(
-                    "{}: allow_internet={} allow_inter_vm={} allowed_ports={ports} allow_host_ports={} allow_cidr={}",
-                    a.workspace,
-                    p.allow_internet,
-                    p.allow_inter_vm,
-                    if host_ports.is_empty() { "none" } else { &host_ports },
-                    if cidrs.is_empty() { "none" } else { &cidrs },
-                );
-            }
-        }
+        Command::NetworkPolicy(a) => network_policy(&c, a).await?,
         Command::Daemon(_) => unreachable!("handled above"),
     }
     Ok(0)
+}
+
+async fn create(c: &Client, a: crate::CreateArgs) -> Result<(), Failure> {
+    let image = a
+        .image
+        .unwrap_or_else(|| burrow::image::DEFAULT_IMAGE.to_string());
+    ensure_image(c, &image).await?;
+    let p = CreateParams {
+        name: a.name,
+        vcpus: a.vcpus,
+        memory_mib: a.memory,
+        image: Some(image),
+        boot_timeout_secs: a.boot_timeout,
+        disk_gb: a.disk_gb,
+    };
+    let w = c.create(&p).await?;
+    if a.json {
+        print_json(&w);
+    } else {
+        println!("{} {}", w.id, w.name);
+    }
+    Ok(())
+}
+
+async fn logs(c: &Client, a: crate::LogsArgs) -> Result<(), Failure> {
+    let q = LogsQuery {
+        r#type: Some(match a.kind.as_str() {
+            "agent" => LogKind::Agent,
+            _ => LogKind::Console,
+        }),
+        lines: Some(a.lines),
+    };
+    let logs = c.logs(&a.workspace, &q).await?;
+    let mut out = std::io::stdout().lock();
+    for l in logs.lines {
+        let _ = writeln!(out, "{l}");
+    }
+    Ok(())
+}
+
+async fn image(c: &Client, cmd: ImageCommand) -> Result<(), Failure> {
+    match cmd {
+        ImageCommand::Build { name, force } => {
+            c.build_image(&name, &BuildQuery { force }, |l| eprintln!("{l}"))
+                .await?
+        }
+        ImageCommand::Ls { json } => {
+            let list = c.images().await?;
+            if json {
+                print_json(&list);
+            } else {
+                print_images(&list);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn fork(c: &Client, a: crate::ForkArgs) -> Result<(), Failure> {
+    let p = ForkParams {
+        snapshot: a.snapshot,
+        name: a.name,
+        count: a.count,
+        name_prefix: a.name_prefix,
+        boot_timeout_secs: None,
+        disk_gb: a.disk_gb,
+    };
+    let forks = c.fork(&a.workspace, &p).await?;
+    if a.json {
+        print_json(&forks);
+    } else {
+        for w in forks {
+            println!("{} {}", w.id, w.name);
+        }
+    }
+    Ok(())
+}
+
+/// Changes the flags given (none: shows the policy) and prints the policy now
+/// in effect.
+async fn network_policy(c: &Client, a: crate::NetworkPolicyArgs) -> Result<(), Failure> {
+    let ports = match &a.allowed_ports {
+        None => None,
+        Some(list) => Some(parse_ports("allowed-ports", list)?),
+    };
+    let host_ports = match &a.allow_host_ports {
+        None => None,
+        Some(list) => Some(parse_ports("allow-host-ports", list)?),
+    };
+    // Checked by the daemon (one line naming allow_cidr).
+    let cidrs: Option<Vec<String>> = a.allow_cidr.as_ref().map(|list| {
+        list.split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(str::to_string)
+            .collect()
+    });
+    let change = PolicyChange {
+        allow_internet: a.allow_internet,
+        allow_inter_vm: a.allow_inter_vm,
+        allowed_ports: ports,
+        allow_host_ports: host_ports,
+        allow_cidr: cidrs,
+    };
+    let p = c.set_network_policy(&a.workspace, &change).await?;
+    if a.json {
+        print_json(&p);
+    } else {
+        print_policy(&a.workspace, &p);
+    }
+    Ok(())
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use burrow::api::{DirEntry, FileKind, JobStatus, WorkspaceInfo};
+use burrow::api::{Diff, DirEntry, FileKind, ImageInfo, JobStatus, Policy, WorkspaceInfo};
 use serde::Serialize;
 
 /// `daemon status --json` when no daemon serves the state dir.
@@ -175,4 +175,53 @@ pub fn print_entries(entries: &[DirEntry]) {
             unix_time(e.modified)
         );
     }
+}
+
+pub fn print_images(list: &[ImageInfo]) {
+    println!("{:<10} {:>10} {:>8}  BUILT", "NAME", "SIZE", "PACKAGES");
+    for i in list {
+        println!(
+            "{:<10} {:>9}M {:>8}  {}",
+            i.name,
+            i.size_bytes >> 20,
+            i.packages,
+            unix_time(i.built_at)
+        );
+    }
+}
+
+/// `A`, `M` or `D` and the path, quoted for a terminal.
+pub fn print_diff(d: &Diff) {
+    for (mark, paths) in [("A", &d.added), ("M", &d.modified), ("D", &d.deleted)] {
+        for p in paths {
+            println!("{mark} {}", quote_path(&p.bytes()));
+        }
+    }
+}
+
+pub fn print_policy(workspace: &str, p: &Policy) {
+    let ports = p
+        .allowed_ports
+        .as_ref()
+        .map(|v| v.iter().map(u16::to_string).collect::<Vec<_>>().join(","))
+        .unwrap_or_else(|| "any".into());
+    let host_ports = p
+        .allow_host_ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let cidrs = p
+        .allow_cidr
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    println!(
+        "{workspace}: allow_internet={} allow_inter_vm={} allowed_ports={ports} allow_host_ports={} allow_cidr={}",
+        p.allow_internet,
+        p.allow_inter_vm,
+        if host_ports.is_empty() { "none" } else { &host_ports },
+        if cidrs.is_empty() { "none" } else { &cidrs },
+    );
 }
