@@ -151,13 +151,17 @@ pub async fn start(state: &StateDir, cache_dir: &Path) -> Result<u32, ConnectErr
             crate::process::pass_fd(&write_end, READY_FD)
         });
     }
-    let child = cmd
+    let mut child = cmd
         .spawn()
         .map_err(|source| ConnectError::Spawn { binary, source })?;
     // The closure holds our copy of the pipe's write end: drop it, so that the read
     // below sees EOF if the daemon dies before it is ready.
     drop(cmd);
     let pid = child.id();
+    // The daemon outlives us as a rule; should it exit first, a long-lived
+    // caller (a front door that serves for days) reaps it instead of keeping a
+    // zombie.
+    std::thread::spawn(move || child.wait());
     // Reading blocks until the daemon writes "ready" or exits (EOF).
     let line = tokio::task::spawn_blocking(move || {
         let mut f = std::fs::File::from(read_end);
