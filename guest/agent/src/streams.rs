@@ -501,8 +501,8 @@ async fn pump_pipes<W: AsyncWrite + Unpin>(
     err: Option<OwnedFd>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let mut out = out.and_then(|fd| output_pipe(fd));
-    let mut err = err.and_then(|fd| output_pipe(fd));
+    let mut out = out.and_then(output_pipe);
+    let mut err = err.and_then(output_pipe);
     let mut bo = vec![0u8; MAX_STREAM_CHUNK];
     let mut be = vec![0u8; MAX_STREAM_CHUNK];
     while out.is_some() || err.is_some() {
