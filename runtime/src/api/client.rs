@@ -115,6 +115,13 @@ impl Client {
             }
             None => None,
         };
+        let bytes = self.bytes(method, path, body).await?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ClientError::Transport(format!("bad answer: {e}")))
+    }
+
+    /// One request; the answer's body as bytes, or the daemon's error.
+    async fn bytes(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<Bytes> {
         let resp = self.send(method, path, body).await?;
         let status = resp.status();
         let bytes = resp
@@ -126,8 +133,7 @@ impl Client {
         if !status.is_success() {
             return Err(api_error(status, &bytes));
         }
-        serde_json::from_slice(&bytes)
-            .map_err(|e| ClientError::Transport(format!("bad answer: {e}")))
+        Ok(bytes)
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
@@ -318,18 +324,7 @@ impl Client {
     /// A session's recording, an asciicast v2 file.
     pub async fn terminal_recording(&self, ws: &str, name: &str) -> Result<Vec<u8>> {
         let path = ws_path(ws, &format!("/terminals/{}/recording", seg(name)));
-        let resp = self.send(Method::GET, &path, None).await?;
-        let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Transport(e.to_string()))?
-            .to_bytes();
-        if !status.is_success() {
-            return Err(api_error(status, &bytes));
-        }
-        Ok(bytes.to_vec())
+        Ok(self.bytes(Method::GET, &path, None).await?.to_vec())
     }
 
     /// The log's tail, then each new line as it is written, to `on_line`, until
