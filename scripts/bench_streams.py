@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """burrow's streams benchmark, medians in one invocation, one workspace:
 
-  (a) floor: a raw vsock stream out of the VM: Python in the guest sends N MiB of
-      zeros to a host vsock port (the hybrid-vsock listener socket this script binds
-      next to the VM's own), read here to its end
+  (a) floor: a raw vsock stream out of the VM, as socat would make it: in the
+      guest, `head -c N /dev/zero` into a pipe that Python copies to a host vsock
+      port (the hybrid-vsock listener socket this script binds next to the VM's
+      own), read here to its end. Same process, pipe and vsock as (b), without
+      agent, burrowd and CLI
   (b) `burrow exec ws -- head -c N /dev/zero`, streamed through agent, burrowd and
       the CLI, read here from the CLI's stdout to its end; alternating with (a),
       target >= 0.8 x floor
@@ -39,13 +41,12 @@ from bench import Burrow, docker_container, med, ms, run
 VSOCK_PORT = 5999
 
 SENDER = """
-import socket, sys
-n = int(sys.argv[1]) << 20
+import os, socket, sys
 s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-s.connect((2, int(sys.argv[2])))
-buf = bytes(1 << 20)
-while n:
-    k = min(n, len(buf)); s.sendall(buf[:k]); n -= k
+s.connect((2, int(sys.argv[1])))
+# splice: pipe to socket in the kernel, so the floor is the path, not Python.
+while os.splice(0, s.fileno(), 1 << 20):
+    pass
 s.close()
 """
 
@@ -78,7 +79,7 @@ def vsock_floor(b, ws, run_dir, mib):
         except KeyError:
             pass
         os.chmod(path, 0o600)
-        b("job", "start", ws, "--", "python3", "-c", SENDER, str(mib), str(VSOCK_PORT))
+        b("job", "start", ws, "--", "sh", "-c", f'head -c {mib << 20} /dev/zero | python3 -c "$0" {VSOCK_PORT}', SENDER)
         srv.settimeout(120)
         conn, _ = srv.accept()
         with conn, conn.makefile("rb") as f:
@@ -166,12 +167,17 @@ def keystroke_echo(b, ws, keys):
                     buf += os.read(fd, 65536)
             return buf
 
+        def drain():
+            while select.select([fd], [], [], 0.2)[0]:
+                os.read(fd, 65536)
+
         # A prompt of our own, so that we know the shell reads keys.
         os.write(fd, b"PS1='ready> '\r")
         read_until(b"ready> ")
+        drain()
         times = []
         for i in range(keys):
-            key = b"abcdefghij"[i % 10:i % 10 + 1]
+            key = b"0123456789"[i % 10:i % 10 + 1]
             t0 = time.monotonic()
             os.write(fd, key)
             read_until(key)

@@ -61,18 +61,27 @@ fn daemon_start_status_stop() {
     assert_eq!(st["store"], "btrfs");
     let pid = st["pid"].as_i64().expect("pid") as i32;
     assert_eq!(b.daemon_pid(), Some(pid));
-    // A second daemon on the same state dir is refused.
+    // A second daemon on the same state dir is refused (its last line says why)
+    // and changes nothing: the first keeps its socket and pid file and serves on.
+    let socket = || {
+        std::os::unix::fs::MetadataExt::ino(
+            &std::fs::metadata(b.state.join("burrowd.sock")).expect("socket"),
+        )
+    };
+    let socket_before = socket();
     let second = std::process::Command::new(burrow_tests::bin_dir().join("burrowd"))
         .arg("--state-dir")
         .arg(&b.state)
         .output()
         .expect("run burrowd");
     assert!(!second.status.success());
-    assert!(
-        text(&second.stderr).contains("another burrowd"),
-        "{}",
-        text(&second.stderr)
-    );
+    let err = text(&second.stderr);
+    let refusal = format!("another burrowd already serves {}", b.state.display());
+    let last = err.trim().lines().last().unwrap_or_default();
+    assert!(last.contains(&refusal), "{err}");
+    assert_eq!(socket(), socket_before);
+    assert_eq!(b.daemon_pid(), Some(pid));
+    assert_eq!(b.json(&["daemon", "status", "--json"])["pid"], pid);
     assert!(b.ok(&["daemon", "stop"]).contains("stopped"));
     assert!(!burrow_tests::process_exists(pid));
     assert!(!b.state.join("burrowd.sock").exists());

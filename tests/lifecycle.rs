@@ -287,6 +287,20 @@ fn file_checks(b: &Burrow) {
         "big file differs ({} bytes back)",
         back.stdout.len()
     );
+    // Input that ends on a chunk's edge (two chunks of 4 MiB) comes back whole;
+    // empty input empties the file.
+    let edge: Vec<u8> = (0..8u32 << 20).map(|i| (i % 253) as u8).collect();
+    let out = b.run_with_stdin(&["file", "write", "dev", "/work/big.bin"], &edge);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let back = b.run(&["file", "read", "dev", "/work/big.bin"]);
+    assert!(back.stdout == edge, "{} bytes back", back.stdout.len());
+    let out = b.run_with_stdin(&["file", "write", "dev", "/work/big.bin"], b"");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        b.ok(&["exec", "dev", "--", "stat", "-c", "%s", "/work/big.bin"])
+            .trim(),
+        "0"
+    );
 
     b.ok(&[
         "file",

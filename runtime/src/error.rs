@@ -5,6 +5,9 @@ use burrow_proto::{AgentError, ErrorKind as AgentErrorKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Another engine holds the state dir's lock (see `engine::StateLock`).
+    #[error("another burrowd already serves {}", .0.display())]
+    AlreadyServed(std::path::PathBuf),
     #[error("workspace {0:?} not found")]
     WorkspaceNotFound(String),
     #[error("name {0:?} is taken by another workspace")]
@@ -116,6 +119,7 @@ impl Error {
             | Error::SnapshotNotFound { .. }
             | Error::NoRecording { .. } => ErrorClass::NotFound,
             Error::NameTaken(_)
+            | Error::AlreadyServed(_)
             | Error::TeamExists(_)
             | Error::WrongState { .. }
             | Error::SnapshotExists { .. }

@@ -28,6 +28,12 @@ impl StateDir {
     pub fn socket(&self) -> PathBuf {
         self.root.join("burrowd.sock")
     }
+    /// Locked by the engine serving this state dir for as long as it serves it
+    /// (see `engine::StateLock`); never removed.
+    pub fn lock_file(&self) -> PathBuf {
+        self.root.join("engine.lock")
+    }
+    /// burrowd's pid, written once it holds the state dir.
     pub fn pid_file(&self) -> PathBuf {
         self.root.join("burrowd.pid")
     }

@@ -144,9 +144,17 @@ impl Burrow {
             .spawn()
             .expect("spawn burrow");
         let mut stdin = child.stdin.take().expect("stdin");
-        stdin.write_all(input).expect("write stdin");
-        drop(stdin);
-        child.wait_with_output().expect("wait burrow")
+        // Fed from a thread while the output is read: a command streams its
+        // input and output at once. It may stop reading early (a refused
+        // write): a broken pipe is its answer, not the test's failure.
+        let input = input.to_vec();
+        let feeder = std::thread::spawn(move || match stdin.write_all(&input) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => panic!("write stdin: {e}"),
+            _ => {}
+        });
+        let out = child.wait_with_output().expect("wait burrow");
+        feeder.join().expect("stdin feeder");
+        out
     }
 
     /// Runs a command that must succeed; returns its stdout.

@@ -477,6 +477,22 @@ async fn read_opt(p: &mut Option<pipe::Receiver>, buf: &mut [u8]) -> std::io::Re
     }
 }
 
+/// A process's output pipe, made large enough for a whole stream chunk, so that a
+/// fast writer fills a frame per read (the default 64 KiB would mean twice the
+/// reads, writes and frames; under an emulated CPU each costs).
+fn output_pipe(fd: OwnedFd) -> Option<pipe::Receiver> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on a pipe fd we own; a refusal leaves the size as it was.
+    unsafe {
+        libc::fcntl(
+            fd.as_raw_fd(),
+            libc::F_SETPIPE_SZ,
+            MAX_STREAM_CHUNK as libc::c_int,
+        )
+    };
+    pipe::Receiver::from_owned_fd(fd).ok()
+}
+
 /// Sends the two pipes' output as frames until both end or `stop` is set. Each
 /// frame is written (awaited) before its pipe is read again.
 async fn pump_pipes<W: AsyncWrite + Unpin>(
@@ -485,8 +501,8 @@ async fn pump_pipes<W: AsyncWrite + Unpin>(
     err: Option<OwnedFd>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let mut out = out.and_then(|fd| pipe::Receiver::from_owned_fd(fd).ok());
-    let mut err = err.and_then(|fd| pipe::Receiver::from_owned_fd(fd).ok());
+    let mut out = out.and_then(output_pipe);
+    let mut err = err.and_then(output_pipe);
     let mut bo = vec![0u8; MAX_STREAM_CHUNK];
     let mut be = vec![0u8; MAX_STREAM_CHUNK];
     while out.is_some() || err.is_some() {

@@ -224,12 +224,14 @@ async fn write_raw<W: AsyncWrite + Unpin>(
             max: MAX_STREAM_FRAME,
         });
     }
-    let mut buf = Vec::with_capacity(5 + head.len());
+    // One write per frame: under an emulated CPU a system call costs more than
+    // copying the payload once.
+    let mut buf = Vec::with_capacity(5 + head.len() + body.len());
     buf.extend_from_slice(&(len as u32).to_be_bytes());
     buf.push(kind);
     buf.extend_from_slice(head);
+    buf.extend_from_slice(body);
     w.write_all(&buf).await?;
-    w.write_all(body).await?;
     Ok(())
 }
 
@@ -267,6 +269,17 @@ fn unknown_kind(kind: u8) -> FrameError {
         std::io::ErrorKind::InvalidData,
         format!("unknown stream frame kind {kind:#04x}"),
     ))
+}
+
+/// Bytes before a recording chunk's data: its offset and time, big-endian.
+pub const RECORD_HEADER: usize = 16;
+
+/// A recording chunk's header and data: `(offset, t_us, data)`, or `None` when
+/// it is shorter than its header.
+pub fn split_record(b: &[u8]) -> Option<(u64, u64, &[u8])> {
+    let offset = u64::from_be_bytes(b.get(..8)?.try_into().ok()?);
+    let t_us = u64::from_be_bytes(b.get(8..RECORD_HEADER)?.try_into().ok()?);
+    Some((offset, t_us, &b[RECORD_HEADER..]))
 }
 
 impl HostFrame {
@@ -332,18 +345,13 @@ impl GuestFrame {
             KIND_STDOUT => Ok(GuestFrame::Stdout(body)),
             KIND_STDERR => Ok(GuestFrame::Stderr(body)),
             KIND_RECORD => {
-                if body.len() < 16 {
-                    return Err(FrameError::Io(std::io::Error::new(
+                let (offset, t_us, _) = split_record(&body).ok_or_else(|| {
+                    FrameError::Io(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
                         "record frame shorter than its header",
-                    )));
-                }
-                let data = body.split_off(16);
-                let mut n = [0u8; 8];
-                n.copy_from_slice(&body[..8]);
-                let offset = u64::from_be_bytes(n);
-                n.copy_from_slice(&body[8..16]);
-                let t_us = u64::from_be_bytes(n);
+                    ))
+                })?;
+                let data = body.split_off(RECORD_HEADER);
                 Ok(GuestFrame::Record { offset, t_us, data })
             }
             KIND_EVENT => Ok(GuestFrame::Event(serde_json::from_slice(&body)?)),

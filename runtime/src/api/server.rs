@@ -1,6 +1,5 @@
 //! burrowd's HTTP/JSON API. Each handler parses, calls the engine, and answers.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
@@ -10,17 +9,13 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use burrow_proto::{Exec, FileEdit, FileRead, FileWrite, JobStart};
-use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::{
-    ApiError, DaemonStatus, EnvRequest, ErrorBody, JobKillRequest, ListQuery, LogsQuery,
-    StartRequest,
-};
+use super::types::*;
+use super::{ApiError, ErrorBody};
 use crate::db::State as WsState;
-use crate::engine::{CreateParams, Engine};
+use crate::engine::Engine;
 use crate::error::{Error, ErrorClass};
 
 /// Largest request body: a file-write chunk (4 MiB) in base64 plus its envelope.
@@ -238,19 +233,13 @@ async fn daemon_status(State(s): State<AppState>) -> ApiResult<DaemonStatus> {
     })
 }
 
-async fn daemon_shutdown(State(s): State<AppState>) -> ApiResult<serde_json::Value> {
+async fn daemon_shutdown(State(s): State<AppState>) -> ApiResult<Stopping> {
     let _ = s.shutdown.send(());
-    ok(json!({"stopping": true}))
+    ok(Stopping { stopping: true })
 }
 
-async fn images(State(s): State<AppState>) -> ApiResult<Vec<crate::image::ImageInfo>> {
+async fn images(State(s): State<AppState>) -> ApiResult<Vec<ImageInfo>> {
     ok(s.engine.images().list())
-}
-
-#[derive(Deserialize)]
-struct BuildQuery {
-    #[serde(default)]
-    force: bool,
 }
 
 /// Streams the build's progress as text lines; the last line is `ok` or `error: …`.
@@ -265,8 +254,8 @@ async fn image_build(
     tokio::spawn(async move {
         let res = engine.images().build(&name, q.force, Some(&tx)).await;
         let last = match res {
-            Ok(_) => "ok".to_string(),
-            Err(e) => format!("error: {e}"),
+            Ok(_) => BUILD_OK.to_string(),
+            Err(e) => format!("{BUILD_ERROR}{e}"),
         };
         let _ = tx.send(last);
     });
@@ -280,7 +269,7 @@ async fn image_build(
 async fn list(
     State(s): State<AppState>,
     Query(q): Query<ListQuery>,
-) -> ApiResult<Vec<crate::engine::WorkspaceInfo>> {
+) -> ApiResult<Vec<WorkspaceInfo>> {
     let state = match q.state.as_deref() {
         None | Some("") => None,
         Some(v) => Some(WsState::parse(v).ok_or_else(|| {
@@ -293,30 +282,24 @@ async fn list(
 async fn create(
     State(s): State<AppState>,
     ApiJson(p): ApiJson<CreateParams>,
-) -> ApiResult<crate::engine::WorkspaceInfo> {
+) -> ApiResult<WorkspaceInfo> {
     ok(s.engine.create(p, None).await?)
 }
 
-async fn info(
-    State(s): State<AppState>,
-    Path(ws): Path<String>,
-) -> ApiResult<crate::engine::WorkspaceInfo> {
+async fn info(State(s): State<AppState>, Path(ws): Path<String>) -> ApiResult<WorkspaceInfo> {
     ok(s.engine.info(&ws)?)
 }
 
-async fn destroy(
-    State(s): State<AppState>,
-    Path(ws): Path<String>,
-) -> ApiResult<serde_json::Value> {
+async fn destroy(State(s): State<AppState>, Path(ws): Path<String>) -> ApiResult<Destroyed> {
     s.engine.destroy(&ws).await?;
-    ok(json!({"destroyed": ws}))
+    ok(Destroyed { destroyed: ws })
 }
 
 async fn start(
     State(s): State<AppState>,
     Path(ws): Path<String>,
     body: axum::body::Bytes,
-) -> ApiResult<crate::engine::WorkspaceInfo> {
+) -> ApiResult<WorkspaceInfo> {
     // The body is optional: an empty one means defaults.
     let req: StartRequest = if body.is_empty() {
         StartRequest::default()
@@ -333,10 +316,7 @@ async fn start(
     ok(s.engine.start(&ws, timeout).await?)
 }
 
-async fn stop(
-    State(s): State<AppState>,
-    Path(ws): Path<String>,
-) -> ApiResult<crate::engine::WorkspaceInfo> {
+async fn stop(State(s): State<AppState>, Path(ws): Path<String>) -> ApiResult<WorkspaceInfo> {
     ok(s.engine.stop(&ws).await?)
 }
 
@@ -344,7 +324,7 @@ async fn exec(
     State(s): State<AppState>,
     Path(ws): Path<String>,
     ApiJson(r): ApiJson<Exec>,
-) -> ApiResult<burrow_proto::ExecResult> {
+) -> ApiResult<ExecResult> {
     ok(s.engine.exec(&ws, r).await?)
 }
 
@@ -352,15 +332,15 @@ async fn job_start(
     State(s): State<AppState>,
     Path(ws): Path<String>,
     ApiJson(r): ApiJson<JobStart>,
-) -> ApiResult<serde_json::Value> {
+) -> ApiResult<JobStarted> {
     let job = s.engine.job_start(&ws, r).await?;
-    ok(json!({"job": job}))
+    ok(JobStarted { job })
 }
 
 async fn job_poll(
     State(s): State<AppState>,
     Path((ws, job)): Path<(String, String)>,
-) -> ApiResult<burrow_proto::JobStatus> {
+) -> ApiResult<JobStatus> {
     ok(s.engine.job_poll(&ws, &job).await?)
 }
 
@@ -368,25 +348,25 @@ async fn job_kill(
     State(s): State<AppState>,
     Path((ws, job)): Path<(String, String)>,
     ApiJson(r): ApiJson<JobKillRequest>,
-) -> ApiResult<serde_json::Value> {
+) -> ApiResult<Killed> {
     s.engine.job_kill(&ws, &job, r.signal).await?;
-    ok(json!({"killed": true}))
+    ok(Killed { killed: true })
 }
 
 async fn set_env(
     State(s): State<AppState>,
     Path(ws): Path<String>,
     ApiJson(r): ApiJson<EnvRequest>,
-) -> ApiResult<serde_json::Value> {
+) -> ApiResult<EnvUpdated> {
     s.engine.set_env(&ws, r.set, r.unset).await?;
-    ok(json!({"ok": true}))
+    ok(EnvUpdated { ok: true })
 }
 
 async fn file_read(
     State(s): State<AppState>,
     Path(ws): Path<String>,
     ApiJson(r): ApiJson<FileRead>,
-) -> ApiResult<burrow_proto::FileData> {
+) -> ApiResult<FileData> {
     ok(s.engine.file_read(&ws, r).await?)
 }
 
@@ -394,164 +374,135 @@ async fn file_write(
     State(s): State<AppState>,
     Path(ws): Path<String>,
     ApiJson(r): ApiJson<FileWrite>,
-) -> ApiResult<serde_json::Value> {
+) -> ApiResult<Written> {
     let bytes = s.engine.file_write(&ws, r).await?;
-    ok(json!({"bytes": bytes}))
+    ok(Written { bytes })
 }
 
 async fn file_edit(
     State(s): State<AppState>,
     Path(ws): Path<String>,
     ApiJson(r): ApiJson<FileEdit>,
-) -> ApiResult<serde_json::Value> {
-    let n = s.engine.file_edit(&ws, r).await?;
-    ok(json!({"replacements": n}))
-}
-
-#[derive(Deserialize)]
-struct ListRequest {
-    path: String,
+) -> ApiResult<Edited> {
+    let replacements = s.engine.file_edit(&ws, r).await?;
+    ok(Edited { replacements })
 }
 
 async fn file_list(
     State(s): State<AppState>,
     Path(ws): Path<String>,
-    ApiJson(r): ApiJson<ListRequest>,
-) -> ApiResult<BTreeMap<&'static str, Vec<burrow_proto::DirEntry>>> {
+    ApiJson(r): ApiJson<FileListRequest>,
+) -> ApiResult<Entries> {
     let entries = s.engine.file_list(&ws, r.path).await?;
-    ok(BTreeMap::from([("entries", entries)]))
+    ok(Entries { entries })
 }
 
 async fn logs(
     State(s): State<AppState>,
     Path(ws): Path<String>,
     Query(q): Query<LogsQuery>,
-) -> ApiResult<BTreeMap<&'static str, Vec<String>>> {
+) -> ApiResult<LogLines> {
     let lines = s
         .engine
         .logs(&ws, q.r#type.unwrap_or_default(), q.lines.unwrap_or(100))?;
-    ok(BTreeMap::from([("lines", lines)]))
-}
-
-#[derive(Deserialize)]
-struct SnapshotRequest {
-    name: String,
+    ok(LogLines { lines })
 }
 
 async fn snapshot_create(
     State(s): State<AppState>,
     Path(ws): Path<String>,
     ApiJson(r): ApiJson<SnapshotRequest>,
-) -> ApiResult<crate::engine::SnapshotInfo> {
+) -> ApiResult<SnapshotInfo> {
     ok(s.engine.snapshot_create(&ws, &r.name).await?)
 }
 
 async fn snapshot_list(
     State(s): State<AppState>,
     Path(ws): Path<String>,
-) -> ApiResult<Vec<crate::engine::SnapshotInfo>> {
+) -> ApiResult<Vec<SnapshotInfo>> {
     ok(s.engine.snapshot_list(&ws).await?)
 }
 
 async fn snapshot_restore(
     State(s): State<AppState>,
     Path((ws, name)): Path<(String, String)>,
-) -> ApiResult<crate::engine::WorkspaceInfo> {
+) -> ApiResult<WorkspaceInfo> {
     ok(s.engine.snapshot_restore(&ws, &name).await?)
 }
 
 async fn snapshot_delete(
     State(s): State<AppState>,
     Path((ws, name)): Path<(String, String)>,
-) -> ApiResult<serde_json::Value> {
+) -> ApiResult<Deleted> {
     s.engine.snapshot_delete(&ws, &name).await?;
-    ok(json!({"deleted": name}))
+    ok(Deleted { deleted: name })
 }
 
 async fn fork(
     State(s): State<AppState>,
     Path(ws): Path<String>,
-    ApiJson(p): ApiJson<crate::engine::ForkParams>,
-) -> ApiResult<Vec<crate::engine::WorkspaceInfo>> {
+    ApiJson(p): ApiJson<ForkParams>,
+) -> ApiResult<Vec<WorkspaceInfo>> {
     ok(s.engine.fork(&ws, p).await?)
-}
-
-#[derive(serde::Deserialize)]
-struct ForwardParams {
-    guest_port: u16,
-    #[serde(default)]
-    host_port: Option<u16>,
-    /// The host address to listen on; 127.0.0.1 when left out.
-    #[serde(default)]
-    bind: Option<std::net::Ipv4Addr>,
 }
 
 async fn forward_add(
     State(s): State<AppState>,
     Path(ws): Path<String>,
     ApiJson(p): ApiJson<ForwardParams>,
-) -> ApiResult<burrow_netd::protocol::Forward> {
+) -> ApiResult<Forward> {
     ok(s.engine
         .port_forward_add(&ws, p.guest_port, p.host_port, p.bind)
         .await?)
 }
 
-async fn forward_ls(
-    State(s): State<AppState>,
-    Path(ws): Path<String>,
-) -> ApiResult<Vec<burrow_netd::protocol::Forward>> {
+async fn forward_ls(State(s): State<AppState>, Path(ws): Path<String>) -> ApiResult<Vec<Forward>> {
     ok(s.engine.port_forward_ls(&ws).await?)
 }
 
 async fn forward_rm(
     State(s): State<AppState>,
     Path((ws, port)): Path<(String, u16)>,
-) -> ApiResult<serde_json::Value> {
+) -> ApiResult<Removed> {
     s.engine.port_forward_rm(&ws, port).await?;
-    ok(json!({"removed": port}))
+    ok(Removed { removed: port })
 }
 
 async fn team_create(
     State(s): State<AppState>,
-    ApiJson(p): ApiJson<crate::engine::TeamParams>,
-) -> ApiResult<Vec<crate::engine::TeamMember>> {
+    ApiJson(p): ApiJson<TeamParams>,
+) -> ApiResult<Vec<TeamMember>> {
     ok(s.engine.team_create(p).await?)
 }
 
 async fn team_status(
     State(s): State<AppState>,
     Path(name): Path<String>,
-) -> ApiResult<Vec<crate::engine::TeamMember>> {
+) -> ApiResult<Vec<TeamMember>> {
     ok(s.engine.team_status(&name).await?)
 }
 
-async fn team_destroy(
-    State(s): State<AppState>,
-    Path(name): Path<String>,
-) -> ApiResult<serde_json::Value> {
+async fn team_destroy(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Destroyed> {
     s.engine.team_destroy(&name).await?;
-    ok(json!({"destroyed": name}))
+    ok(Destroyed { destroyed: name })
 }
 
-async fn network_policy(
-    State(s): State<AppState>,
-    Path(ws): Path<String>,
-) -> ApiResult<burrow_netd::protocol::Policy> {
+async fn network_policy(State(s): State<AppState>, Path(ws): Path<String>) -> ApiResult<Policy> {
     ok(s.engine.network_policy(&ws).await?)
 }
 
 async fn set_network_policy(
     State(s): State<AppState>,
     Path(ws): Path<String>,
-    ApiJson(p): ApiJson<crate::engine::PolicyChange>,
-) -> ApiResult<burrow_netd::protocol::Policy> {
+    ApiJson(p): ApiJson<PolicyChange>,
+) -> ApiResult<Policy> {
     ok(s.engine.set_network_policy(&ws, p).await?)
 }
 
 async fn diff(
     State(s): State<AppState>,
     Path((ws, name)): Path<(String, String)>,
-) -> ApiResult<crate::engine::Diff> {
+) -> ApiResult<Diff> {
     ok(s.engine.diff(&ws, &name).await?)
 }
 

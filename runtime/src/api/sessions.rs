@@ -5,11 +5,10 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use burrow_proto::{JobInfo, JobStatus, TerminalInfo, TerminalNew};
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::server::{ApiJson, AppState, Path, Query};
-use super::{ApiError, LogsQuery};
+use super::{ApiError, LogsQuery, TerminalKilled};
 
 type ApiResult<T> = Result<axum::Json<T>, ApiError>;
 
@@ -40,12 +39,6 @@ pub async fn terminal_list(
     Path(ws): Path<String>,
 ) -> ApiResult<Vec<TerminalInfo>> {
     Ok(axum::Json(s.engine.terminal_list(&ws).await?))
-}
-
-/// The answer to a kill.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TerminalKilled {
-    pub killed: String,
 }
 
 pub async fn terminal_kill(

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
+use burrow_proto::stream::split_record;
 use burrow_proto::{ExitInfo, GuestFrame, HostFrame, StreamControl, StreamEvent, StreamOpen};
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -352,26 +353,23 @@ impl StreamReceiver {
                 Some(Ok(m)) => m,
             };
             return Ok(Some(match msg {
-                WsMessage::Binary(b) => match b.split_first() {
-                    Some((&KIND_STDOUT, d)) => StreamMessage::Stdout(d.to_vec()),
-                    Some((&KIND_STDERR, d)) => StreamMessage::Stderr(d.to_vec()),
-                    Some((&KIND_RECORD, d)) if d.len() >= 16 => {
-                        let mut n = [0u8; 8];
-                        n.copy_from_slice(&d[..8]);
-                        let offset = u64::from_be_bytes(n);
-                        n.copy_from_slice(&d[8..16]);
-                        StreamMessage::Record {
-                            offset,
-                            t_us: u64::from_be_bytes(n),
-                            data: d[16..].to_vec(),
+                WsMessage::Binary(b) => {
+                    let malformed =
+                        || ClientError::Transport("malformed binary message on the stream".into());
+                    match b.split_first() {
+                        Some((&KIND_STDOUT, d)) => StreamMessage::Stdout(d.to_vec()),
+                        Some((&KIND_STDERR, d)) => StreamMessage::Stderr(d.to_vec()),
+                        Some((&KIND_RECORD, d)) => {
+                            let (offset, t_us, data) = split_record(d).ok_or_else(malformed)?;
+                            StreamMessage::Record {
+                                offset,
+                                t_us,
+                                data: data.to_vec(),
+                            }
                         }
+                        _ => return Err(malformed()),
                     }
-                    _ => {
-                        return Err(ClientError::Transport(
-                            "malformed binary message on the stream".into(),
-                        ))
-                    }
-                },
+                }
                 WsMessage::Text(t) => StreamMessage::Event(
                     serde_json::from_str(&t)
                         .map_err(|e| ClientError::Transport(format!("bad stream event: {e}")))?,

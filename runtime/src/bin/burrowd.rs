@@ -12,6 +12,7 @@ use burrow::api::server::{router, AppState};
 use burrow::engine::Engine;
 use burrow::paths::{CacheDir, StateDir, DEFAULT_CACHE_DIR, DEFAULT_STATE_DIR};
 use burrow::storage::StoreKind;
+use burrow::Error;
 use clap::Parser;
 
 #[derive(Parser)]
@@ -40,7 +41,20 @@ struct Args {
     group: Option<String>,
 }
 
-fn main() -> anyhow::Result<()> {
+/// Ends with the error chain on one line (and no backtrace, whatever
+/// RUST_BACKTRACE says), which is what `burrow` shows from the daemon's log when
+/// the daemon it started exits before it is ready.
+fn main() -> std::process::ExitCode {
+    match serve() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("BURROW_LOG").unwrap_or_else(|_| "info".into());
@@ -87,27 +101,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // access group, to reach the socket) gets in, whatever the umask.
     access.secure_state_dir(state.root())?;
 
-    // One daemon per state dir: an exclusive lock on the pid file, held for life.
-    let pid_path = state.pid_file();
-    let pid_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&pid_path)
-        .with_context(|| format!("open {}", pid_path.display()))?;
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(pid_file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        bail!("another burrowd already serves {}", state.root().display());
-    }
-    pid_file.set_len(0)?;
-    writeln!(&pid_file, "{}", std::process::id())?;
-
     let agent = burrow::image::find_agent();
     tracing::info!(state_dir = %state.root().display(), agent = %agent.display(), "burrowd starting");
     let store = StoreKind::parse(&args.store)?;
-    let engine = Engine::open(state.clone(), cache.clone(), agent, store)
-        .await
-        .context("open state")?;
+    // The engine holds the state dir from here: a second daemon stops at this
+    // line, having changed nothing (its refusal is the whole message).
+    let engine = match Engine::open(state.clone(), cache.clone(), agent, store).await {
+        Ok(e) => e,
+        Err(e @ Error::AlreadyServed(_)) => return Err(e.into()),
+        Err(e) => return Err(anyhow::Error::new(e).context("open state")),
+    };
+    let pid_path = state.pid_file();
+    std::fs::write(&pid_path, format!("{}\n", std::process::id()))
+        .with_context(|| format!("write {}", pid_path.display()))?;
 
     let sock = state.socket();
     let _ = std::fs::remove_file(&sock);
@@ -142,8 +148,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;
-    engine.close().await;
+    // Removed while the engine still holds the state dir: once it lets go, a
+    // new daemon may bind its own socket and write its own pid there.
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(&pid_path);
+    engine.close().await;
     Ok(())
 }

@@ -10,6 +10,7 @@ mod network;
 mod reconcile;
 mod recording;
 mod snapshots;
+mod state_lock;
 mod store_watch;
 mod streams;
 mod teams;
@@ -28,6 +29,7 @@ use tracing::Instrument;
 pub use guest_ops::LogKind;
 pub use network::PolicyChange;
 pub use snapshots::{Diff, DiffPath, ForkParams, SnapshotInfo, MAX_FORKS};
+pub use state_lock::StateLock;
 pub use streams::{validate_control, validate_open};
 pub use teams::{TeamMember, TeamParams};
 
@@ -147,6 +149,9 @@ pub(super) enum VolumeSource {
 
 pub struct Engine {
     state: StateDir,
+    /// This engine's hold on the state dir, from [`Engine::open`] to the end of
+    /// [`Engine::close`] (or the engine's drop).
+    lock: Mutex<Option<StateLock>>,
     db: Db,
     store: Arc<dyn Store>,
     /// burrow-netd, or why this host gives workspaces no network (then no
@@ -172,17 +177,22 @@ pub struct Engine {
 
 impl Engine {
     /// Opens the state dir and reconciles it with the processes that really run.
+    ///
+    /// One engine serves a state dir at a time: while another holds it (in this
+    /// process or another), this is refused with [`Error::AlreadyServed`] before
+    /// anything in the state dir is touched.
     pub async fn open(
         state: StateDir,
         cache: CacheDir,
         agent: PathBuf,
         store: StoreKind,
     ) -> Result<Arc<Engine>> {
-        for dir in [
-            state.root().to_path_buf(),
-            state.run_root(),
-            state.volumes(),
-        ] {
+        let root = state.root();
+        std::fs::create_dir_all(root)
+            .map_err(|e| Error::io(format!("create {}", root.display()), e))?;
+        // Dropped (released) on every early return below.
+        let lock = StateLock::acquire(&state)?;
+        for dir in [state.run_root(), state.volumes()] {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         }
@@ -213,6 +223,7 @@ impl Engine {
         };
         let engine = Arc::new(Engine {
             state,
+            lock: Mutex::new(Some(lock)),
             db,
             store: opened.store,
             net,
@@ -494,8 +505,14 @@ impl Engine {
     /// Called as the daemon exits: lets background work finish and, when no VM
     /// needs it, stops the store's FUSE server and unmounts its loop-mounted Btrfs
     /// (the next start brings them back), so that a stopped daemon leaves no mount
-    /// or process behind.
+    /// or process behind. Last, it lets go of the state dir, which another engine
+    /// may open from then on: this is the engine's last call.
     pub async fn close(&self) {
+        self.close_store().await;
+        self.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    async fn close_store(&self) {
         let tasks: Vec<_> =
             std::mem::take(&mut *self.prepares.lock().unwrap_or_else(|p| p.into_inner()));
         for t in tasks {

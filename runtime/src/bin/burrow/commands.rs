@@ -1,23 +1,19 @@
-//! One function per command: build the request, send it, print the answer.
+//! One function per command: build the request, call the client, print the answer.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
-use burrow::api::client::{seg, Client, ClientError};
-use burrow::api::{DaemonStatus, EnvRequest, JobKillRequest};
-use burrow::engine::{CreateParams, Diff, ForkParams, SnapshotInfo, TeamMember, WorkspaceInfo};
-use burrow::image::ImageInfo;
+use burrow::api::client::{Client, ClientError};
+use burrow::api::connect::{self, ConnectError, Found};
+use burrow::api::*;
 use burrow::paths::StateDir;
-use burrow_proto::{
-    DirEntry, Exec, ExecResult, FileData, FileEdit, FileRead, FileWrite, JobStart, JobStatus,
-    MAX_FILE_CHUNK,
-};
-use serde_json::{json, Value};
 
-use crate::output::{print_entries, print_info, print_job, print_list};
+use crate::output::{
+    print_diff, print_entries, print_images, print_info, print_job, print_list, print_policy,
+};
 use crate::SnapshotCommand;
 use crate::{
-    daemon, Cli, Command, DaemonCommand, EnvCommand, FileCommand, ImageCommand, JobCommand,
+    Cli, Command, DaemonCommand, EnvCommand, FileCommand, ImageCommand, JobCommand,
     PortForwardCommand, TeamCommand, TerminalCommand,
 };
 
@@ -28,6 +24,12 @@ pub struct Failure(pub String, pub i32);
 
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Self {
+        Failure(e.to_string(), 1)
+    }
+}
+
+impl From<ConnectError> for Failure {
+    fn from(e: ConnectError) -> Self {
         Failure(e.to_string(), 1)
     }
 }
@@ -52,68 +54,38 @@ pub async fn run(cli: Cli) -> i32 {
     }
 }
 
-fn ws_path(ws: &str, rest: &str) -> String {
-    format!("/v1/workspaces/{}{rest}", seg(ws))
-}
-
 async fn dispatch(cli: Cli) -> Result<i32, Failure> {
     let state = StateDir::new(&cli.state_dir).map_err(|e| format!("state dir: {e}"))?;
     if let Command::Daemon(cmd) = &cli.command {
         return daemon_command(cmd, &state, &cli.cache_dir).await;
     }
-    let c = daemon::connect(&state, &cli.cache_dir).await?;
+    let (c, found) = connect::connect(&state, &cli.cache_dir).await?;
+    if let Found::Started(pid) = found {
+        eprintln!(
+            "burrow: started burrowd for {} (pid {pid})",
+            state.root().display()
+        );
+    }
     match cli.command {
-        Command::Create(a) => {
-            let image = a
-                .image
-                .clone()
-                .unwrap_or_else(|| burrow::image::DEFAULT_IMAGE.to_string());
-            ensure_image(&c, &image).await?;
-            let p = CreateParams {
-                name: a.name,
-                vcpus: a.vcpus,
-                memory_mib: a.memory,
-                image: Some(image),
-                boot_timeout_secs: a.boot_timeout,
-                disk_gb: a.disk_gb,
-            };
-            let w: WorkspaceInfo = c.post("/v1/workspaces", &p).await?;
-            if a.json {
-                print_json(&w);
-            } else {
-                println!("{} {}", w.id, w.name);
-            }
-        }
+        Command::Create(a) => create(&c, a).await?,
         Command::Exec(a) => return exec(&c, a).await,
         Command::Job(cmd) => return job(&c, cmd).await,
         Command::Terminal(cmd) => return terminal(&c, cmd).await,
         Command::Env(EnvCommand::Set { workspace, vars }) => {
             let set = parse_vars(&vars, "env")?;
-            let _: Value = c
-                .post(
-                    &ws_path(&workspace, "/env"),
-                    &EnvRequest { set, unset: vec![] },
-                )
-                .await?;
+            let r = EnvRequest { set, unset: vec![] };
+            c.set_env(&workspace, &r).await?;
         }
         Command::Env(EnvCommand::Unset { workspace, keys }) => {
-            let _: Value = c
-                .post(
-                    &ws_path(&workspace, "/env"),
-                    &EnvRequest {
-                        set: BTreeMap::new(),
-                        unset: keys,
-                    },
-                )
-                .await?;
+            let r = EnvRequest {
+                set: BTreeMap::new(),
+                unset: keys,
+            };
+            c.set_env(&workspace, &r).await?;
         }
         Command::File(cmd) => file(&c, cmd).await?,
         Command::Ls(a) => {
-            let q = a
-                .state
-                .map(|s| format!("?state={}", seg(&s)))
-                .unwrap_or_default();
-            let list: Vec<WorkspaceInfo> = c.get(&format!("/v1/workspaces{q}")).await?;
+            let list = c.list(&ListQuery { state: a.state }).await?;
             if a.json {
                 print_json(&list);
             } else {
@@ -121,7 +93,7 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
             }
         }
         Command::Info(a) => {
-            let w: WorkspaceInfo = c.get(&ws_path(&a.workspace, "")).await?;
+            let w = c.info(&a.workspace).await?;
             if a.json {
                 print_json(&w);
             } else {
@@ -129,156 +101,158 @@ async fn dispatch(cli: Cli) -> Result<i32, Failure> {
             }
         }
         Command::Logs(a) if a.follow => {
-            return crate::stream::follow_logs(&c, &a.workspace, &a.kind, a.lines).await
+            let kind = log_kind(&a.kind);
+            return crate::stream::follow_logs(&c, &a.workspace, kind, a.lines).await;
         }
-        Command::Logs(a) => {
-            let v: BTreeMap<String, Vec<String>> = c
-                .get(&ws_path(
-                    &a.workspace,
-                    &format!("/logs?type={}&lines={}", a.kind, a.lines),
-                ))
-                .await?;
-            let mut out = std::io::stdout().lock();
-            for l in v.get("lines").into_iter().flatten() {
-                let _ = writeln!(out, "{l}");
-            }
-        }
+        Command::Logs(a) => logs(&c, a).await?,
         Command::Start(a) => {
-            let body = json!({"boot_timeout_secs": a.boot_timeout});
-            let w: WorkspaceInfo = c.post(&ws_path(&a.workspace, "/start"), &body).await?;
+            let r = StartRequest {
+                boot_timeout_secs: a.boot_timeout,
+            };
+            let w = c.start(&a.workspace, &r).await?;
             println!("{} {}", w.name, w.state);
         }
         Command::Stop(a) => {
-            let w: WorkspaceInfo = c.post(&ws_path(&a.workspace, "/stop"), &json!({})).await?;
+            let w = c.stop(&a.workspace).await?;
             println!("{} {}", w.name, w.state);
         }
         Command::Destroy(a) => {
-            let _: Value = c
-                .call(
-                    hyper::Method::DELETE,
-                    &ws_path(&a.workspace, ""),
-                    None::<&()>,
-                )
-                .await?;
+            c.destroy(&a.workspace).await?;
             println!("{} destroyed", a.workspace);
         }
-        Command::Image(ImageCommand::Build { name, force }) => {
-            build_image(&c, &name, force, None).await?
-        }
-        Command::Image(ImageCommand::Ls { json }) => {
-            let list: Vec<ImageInfo> = c.get("/v1/images").await?;
-            if json {
-                print_json(&list);
-            } else {
-                println!("{:<10} {:>10} {:>8}  BUILT", "NAME", "SIZE", "PACKAGES");
-                for i in list {
-                    println!(
-                        "{:<10} {:>9}M {:>8}  {}",
-                        i.name,
-                        i.size_bytes >> 20,
-                        i.packages,
-                        crate::output::unix_time(i.built_at)
-                    );
-                }
-            }
-        }
+        Command::Image(cmd) => image(&c, cmd).await?,
         Command::Snapshot(cmd) => snapshot(&c, cmd).await?,
         Command::Team(cmd) => team(&c, cmd).await?,
         Command::PortForward(cmd) => port_forward(&c, cmd).await?,
-        Command::Fork(a) => {
-            let p = ForkParams {
-                snapshot: a.snapshot,
-                name: a.name,
-                count: a.count,
-                name_prefix: a.name_prefix,
-                boot_timeout_secs: None,
-                disk_gb: a.disk_gb,
-            };
-            let forks: Vec<WorkspaceInfo> = c.post(&ws_path(&a.workspace, "/fork"), &p).await?;
-            if a.json {
-                print_json(&forks);
-            } else {
-                for w in forks {
-                    println!("{} {}", w.id, w.name);
-                }
-            }
-        }
+        Command::Fork(a) => fork(&c, a).await?,
         Command::Diff(a) => {
-            let d: Diff = c
-                .get(&ws_path(
-                    &a.workspace,
-                    &format!("/diff/{}", seg(&a.snapshot)),
-                ))
-                .await?;
+            let d = c.diff(&a.workspace, &a.snapshot).await?;
             if a.json {
                 print_json(&d);
             } else {
-                for (mark, paths) in [("A", &d.added), ("M", &d.modified), ("D", &d.deleted)] {
-                    for p in paths {
-                        println!("{mark} {}", crate::output::quote_path(&p.bytes()));
-                    }
-                }
+                print_diff(&d);
             }
         }
-        Command::NetworkPolicy(a) => {
-            let ports = match &a.allowed_ports {
-                None => None,
-                Some(list) => Some(parse_ports("allowed-ports", list)?),
-            };
-            let host_ports = match &a.allow_host_ports {
-                None => None,
-                Some(list) => Some(parse_ports("allow-host-ports", list)?),
-            };
-            // Checked by the daemon (one line naming allow_cidr).
-            let cidrs: Option<Vec<String>> = a.allow_cidr.as_ref().map(|list| {
-                list.split(',')
-                    .map(str::trim)
-                    .filter(|c| !c.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            });
-            let body = burrow::engine::PolicyChange {
-                allow_internet: a.allow_internet,
-                allow_inter_vm: a.allow_inter_vm,
-                allowed_ports: ports,
-                allow_host_ports: host_ports,
-                allow_cidr: cidrs,
-            };
-            let p: burrow_netd::protocol::Policy = c
-                .post(&ws_path(&a.workspace, "/network-policy"), &body)
-                .await?;
-            if a.json {
-                print_json(&p);
-            } else {
-                let ports = p
-                    .allowed_ports
-                    .map(|v| v.iter().map(u16::to_string).collect::<Vec<_>>().join(","))
-                    .unwrap_or_else(|| "any".into());
-                let host_ports = p
-                    .allow_host_ports
-                    .iter()
-                    .map(u16::to_string)
-                    .collect::<Vec<_>>()
-                    .join(",");
-                let cidrs = p
-                    .allow_cidr
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(",");
-                println!(
-                    "{}: allow_internet={} allow_inter_vm={} allowed_ports={ports} allow_host_ports={} allow_cidr={}",
-                    a.workspace,
-                    p.allow_internet,
-                    p.allow_inter_vm,
-                    if host_ports.is_empty() { "none" } else { &host_ports },
-                    if cidrs.is_empty() { "none" } else { &cidrs },
-                );
-            }
-        }
+        Command::NetworkPolicy(a) => network_policy(&c, a).await?,
         Command::Daemon(_) => unreachable!("handled above"),
     }
     Ok(0)
+}
+
+async fn create(c: &Client, a: crate::CreateArgs) -> Result<(), Failure> {
+    let image = a
+        .image
+        .unwrap_or_else(|| burrow::image::DEFAULT_IMAGE.to_string());
+    ensure_image(c, &image).await?;
+    let p = CreateParams {
+        name: a.name,
+        vcpus: a.vcpus,
+        memory_mib: a.memory,
+        image: Some(image),
+        boot_timeout_secs: a.boot_timeout,
+        disk_gb: a.disk_gb,
+    };
+    let w = c.create(&p).await?;
+    if a.json {
+        print_json(&w);
+    } else {
+        println!("{} {}", w.id, w.name);
+    }
+    Ok(())
+}
+
+/// `--type` (clap allows only these two).
+fn log_kind(kind: &str) -> LogKind {
+    match kind {
+        "agent" => LogKind::Agent,
+        _ => LogKind::Console,
+    }
+}
+
+async fn logs(c: &Client, a: crate::LogsArgs) -> Result<(), Failure> {
+    let q = LogsQuery {
+        r#type: Some(log_kind(&a.kind)),
+        lines: Some(a.lines),
+    };
+    let logs = c.logs(&a.workspace, &q).await?;
+    let mut out = std::io::stdout().lock();
+    for l in logs.lines {
+        let _ = writeln!(out, "{l}");
+    }
+    Ok(())
+}
+
+async fn image(c: &Client, cmd: ImageCommand) -> Result<(), Failure> {
+    match cmd {
+        ImageCommand::Build { name, force } => {
+            c.build_image(&name, &BuildQuery { force }, |l| eprintln!("{l}"))
+                .await?
+        }
+        ImageCommand::Ls { json } => {
+            let list = c.images().await?;
+            if json {
+                print_json(&list);
+            } else {
+                print_images(&list);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn fork(c: &Client, a: crate::ForkArgs) -> Result<(), Failure> {
+    let p = ForkParams {
+        snapshot: a.snapshot,
+        name: a.name,
+        count: a.count,
+        name_prefix: a.name_prefix,
+        boot_timeout_secs: None,
+        disk_gb: a.disk_gb,
+    };
+    let forks = c.fork(&a.workspace, &p).await?;
+    if a.json {
+        print_json(&forks);
+    } else {
+        for w in forks {
+            println!("{} {}", w.id, w.name);
+        }
+    }
+    Ok(())
+}
+
+/// Changes the flags given (none: shows the policy) and prints the policy now
+/// in effect.
+async fn network_policy(c: &Client, a: crate::NetworkPolicyArgs) -> Result<(), Failure> {
+    let ports = match &a.allowed_ports {
+        None => None,
+        Some(list) => Some(parse_ports("allowed-ports", list)?),
+    };
+    let host_ports = match &a.allow_host_ports {
+        None => None,
+        Some(list) => Some(parse_ports("allow-host-ports", list)?),
+    };
+    // Checked by the daemon (one line naming allow_cidr).
+    let cidrs: Option<Vec<String>> = a.allow_cidr.as_ref().map(|list| {
+        list.split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(str::to_string)
+            .collect()
+    });
+    let change = PolicyChange {
+        allow_internet: a.allow_internet,
+        allow_inter_vm: a.allow_inter_vm,
+        allowed_ports: ports,
+        allow_host_ports: host_ports,
+        allow_cidr: cidrs,
+    };
+    let p = c.set_network_policy(&a.workspace, &change).await?;
+    if a.json {
+        print_json(&p);
+    } else {
+        print_policy(&a.workspace, &p);
+    }
+    Ok(())
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {
@@ -301,47 +275,21 @@ fn parse_vars(vars: &[String], field: &str) -> Result<BTreeMap<String, String>, 
     Ok(out)
 }
 
+/// Builds `name` first if it is not built, saying so before its progress.
 async fn ensure_image(c: &Client, name: &str) -> Result<(), Failure> {
-    let list: Vec<ImageInfo> = c.get("/v1/images").await?;
-    if list.iter().any(|i| i.name == name) {
-        return Ok(());
-    }
-    build_image(
-        c,
-        name,
-        false,
-        Some(format!(
-            "burrow: image {name} is not built yet; building it first"
-        )),
-    )
-    .await
-}
-
-/// Builds an image, showing progress. `notice` is printed before the first progress
-/// line, so that a refused build prints nothing but its error.
-async fn build_image(
-    c: &Client,
-    name: &str,
-    force: bool,
-    mut notice: Option<String>,
-) -> Result<(), Failure> {
-    let mut last = String::new();
-    let path = format!("/v1/images/{}/build?force={force}", seg(name));
-    c.stream_lines(hyper::Method::POST, &path, |line| {
+    let mut notice = Some(format!(
+        "burrow: image {name} is not built yet; building it first"
+    ));
+    // The notice waits for the first progress line, so that a refused build
+    // prints nothing but its error.
+    c.ensure_image(name, |line| {
         if let Some(n) = notice.take() {
             eprintln!("{n}");
         }
-        if line != "ok" && !line.starts_with("error: ") {
-            eprintln!("{line}");
-        }
-        last = line.to_string();
+        eprintln!("{line}");
     })
     .await?;
-    match last.strip_prefix("error: ") {
-        Some(e) => fail(e.to_string()),
-        None if last == "ok" => Ok(()),
-        None => fail("the image build ended without a result"),
-    }
+    Ok(())
 }
 
 async fn exec(c: &Client, a: crate::ExecArgs) -> Result<i32, Failure> {
@@ -391,7 +339,7 @@ async fn exec(c: &Client, a: crate::ExecArgs) -> Result<i32, Failure> {
         max_output_bytes: a.max_output,
         stdin,
     };
-    let r: ExecResult = c.post(&ws_path(&a.workspace, "/exec"), &req).await?;
+    let r = c.exec(&a.workspace, &req).await?;
     {
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(&r.stdout);
@@ -429,17 +377,15 @@ async fn job(c: &Client, cmd: JobCommand) -> Result<i32, Failure> {
                 max_output_bytes: None,
                 name,
             };
-            let v: Value = c.post(&ws_path(&workspace, "/jobs"), &req).await?;
-            println!("{}", v.get("job").cloned().unwrap_or(Value::Null));
+            let started = c.job_start(&workspace, &req).await?;
+            println!("{}", started.job);
         }
         JobCommand::Poll {
             workspace,
             job,
             json,
         } => {
-            let s: JobStatus = c
-                .get(&ws_path(&workspace, &format!("/jobs/{}", seg(&job))))
-                .await?;
+            let s = c.job_poll(&workspace, &job).await?;
             print_job(&s, json);
         }
         JobCommand::Logs {
@@ -448,16 +394,11 @@ async fn job(c: &Client, cmd: JobCommand) -> Result<i32, Failure> {
             follow,
         } => return crate::stream::job_logs(c, &workspace, &job, follow).await,
         JobCommand::Wait { workspace, job } => {
-            let s: JobStatus = c
-                .post(
-                    &ws_path(&workspace, &format!("/jobs/{}/wait", seg(&job))),
-                    &serde_json::Map::new(),
-                )
-                .await?;
+            let s = c.job_wait(&workspace, &job).await?;
             return Ok(s.exit_code.unwrap_or(1));
         }
         JobCommand::Ls { workspace, json } => {
-            let jobs: Vec<burrow_proto::JobInfo> = c.get(&ws_path(&workspace, "/jobs")).await?;
+            let jobs = c.job_list(&workspace).await?;
             if json {
                 print_json(&jobs);
             } else {
@@ -475,11 +416,7 @@ async fn job(c: &Client, cmd: JobCommand) -> Result<i32, Failure> {
             signal,
         } => {
             let signal = parse_signal(&signal)?;
-            let _: Value = c
-                .post(
-                    &ws_path(&workspace, &format!("/jobs/{}/kill", seg(&job))),
-                    &JobKillRequest { signal },
-                )
+            c.job_kill(&workspace, &job, &JobKillRequest { signal })
                 .await?;
         }
     }
@@ -527,8 +464,7 @@ async fn terminal(c: &Client, cmd: TerminalCommand) -> Result<i32, Failure> {
                 env: BTreeMap::new(),
                 size: crate::tty::window_size(),
             };
-            let t: burrow_proto::TerminalInfo =
-                c.post(&ws_path(&workspace, "/terminals"), &req).await?;
+            let t = c.terminal_new(&workspace, &req).await?;
             println!("{}", t.name);
         }
         TerminalCommand::Attach {
@@ -537,8 +473,7 @@ async fn terminal(c: &Client, cmd: TerminalCommand) -> Result<i32, Failure> {
             read_only,
         } => return crate::stream::attach(c, &workspace, &name, read_only).await,
         TerminalCommand::Ls { workspace, json } => {
-            let list: Vec<burrow_proto::TerminalInfo> =
-                c.get(&ws_path(&workspace, "/terminals")).await?;
+            let list = c.terminal_list(&workspace).await?;
             if json {
                 print_json(&list);
             } else {
@@ -550,8 +485,7 @@ async fn terminal(c: &Client, cmd: TerminalCommand) -> Result<i32, Failure> {
             name,
             output,
         } => {
-            let path = ws_path(&workspace, &format!("/terminals/{}/recording", seg(&name)));
-            let body = c.get_bytes(&path).await?;
+            let body = c.terminal_recording(&workspace, &name).await?;
             match output {
                 Some(p) => {
                     std::fs::write(&p, &body).map_err(|e| format!("write {}: {e}", p.display()))?
@@ -563,13 +497,7 @@ async fn terminal(c: &Client, cmd: TerminalCommand) -> Result<i32, Failure> {
             }
         }
         TerminalCommand::Kill { workspace, name } => {
-            let _: Value = c
-                .call(
-                    hyper::Method::DELETE,
-                    &ws_path(&workspace, &format!("/terminals/{}", seg(&name))),
-                    None::<&()>,
-                )
-                .await?;
+            c.terminal_kill(&workspace, &name).await?;
         }
     }
     Ok(0)
@@ -593,32 +521,8 @@ async fn file(c: &Client, cmd: FileCommand) -> Result<(), Failure> {
                         })?,
                 ),
             };
-            let mut data = Vec::new();
-            std::io::stdin()
-                .read_to_end(&mut data)
-                .map_err(|e| format!("read stdin: {e}"))?;
-            // Large contents go in chunks: the first truncates, the rest append.
-            let mut chunks = data.chunks(MAX_FILE_CHUNK).peekable();
-            let first = chunks.next().unwrap_or(&[]);
-            let mut req = FileWrite {
-                path,
-                data: first.to_vec(),
-                mode,
-                append: false,
-            };
-            loop {
-                let _: Value = c.post(&ws_path(&workspace, "/files/write"), &req).await?;
-                match chunks.next() {
-                    Some(next) => {
-                        req = FileWrite {
-                            data: next.to_vec(),
-                            append: true,
-                            ..req
-                        }
-                    }
-                    None => break,
-                }
-            }
+            let mut stdin = tokio::io::stdin();
+            c.write_file(&workspace, &path, mode, &mut stdin).await?;
         }
         FileCommand::Read {
             workspace,
@@ -626,29 +530,17 @@ async fn file(c: &Client, cmd: FileCommand) -> Result<(), Failure> {
             offset,
             limit,
         } => {
-            let mut out = std::io::stdout().lock();
-            let mut offset = offset;
-            let mut left = limit;
-            loop {
-                let chunk = left
-                    .map(|l| l.min(MAX_FILE_CHUNK as u64))
-                    .unwrap_or(MAX_FILE_CHUNK as u64);
-                let req = FileRead {
-                    path: path.clone(),
-                    offset,
-                    limit: Some(chunk),
-                };
-                let d: FileData = c.post(&ws_path(&workspace, "/files/read"), &req).await?;
-                let _ = out.write_all(&d.data);
-                offset += d.data.len() as u64;
-                if let Some(l) = left.as_mut() {
-                    *l -= (d.data.len() as u64).min(*l);
-                }
-                if d.eof || d.data.is_empty() || left == Some(0) {
-                    break;
+            let mut stdout = tokio::io::stdout();
+            match c
+                .read_file(&workspace, &path, offset, limit, &mut stdout)
+                .await
+            {
+                // The reader went away (`| head`): what it wanted it has.
+                Err(ClientError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                r => {
+                    r?;
                 }
             }
-            let _ = out.flush();
         }
         FileCommand::Edit {
             workspace,
@@ -657,18 +549,13 @@ async fn file(c: &Client, cmd: FileCommand) -> Result<(), Failure> {
             new,
             all,
         } => {
-            let v: Value = c
-                .post(
-                    &ws_path(&workspace, "/files/edit"),
-                    &FileEdit {
-                        path,
-                        old,
-                        new,
-                        all,
-                    },
-                )
-                .await?;
-            let n = v.get("replacements").and_then(Value::as_u64).unwrap_or(0);
+            let r = FileEdit {
+                path,
+                old,
+                new,
+                all,
+            };
+            let n = c.file_edit(&workspace, &r).await?.replacements;
             eprintln!("burrow: {n} replacement{}", if n == 1 { "" } else { "s" });
         }
         FileCommand::Ls {
@@ -676,10 +563,10 @@ async fn file(c: &Client, cmd: FileCommand) -> Result<(), Failure> {
             path,
             json,
         } => {
-            let v: BTreeMap<String, Vec<DirEntry>> = c
-                .post(&ws_path(&workspace, "/files/list"), &json!({"path": path}))
-                .await?;
-            let entries = v.get("entries").cloned().unwrap_or_default();
+            let entries = c
+                .file_list(&workspace, &FileListRequest { path })
+                .await?
+                .entries;
             if json {
                 print_json(&entries);
             } else {
@@ -690,74 +577,56 @@ async fn file(c: &Client, cmd: FileCommand) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `daemon start|stop|status`: these talk to the daemon without starting it
+/// (but `start`).
 async fn daemon_command(
     cmd: &DaemonCommand,
     state: &StateDir,
     cache: &std::path::Path,
 ) -> Result<i32, Failure> {
-    let c = Client::new(state.socket());
     match cmd {
-        DaemonCommand::Start => match c.get::<DaemonStatus>("/v1/daemon").await {
-            Ok(s) => println!("burrowd already runs for {} (pid {})", s.state_dir, s.pid),
-            Err(ClientError::NotRunning { .. }) => {
-                let pid = daemon::start(state, cache).await?;
-                println!("burrowd started for {} (pid {pid})", state.root().display());
+        DaemonCommand::Start => match connect::connect(state, cache).await? {
+            (_, Found::Running(s)) => {
+                println!("burrowd already runs for {} (pid {})", s.state_dir, s.pid)
             }
-            Err(e) => return Err(e.into()),
+            (_, Found::Started(pid)) => {
+                println!("burrowd started for {} (pid {pid})", state.root().display())
+            }
         },
-        DaemonCommand::Stop => match c.get::<DaemonStatus>("/v1/daemon").await {
-            Ok(s) => {
-                let _: Value = c.post("/v1/daemon/shutdown", &json!({})).await?;
-                if let Some(p) = burrow::db::ProcId::of(s.pid as i32) {
-                    if tokio::time::timeout(std::time::Duration::from_secs(30), p.exited())
-                        .await
-                        .is_err()
-                    {
-                        return fail(format!("burrowd (pid {}) did not stop within 30 s", s.pid));
-                    }
-                }
+        DaemonCommand::Stop => match connect::stop(state).await? {
+            Some(pid) => println!("burrowd stopped (pid {pid}); running workspaces keep running"),
+            None => println!("burrowd is not running for {}", state.root().display()),
+        },
+        DaemonCommand::Status { json } => match connect::status(state).await? {
+            Some(s) if *json => print_json(&s),
+            Some(s) => {
+                println!("burrowd running (pid {})", s.pid);
+                println!("state dir:  {}", s.state_dir);
+                println!("cache dir:  {}", s.cache_dir);
                 println!(
-                    "burrowd stopped (pid {}); running workspaces keep running",
-                    s.pid
+                    "accel:      {}",
+                    s.accel.as_deref().unwrap_or("(not probed yet)")
                 );
+                println!("store:      {}", s.store);
+                println!("workspaces: {} ({} running)", s.workspaces, s.running);
             }
-            Err(ClientError::NotRunning { .. }) => {
-                println!("burrowd is not running for {}", state.root().display())
-            }
-            Err(e) => return Err(e.into()),
-        },
-        DaemonCommand::Status { json } => match c.get::<DaemonStatus>("/v1/daemon").await {
-            Ok(s) => {
+            None => {
                 if *json {
-                    print_json(&s);
-                } else {
-                    println!("burrowd running (pid {})", s.pid);
-                    println!("state dir:  {}", s.state_dir);
-                    println!("cache dir:  {}", s.cache_dir);
-                    println!(
-                        "accel:      {}",
-                        s.accel.as_deref().unwrap_or("(not probed yet)")
-                    );
-                    println!("store:      {}", s.store);
-                    println!("workspaces: {} ({} running)", s.workspaces, s.running);
-                }
-            }
-            Err(ClientError::NotRunning { .. }) => {
-                if *json {
-                    print_json(&json!({"running": false, "state_dir": state.root()}));
+                    print_json(&crate::output::NotRunning {
+                        running: false,
+                        state_dir: state.root(),
+                    });
                 } else {
                     println!("burrowd is not running for {}", state.root().display());
                 }
                 return Ok(3);
             }
-            Err(e) => return Err(e.into()),
         },
     }
     Ok(0)
 }
 
 async fn port_forward(c: &Client, cmd: PortForwardCommand) -> Result<(), Failure> {
-    use burrow_netd::protocol::Forward;
     match cmd {
         PortForwardCommand::Add {
             workspace,
@@ -766,12 +635,12 @@ async fn port_forward(c: &Client, cmd: PortForwardCommand) -> Result<(), Failure
             bind,
             json,
         } => {
-            let f: Forward = c
-                .post(
-                    &ws_path(&workspace, "/port-forwards"),
-                    &json!({"guest_port": guest_port, "host_port": host_port, "bind": bind}),
-                )
-                .await?;
+            let p = ForwardParams {
+                guest_port,
+                host_port,
+                bind,
+            };
+            let f = c.port_forward_add(&workspace, &p).await?;
             if json {
                 print_json(&f);
             } else {
@@ -779,7 +648,7 @@ async fn port_forward(c: &Client, cmd: PortForwardCommand) -> Result<(), Failure
             }
         }
         PortForwardCommand::Ls { workspace, json } => {
-            let list: Vec<Forward> = c.get(&ws_path(&workspace, "/port-forwards")).await?;
+            let list = c.port_forwards(&workspace).await?;
             if json {
                 print_json(&list);
             } else {
@@ -793,13 +662,7 @@ async fn port_forward(c: &Client, cmd: PortForwardCommand) -> Result<(), Failure
             workspace,
             guest_port,
         } => {
-            let _: Value = c
-                .call(
-                    hyper::Method::DELETE,
-                    &ws_path(&workspace, &format!("/port-forwards/{guest_port}")),
-                    None::<&()>,
-                )
-                .await?;
+            c.port_forward_rm(&workspace, guest_port).await?;
             println!("{workspace}: {guest_port} no longer forwarded");
         }
     }
@@ -829,23 +692,15 @@ async fn team(c: &Client, cmd: TeamCommand) -> Result<(), Failure> {
             members,
             json,
         } => {
-            let m: Vec<TeamMember> = c
-                .post("/v1/teams", &json!({"name": name, "members": members}))
-                .await?;
+            let m = c.team_create(&TeamParams { name, members }).await?;
             print(&m, json);
         }
         TeamCommand::Status { name, json } => {
-            let m: Vec<TeamMember> = c.get(&format!("/v1/teams/{}", seg(&name))).await?;
+            let m = c.team_status(&name).await?;
             print(&m, json);
         }
         TeamCommand::Destroy { name } => {
-            let _: Value = c
-                .call(
-                    hyper::Method::DELETE,
-                    &format!("/v1/teams/{}", seg(&name)),
-                    None::<&()>,
-                )
-                .await?;
+            c.team_destroy(&name).await?;
             println!("team {name} destroyed");
         }
     }
@@ -855,13 +710,13 @@ async fn team(c: &Client, cmd: TeamCommand) -> Result<(), Failure> {
 async fn snapshot(c: &Client, cmd: SnapshotCommand) -> Result<(), Failure> {
     match cmd {
         SnapshotCommand::Create { workspace, name } => {
-            let s: SnapshotInfo = c
-                .post(&ws_path(&workspace, "/snapshots"), &json!({"name": name}))
+            let s = c
+                .snapshot_create(&workspace, &SnapshotRequest { name })
                 .await?;
             println!("{} {}", s.workspace, s.name);
         }
         SnapshotCommand::Ls { workspace, json } => {
-            let list: Vec<SnapshotInfo> = c.get(&ws_path(&workspace, "/snapshots")).await?;
+            let list = c.snapshot_list(&workspace).await?;
             if json {
                 print_json(&list);
             } else {
@@ -883,13 +738,11 @@ async fn snapshot(c: &Client, cmd: SnapshotCommand) -> Result<(), Failure> {
             }
         }
         SnapshotCommand::Restore { workspace, name } => {
-            let path = ws_path(&workspace, &format!("/snapshots/{}/restore", seg(&name)));
-            let w: WorkspaceInfo = c.post(&path, &json!({})).await?;
+            let w = c.snapshot_restore(&workspace, &name).await?;
             println!("{} restored to {name} ({})", w.name, w.state);
         }
         SnapshotCommand::Delete { workspace, name } => {
-            let path = ws_path(&workspace, &format!("/snapshots/{}", seg(&name)));
-            let _: Value = c.call(hyper::Method::DELETE, &path, None::<&()>).await?;
+            c.snapshot_delete(&workspace, &name).await?;
             println!("{name} deleted");
         }
     }

@@ -2,7 +2,6 @@
 //! prints the answer; it never touches a workspace itself.
 
 mod commands;
-mod daemon;
 mod output;
 mod stream;
 mod tty;

@@ -1,10 +1,34 @@
 //! Human-readable output.
 
 use std::io::Write;
+use std::path::Path;
 
-use burrow::engine::WorkspaceInfo;
-use burrow_proto::{DirEntry, FileKind, JobStatus};
-use serde_json::json;
+use burrow::api::{Diff, DirEntry, FileKind, ImageInfo, JobStatus, Policy, WorkspaceInfo};
+use serde::Serialize;
+
+/// `daemon status --json` when no daemon serves the state dir.
+#[derive(Serialize)]
+pub struct NotRunning<'a> {
+    pub running: bool,
+    pub state_dir: &'a Path,
+}
+
+/// `job poll --json`: the job's status with its output as text (the API's
+/// base64 is for programs; this is for people and scripts reading text).
+#[derive(Serialize)]
+struct JobText<'a> {
+    job: u32,
+    name: Option<&'a str>,
+    argv: &'a [String],
+    running: bool,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    stdout: String,
+    stderr: String,
+    stdout_truncated: bool,
+    stderr_truncated: bool,
+    duration_ms: u64,
+}
 
 pub fn unix_time(secs: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(secs)
@@ -107,19 +131,19 @@ pub fn print_info(w: &WorkspaceInfo) {
 
 pub fn print_job(s: &JobStatus, as_json: bool) {
     if as_json {
-        let v = json!({
-            "job": s.job,
-            "name": s.name,
-            "argv": s.argv,
-            "running": s.running,
-            "exit_code": s.exit_code,
-            "signal": s.signal,
-            "stdout": String::from_utf8_lossy(&s.stdout),
-            "stderr": String::from_utf8_lossy(&s.stderr),
-            "stdout_truncated": s.stdout_truncated,
-            "stderr_truncated": s.stderr_truncated,
-            "duration_ms": s.duration_ms,
-        });
+        let v = JobText {
+            job: s.job,
+            name: s.name.as_deref(),
+            argv: &s.argv,
+            running: s.running,
+            exit_code: s.exit_code,
+            signal: s.signal,
+            stdout: String::from_utf8_lossy(&s.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&s.stderr).into_owned(),
+            stdout_truncated: s.stdout_truncated,
+            stderr_truncated: s.stderr_truncated,
+            duration_ms: s.duration_ms,
+        };
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return;
     }
@@ -156,6 +180,55 @@ pub fn print_entries(entries: &[DirEntry]) {
             unix_time(e.modified)
         );
     }
+}
+
+pub fn print_images(list: &[ImageInfo]) {
+    println!("{:<10} {:>10} {:>8}  BUILT", "NAME", "SIZE", "PACKAGES");
+    for i in list {
+        println!(
+            "{:<10} {:>9}M {:>8}  {}",
+            i.name,
+            i.size_bytes >> 20,
+            i.packages,
+            unix_time(i.built_at)
+        );
+    }
+}
+
+/// `A`, `M` or `D` and the path, quoted for a terminal.
+pub fn print_diff(d: &Diff) {
+    for (mark, paths) in [("A", &d.added), ("M", &d.modified), ("D", &d.deleted)] {
+        for p in paths {
+            println!("{mark} {}", quote_path(&p.bytes()));
+        }
+    }
+}
+
+pub fn print_policy(workspace: &str, p: &Policy) {
+    let ports = p
+        .allowed_ports
+        .as_ref()
+        .map(|v| v.iter().map(u16::to_string).collect::<Vec<_>>().join(","))
+        .unwrap_or_else(|| "any".into());
+    let host_ports = p
+        .allow_host_ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let cidrs = p
+        .allow_cidr
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    println!(
+        "{workspace}: allow_internet={} allow_inter_vm={} allowed_ports={ports} allow_host_ports={} allow_cidr={}",
+        p.allow_internet,
+        p.allow_inter_vm,
+        if host_ports.is_empty() { "none" } else { &host_ports },
+        if cidrs.is_empty() { "none" } else { &cidrs },
+    );
 }
 
 pub fn print_jobs(jobs: &[burrow_proto::JobInfo]) {

@@ -415,13 +415,17 @@ async fn recv_winch(s: &mut Option<tokio::signal::unix::Signal>) {
 }
 
 /// `burrow logs -f`.
-pub async fn follow_logs(c: &Client, ws: &str, kind: &str, lines: usize) -> Result<i32, Failure> {
-    let path = format!(
-        "/v1/workspaces/{}/logs/follow?type={kind}&lines={lines}",
-        burrow::api::client::seg(ws)
-    );
-    c.stream_lines(hyper::Method::GET, &path, |l| println!("{l}"))
-        .await?;
+pub async fn follow_logs(
+    c: &Client,
+    ws: &str,
+    kind: burrow::engine::LogKind,
+    lines: usize,
+) -> Result<i32, Failure> {
+    let q = burrow::api::LogsQuery {
+        r#type: Some(kind),
+        lines: Some(lines),
+    };
+    c.logs_follow(ws, &q, |l| println!("{l}")).await?;
     Ok(0)
 }
 
