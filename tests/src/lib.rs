@@ -727,13 +727,13 @@ impl Tmux {
             &rows.to_string(),
             cmd,
         ]);
-        if self.server.is_none() {
-            self.server = self
-                .tmux(&["display-message", "-p", "#{pid}"])
-                .trim()
-                .parse()
-                .ok();
-        }
+        // The server exits with its last session and the next one starts another:
+        // note the one serving now.
+        self.server = self
+            .tmux(&["display-message", "-p", "-t", name, "#{pid}"])
+            .trim()
+            .parse()
+            .ok();
     }
 
     /// Types `text` literally into the pane.
@@ -789,7 +789,12 @@ impl Tmux {
 
 impl Drop for Tmux {
     fn drop(&mut self) {
-        if let Some(pid) = self.server {
+        // Only while it is still this server (its command line names our socket
+        // dir): a server that exited with its last session left its pid free.
+        if let Some(pid) = self
+            .server
+            .filter(|&p| cmdline_mentions(p, self.dir.path()))
+        {
             // SAFETY: kill has no memory effects; the pid is this server's.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
