@@ -42,7 +42,9 @@ struct Pump {
     tty: bool,
     /// Ctrl-] d detaches (terminal sessions).
     detach: bool,
-    /// SIGINT and SIGTERM go to the remote process instead of ending the CLI.
+    /// The first SIGINT or SIGTERM goes to the remote process instead of ending
+    /// the CLI; a second one ends the CLI (and so the exec), as when the remote
+    /// process ignores it or the stream is stuck.
     forward_signals: bool,
 }
 
@@ -272,6 +274,7 @@ async fn pump(stream: ClientStream, cfg: Pump) -> Ended {
     let control = |c: StreamControl| {
         let _ = control_tx.try_send(c);
     };
+    let mut forwarded = false;
     let mut out = tokio::io::stdout();
     let mut err = tokio::io::stderr();
     loop {
@@ -317,11 +320,13 @@ async fn pump(stream: ClientStream, cfg: Pump) -> Ended {
                 }
             }
             _ = int.recv() => {
-                if !cfg.forward_signals { return Ended::Stopped(libc::SIGINT); }
+                if !cfg.forward_signals || forwarded { return Ended::Stopped(libc::SIGINT); }
+                forwarded = true;
                 control(StreamControl::Signal { signal: libc::SIGINT });
             }
             _ = term.recv() => {
-                if !cfg.forward_signals { return Ended::Stopped(libc::SIGTERM); }
+                if !cfg.forward_signals || forwarded { return Ended::Stopped(libc::SIGTERM); }
+                forwarded = true;
                 control(StreamControl::Signal { signal: libc::SIGTERM });
             }
             _ = hup.recv() => return Ended::Stopped(libc::SIGHUP),
