@@ -27,6 +27,14 @@ use crate::guest::GuestClient;
 /// Default bound of one recording; `BURROW_RECORDING_MAX_BYTES` changes it.
 pub const DEFAULT_MAX_BYTES: u64 = 16 << 20;
 
+/// Most sessions recorded per workspace: the agent keeps 64, and a guest that
+/// claims more (its agent is the guest's to replace) gets no more files.
+const MAX_RECORDED_SESSIONS: usize = 64;
+
+/// Most bytes of a session's command kept in a recording's header (the command
+/// comes from the guest).
+const MAX_HEADER_COMMAND: usize = 1024;
+
 pub fn cast_path(log_dir: &Path, name: &str) -> PathBuf {
     log_dir.join("terminals").join(format!("{name}.cast"))
 }
@@ -62,6 +70,9 @@ impl Recordings {
                 return;
             }
             t.abort();
+        } else if tasks.keys().filter(|(ws, _)| *ws == rec.id).count() >= MAX_RECORDED_SESSIONS {
+            tracing::warn!(workspace = %rec.id, session = %info.name, "too many sessions: not recorded");
+            return;
         }
         let recorder = Recorder {
             guest: engine.guest(rec),
@@ -129,7 +140,7 @@ impl Recorder {
                 width: self.info.size.cols,
                 height: self.info.size.rows,
                 timestamp: self.info.created_at,
-                command: self.info.argv.join(" "),
+                command: truncate_on_char(self.info.argv.join(" "), MAX_HEADER_COMMAND),
                 title: name,
             };
             let mut line = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
@@ -194,6 +205,18 @@ impl Recorder {
         }
         file.flush().await
     }
+}
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn truncate_on_char(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
 }
 
 /// One asciicast event line: `[seconds, code, data]`.
@@ -287,6 +310,12 @@ mod tests {
         assert_eq!(s.push(&[b'a', euro[0]]), "a");
         assert_eq!(s.push(&euro[1..]), "€");
         assert_eq!(s.push(&[0xff, b'b']), "\u{fffd}b");
+    }
+
+    #[test]
+    fn header_commands_are_cut_on_a_character() {
+        assert_eq!(truncate_on_char("ab€".into(), 3), "ab");
+        assert_eq!(truncate_on_char("abc".into(), 3), "abc");
     }
 
     #[test]
