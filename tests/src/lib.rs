@@ -435,14 +435,14 @@ pub fn process_exists(pid: i32) -> bool {
     !is_zombie(pid) && Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Waits until process `pid` has exited, on a pidfd (readable once it has),
-/// failing the test after `timeout`. `what` names it in the failure.
-pub fn wait_exit(what: &str, pid: i32, timeout: Duration) {
+/// Whether process `pid` exits within `timeout`, waiting on a pidfd (readable
+/// once it has exited, reaped or not; a child too).
+pub fn exits_within(pid: i32, timeout: Duration) -> bool {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {
-        return; // already gone (and reaped)
+        return true; // already gone (and reaped)
     }
     // SAFETY: a fresh fd that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
@@ -453,8 +453,14 @@ pub fn wait_exit(what: &str, pid: i32, timeout: Duration) {
     };
     // SAFETY: one pollfd that lives across the call.
     let ready = unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) };
+    ready > 0
+}
+
+/// Waits until process `pid` has exited, failing the test after `timeout`.
+/// `what` names it in the failure.
+pub fn wait_exit(what: &str, pid: i32, timeout: Duration) {
     assert!(
-        ready > 0,
+        exits_within(pid, timeout),
         "timed out after {timeout:?} waiting for {what} (pid {pid}) to exit"
     );
 }
@@ -648,21 +654,15 @@ impl LineReader {
     }
 }
 
-/// Waits for a child with a deadline (polling its status: a child's exit has no
-/// pidfd in std); kills it and fails the test after `timeout`.
+/// Waits for a child to exit and returns its exit code; kills it and fails the
+/// test after `timeout`.
 pub fn wait_child(what: &str, child: &mut std::process::Child, timeout: Duration) -> i32 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            return s.code().unwrap_or(-1);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("timed out after {timeout:?} waiting for {what} to exit");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    if !exits_within(child.id() as i32, timeout) {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("timed out after {timeout:?} waiting for {what} to exit");
     }
+    child.wait().expect("wait").code().unwrap_or(-1)
 }
 
 /// A tmux server of its own (`tmux -S <tmp>/sock`), for driving programs that need

@@ -128,8 +128,9 @@ pub fn drain(
 pub fn wait_progressing(what: &str, cli: &mut std::process::Child, progress: &AtomicU64) -> i32 {
     let mut last = (progress.load(Ordering::SeqCst), Instant::now());
     loop {
-        if let Some(s) = cli.try_wait().expect("try_wait") {
-            return s.code().unwrap_or(-1);
+        // Its exit ends the wait at once; every second, progress is looked at.
+        if crate::exits_within(cli.id() as i32, Duration::from_secs(1)) {
+            return cli.wait().expect("wait").code().unwrap_or(-1);
         }
         let now = progress.load(Ordering::SeqCst);
         if now != last.0 {
@@ -139,7 +140,6 @@ pub fn wait_progressing(what: &str, cli: &mut std::process::Child, progress: &At
             let _ = cli.wait();
             panic!("{what}: stalled after {now} bytes (no progress for a minute)");
         }
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

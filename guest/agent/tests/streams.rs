@@ -5,7 +5,7 @@
 use std::fs;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use burrow_proto::{
     read_message, write_message, AgentError, ErrorKind, ExitInfo, GuestFrame, Hello, HelloReply,
@@ -225,13 +225,20 @@ fn gone(pid: i32) -> bool {
         .unwrap_or(true)
 }
 
-/// Waits, bounded, for `pid` to be gone.
+/// Waits, bounded, for `pid` to exit, on a pidfd (readable once it has).
 async fn wait_gone(pid: i32) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !gone(pid) {
-        assert!(Instant::now() < deadline, "pid {pid} still alive");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return; // already gone (and reaped)
     }
+    // SAFETY: a fresh fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: the fd is owned by the AsyncFd from here on and closed with it.
+    let fd = unsafe { tokio::io::unix::AsyncFd::register(fd) }.expect("pidfd");
+    let exited = tokio::time::timeout(Duration::from_secs(20), fd.readable()).await;
+    assert!(exited.is_ok(), "pid {pid} still alive");
 }
 
 fn fnv(hash: &mut u64, data: &[u8]) {
