@@ -506,21 +506,24 @@ async fn pump_pipes<W: AsyncWrite + Unpin>(
     let mut bo = vec![0u8; MAX_STREAM_CHUNK];
     let mut be = vec![0u8; MAX_STREAM_CHUNK];
     while out.is_some() || err.is_some() {
-        let frame = tokio::select! {
+        let (stderr, n) = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => return Ok(()),
             r = read_opt(&mut out, &mut bo) => match r {
-                Ok(n) if n > 0 => GuestFrame::Stdout(bo[..n].to_vec()),
+                Ok(n) if n > 0 => (false, n),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 _ => { out = None; continue; }
             },
             r = read_opt(&mut err, &mut be) => match r {
-                Ok(n) if n > 0 => GuestFrame::Stderr(be[..n].to_vec()),
+                Ok(n) if n > 0 => (true, n),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 _ => { err = None; continue; }
             },
         };
-        frame.write(wr).await.map_err(frame_io)?;
+        let data = if stderr { &be[..n] } else { &bo[..n] };
+        GuestFrame::write_output(wr, stderr, data)
+            .await
+            .map_err(frame_io)?;
     }
     Ok(())
 }
@@ -540,8 +543,7 @@ async fn pump_pty<W: AsyncWrite + Unpin>(
                 _ => return Ok(()),
             },
         };
-        GuestFrame::Stdout(buf[..n].to_vec())
-            .write(wr)
+        GuestFrame::write_output(wr, false, &buf[..n])
             .await
             .map_err(frame_io)?;
     }

@@ -32,18 +32,23 @@ impl FrameError {
     }
 }
 
+/// Reads a frame's 4-byte big-endian length; `Closed` at a clean end between
+/// frames. Message and stream frames share it.
+pub(crate) async fn read_len<R: AsyncRead + Unpin>(r: &mut R) -> Result<usize, FrameError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => Ok(u32::from_be_bytes(len) as usize),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(FrameError::Closed),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Reads one frame's payload. An oversized frame is drained and reported.
 pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
 ) -> Result<Vec<u8>, FrameError> {
-    let mut len = [0u8; 4];
-    match r.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
-        Err(e) => return Err(e.into()),
-    }
-    let len = u32::from_be_bytes(len) as usize;
+    let len = read_len(r).await?;
     if len > max {
         let drained = tokio::io::copy(&mut r.take(len as u64), &mut tokio::io::sink()).await?;
         if drained < len as u64 {

@@ -237,13 +237,7 @@ async fn write_raw<W: AsyncWrite + Unpin>(
 
 /// Reads one raw frame: its kind and payload. `Closed` at a clean end between frames.
 async fn read_raw<R: AsyncRead + Unpin>(r: &mut R) -> Result<(u8, Vec<u8>), FrameError> {
-    let mut len = [0u8; 4];
-    match r.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
-        Err(e) => return Err(e.into()),
-    }
-    let len = u32::from_be_bytes(len) as usize;
+    let len = crate::frame::read_len(r).await?;
     // A frame of the wrong size cannot be skipped safely in a byte stream whose
     // peer is not trusted: the stream ends.
     if len == 0 || len > MAX_STREAM_FRAME {
@@ -310,19 +304,26 @@ impl HostFrame {
 }
 
 impl GuestFrame {
+    /// Writes `data` as stdout (or stderr) frames, borrowed: a process's output
+    /// goes from the read buffer to the frame with one copy.
+    pub async fn write_output<W: AsyncWrite + Unpin>(
+        w: &mut W,
+        stderr: bool,
+        data: &[u8],
+    ) -> Result<(), FrameError> {
+        let kind = if stderr { KIND_STDERR } else { KIND_STDOUT };
+        for chunk in data.chunks(MAX_STREAM_CHUNK) {
+            write_raw(w, kind, &[], chunk).await?;
+        }
+        w.flush().await?;
+        Ok(())
+    }
+
     /// Writes the frame. Data longer than [`MAX_STREAM_CHUNK`] is split.
     pub async fn write<W: AsyncWrite + Unpin>(&self, w: &mut W) -> Result<(), FrameError> {
         match self {
-            GuestFrame::Stdout(d) | GuestFrame::Stderr(d) => {
-                let kind = if matches!(self, GuestFrame::Stdout(_)) {
-                    KIND_STDOUT
-                } else {
-                    KIND_STDERR
-                };
-                for chunk in d.chunks(MAX_STREAM_CHUNK) {
-                    write_raw(w, kind, &[], chunk).await?;
-                }
-            }
+            GuestFrame::Stdout(d) => return GuestFrame::write_output(w, false, d).await,
+            GuestFrame::Stderr(d) => return GuestFrame::write_output(w, true, d).await,
             GuestFrame::Record { offset, t_us, data } => {
                 let mut at = *offset;
                 for chunk in data.chunks(MAX_STREAM_CHUNK) {
