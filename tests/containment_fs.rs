@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use burrow_tests::{kill9, require_root, text, wait_until, Burrow};
+use burrow_tests::{kill9, require_root, tail_of, text, wait_until_explained, Burrow};
 use serde_json::Value;
 
 const NOBODY: u32 = 65534;
@@ -321,7 +321,7 @@ fn server_death(b: &Burrow) {
         .parse()
         .expect("server pid");
     kill9(server);
-    wait_until(
+    wait_until_explained(
         "the workspace back on a new server",
         Duration::from_secs(180),
         || {
@@ -329,6 +329,14 @@ fn server_death(b: &Burrow) {
             i["state"] == "running"
                 && i["pids"]["qemu"].as_i64().is_some_and(|p| p != old_qemu)
                 && b.run(&["exec", "neighbour", "--", "true"]).status.success()
+        },
+        || {
+            format!(
+                "info: {}\nconsole:\n{}\nburrowd.log:\n{}",
+                b.info("neighbour"),
+                text(&b.run(&["logs", "neighbour", "--lines", "30"]).stdout),
+                tail_of(&b.state.join("burrowd.log"), 40)
+            )
         },
     );
     assert_eq!(b.ok(&["file", "read", "neighbour", "/work-kept"]), "kept\n");

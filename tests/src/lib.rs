@@ -472,15 +472,35 @@ pub fn text(b: &[u8]) -> String {
 /// Retries `check` until it holds or `timeout` passes; for outcomes the test can only
 /// observe from outside (a daemon noticing a dead VM), never as a stand-in for a
 /// readiness signal the test could wait on.
-pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, timeout: Duration, check: impl FnMut() -> bool) {
+    wait_until_explained(what, timeout, check, String::new);
+}
+
+/// [`wait_until`], whose failure message adds what `explain` says then (the
+/// state that was waited on, logs).
+pub fn wait_until_explained(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> bool,
+    explain: impl Fn() -> String,
+) {
     let deadline = Instant::now() + timeout;
     while !check() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        if Instant::now() >= deadline {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                explain()
+            );
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The last `n` lines of the text file at `path` (empty when it cannot be read).
+pub fn tail_of(path: &Path, n: usize) -> String {
+    let all = std::fs::read(path).map(|b| text(&b)).unwrap_or_default();
+    let lines: Vec<&str> = all.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Kills `pid` with SIGKILL; the test started it (through burrow).
@@ -715,7 +735,11 @@ impl Tmux {
     }
 
     /// Runs shell command line `cmd` in a new session `name` of `cols`×`rows`.
+    /// The pane's shell then waits (reading its terminal) until the session is
+    /// killed: tmux 3.3 may lose the last output of a pane whose process has
+    /// exited, so a pane never exits by itself.
     pub fn start(&mut self, name: &str, cols: u16, rows: u16, cmd: &str) {
+        let cmd = format!("{cmd}\nexec cat >/dev/null");
         self.tmux(&[
             "new-session",
             "-d",
@@ -725,7 +749,7 @@ impl Tmux {
             &cols.to_string(),
             "-y",
             &rows.to_string(),
-            cmd,
+            &cmd,
         ]);
         // The server exits with its last session and the next one starts another:
         // note the one serving now.

@@ -103,6 +103,10 @@ impl Agent {
             Op::FileList { path } => blocking(move || files::list(&path))
                 .await
                 .map(|entries| Reply::Entries { entries }),
+            Op::Container(_) => Err(AgentError::new(
+                ErrorKind::InvalidArgument,
+                "op: containers are not served by this agent yet",
+            )),
             Op::Shutdown => Ok(Reply::Done),
         }
     }
@@ -143,6 +147,10 @@ impl Agent {
                 session: self.terminals.get(&name)?,
                 from,
             }),
+            StreamOpen::ContainerCreate(_) | StreamOpen::ContainerExec(_) => Err(AgentError::new(
+                ErrorKind::InvalidArgument,
+                "stream: containers are not served by this agent yet",
+            )),
         }
     }
 

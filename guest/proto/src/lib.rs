@@ -10,10 +10,15 @@
 //! I/O or of a terminal ([`stream`]). Frames are capped at [`MAX_FRAME`]: a reader that meets a larger
 //! one drains it and reports [`FrameError::TooLarge`], so the stream stays in step.
 
+pub mod container;
 pub mod frame;
 mod messages;
 pub mod stream;
 
+pub use container::{
+    validate_container_id, ContainerCreate, ContainerExec, ContainerOp, ContainerStatus,
+    ContainerStatusKind, CONTAINERS_DIR, CONTAINERS_TAG,
+};
 pub use frame::{read_frame, read_message, write_message, FrameError, MAX_FRAME};
 pub use messages::*;
 pub use stream::{

@@ -77,6 +77,8 @@ pub enum Op {
     FileList {
         path: String,
     },
+    /// A request on an OCI container (see [`crate::container`]).
+    Container(crate::container::ContainerOp),
     /// Flushes file systems and powers the guest off after replying.
     Shutdown,
 }
@@ -331,6 +333,10 @@ pub enum Reply {
         /// ([`crate::stream::StreamOpen::Input`]).
         #[serde(default)]
         input: Option<u64>,
+    },
+    Container(crate::container::ContainerStatus),
+    Pids {
+        pids: Vec<i32>,
     },
     Done,
 }

@@ -96,6 +96,11 @@ pub enum StreamOpen {
         #[serde(default)]
         from: u64,
     },
+    /// Creates an OCI container; the stream is its process's standard I/O (see
+    /// [`crate::container`]).
+    ContainerCreate(crate::container::ContainerCreate),
+    /// Runs another process in a running container (`runc exec`).
+    ContainerExec(crate::container::ContainerExec),
 }
 
 /// A process to run with live I/O.

@@ -258,6 +258,16 @@ impl Client {
         self.post("/v1/workspaces", p).await
     }
 
+    /// Boots a VM for an OCI container; answers once its agent is ready.
+    pub async fn container_vm_create(&self, r: &ContainerVmRequest) -> Result<WorkspaceInfo> {
+        self.post("/v1/containers", r).await
+    }
+
+    /// A request on a container inside VM `ws`.
+    pub async fn container_op(&self, ws: &str, op: &ContainerOp) -> Result<ContainerAnswer> {
+        self.post(&ws_path(ws, "/containers"), op).await
+    }
+
     pub async fn info(&self, ws: &str) -> Result<WorkspaceInfo> {
         self.get(&ws_path(ws, "")).await
     }

@@ -18,8 +18,8 @@ pub use crate::engine::{
 pub use crate::image::ImageInfo;
 pub use burrow_netd::protocol::{Forward, Policy, PolicyChange};
 pub use burrow_proto::{
-    DirEntry, Exec, ExecResult, FileData, FileEdit, FileKind, FileRead, FileWrite, JobStart,
-    JobStatus,
+    ContainerOp, ContainerStatus, DirEntry, Exec, ExecResult, FileData, FileEdit, FileKind,
+    FileRead, FileWrite, JobStart, JobStatus,
 };
 
 /// The last line of an image build's progress stream when it succeeded.
@@ -295,4 +295,29 @@ mod tests {
             assert!(named, "docs/api.md does not name {n}");
         }
     }
+}
+
+/// `POST /v1/containers`: boots a VM for one OCI container (docs/oci.md). The
+/// engine shares the bundle's root file system and bind-mount sources with it and
+/// writes the spec, its paths rewritten for the guest; the container's process is
+/// then created by a `container_create` stream on the VM. Answered with the VM's
+/// [`WorkspaceInfo`] once its agent is ready.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainerVmRequest {
+    /// The id the OCI runtime's caller knows the container by.
+    pub id: String,
+    /// The OCI runtime's state root (`--root`): ids are unique within one root.
+    pub root: String,
+    /// The bundle directory on the host; relative paths of the spec are relative to it.
+    pub bundle: std::path::PathBuf,
+    /// The bundle's config.json as the caller read it.
+    pub spec: serde_json::Value,
+}
+
+/// `POST /v1/workspaces/{ws}/containers`: what a [`ContainerOp`] answers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum ContainerAnswer {
+    Status(ContainerStatus),
+    Pids { pids: Vec<i32> },
 }

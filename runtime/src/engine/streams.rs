@@ -183,6 +183,24 @@ pub fn validate_open(open: &StreamOpen) -> Result<()> {
         StreamOpen::TerminalRecord { name, .. } => {
             validate_name("name", name).map_err(|e| Error::invalid_line("name", e))
         }
+        StreamOpen::ContainerCreate(c) => {
+            burrow_proto::validate_container_id(&c.id).map_err(|e| Error::invalid_line("id", e))?;
+            validate_size(c.size.as_ref())
+        }
+        StreamOpen::ContainerExec(c) => {
+            burrow_proto::validate_container_id(&c.id).map_err(|e| Error::invalid_line("id", e))?;
+            if !c.process.is_object() {
+                return Err(Error::invalid("process", "must be a JSON object"));
+            }
+            validate_size(c.size.as_ref())
+        }
+    }
+}
+
+fn validate_size(size: Option<&burrow_proto::WinSize>) -> Result<()> {
+    match size {
+        Some(s) => s.validate().map_err(|e| Error::invalid_line("size", e)),
+        None => Ok(()),
     }
 }
 
