@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod oci;
 pub mod transfer;
 
 /// Skips the test, saying why, when not root: the runtime needs root for now
@@ -418,7 +419,7 @@ pub fn is_mountpoint(path: &Path) -> bool {
     })
 }
 
-fn cmdline_mentions(pid: i32, dir: &Path) -> bool {
+pub fn cmdline_mentions(pid: i32, dir: &Path) -> bool {
     let needle = dir.as_os_str().as_encoded_bytes();
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle))
@@ -574,6 +575,26 @@ impl Burrow {
         words.push(shell_quote(&self.state.to_string_lossy()));
         words.extend(args.iter().map(|a| shell_quote(a)));
         words.join(" ")
+    }
+
+    /// The environment that points a front door (`burrow-runtime`, dockerd's
+    /// runtimes) at this instance: its state dir and daemon binaries.
+    pub fn daemon_env(&self) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("BURROW_STATE_DIR".to_string(), self.state.display().to_string()),
+            ("BURROWD".to_string(), self.bin.join("burrowd").display().to_string()),
+            (
+                "BURROW_AGENT".to_string(),
+                self.bin.join("burrow-agent").display().to_string(),
+            ),
+        ];
+        env.extend(self.env.iter().cloned());
+        env
+    }
+
+    /// Directory of the built binaries this instance runs.
+    pub fn bin(&self) -> &Path {
+        &self.bin
     }
 
     /// Starts `burrow ARGS` with piped standard streams; the caller owns the child.

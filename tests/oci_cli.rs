@@ -1,0 +1,1 @@
+//! The runc command line of burrow-runtime, driven directly.
