@@ -22,11 +22,30 @@ fn a_private_dockerd_runs_runc_containers() {
         let d = Dockerd::start(&b, false);
         dir = d.dir.path().to_path_buf();
         d.import_busybox("bb");
-        let out = d.ok(&["run", "--rm", "--runtime", "runc", "bb", "sh", "-c", "echo hi; exit 0"]);
+        let out = d.ok(&[
+            "run",
+            "--rm",
+            "--runtime",
+            "runc",
+            "bb",
+            "sh",
+            "-c",
+            "echo hi; exit 0",
+        ]);
         assert_eq!(out.trim(), "hi");
-        let host = text(&std::process::Command::new("uname").arg("-r").output().expect("uname").stdout);
+        let host = text(
+            &std::process::Command::new("uname")
+                .arg("-r")
+                .output()
+                .expect("uname")
+                .stdout,
+        );
         let out = d.ok(&["run", "--rm", "bb", "uname", "-r"]);
-        assert_eq!(out.trim(), host.trim(), "runc containers share the host kernel");
+        assert_eq!(
+            out.trim(),
+            host.trim(),
+            "runc containers share the host kernel"
+        );
     }
     assert!(!dir.exists(), "dockerd's dirs left behind");
 }
@@ -47,7 +66,15 @@ fn docker_runs_containers_in_microvms() {
     // Environment, user, working directory and exit status.
     let mut args = burrow.to_vec();
     args.extend([
-        "-e", "A=1", "-u", "1000:1000", "-w", "/tmp", "bb", "sh", "-c",
+        "-e",
+        "A=1",
+        "-u",
+        "1000:1000",
+        "-w",
+        "/tmp",
+        "bb",
+        "sh",
+        "-c",
         "echo $A; id -u; pwd; exit 3",
     ]);
     let out = d.run(&args);
@@ -63,7 +90,12 @@ fn docker_runs_containers_in_microvms() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("docker run -i");
-    child.stdin.take().expect("stdin").write_all(b"hi\n").expect("write");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"hi\n")
+        .expect("write");
     let out = child.wait_with_output().expect("wait");
     assert!(out.status.success());
     assert_eq!(text(&out.stdout), "hi\n");
@@ -78,17 +110,34 @@ fn docker_runs_containers_in_microvms() {
     let vconf = format!("{}:/conf:ro", conf.display());
     let mut args = burrow.to_vec();
     args.extend([
-        "-v", &vdata, "-v", &vconf, "bb", "sh", "-c",
+        "-v",
+        &vdata,
+        "-v",
+        &vconf,
+        "bb",
+        "sh",
+        "-c",
         "echo w > /data/x && cat /conf/c && ! touch /conf/y 2>/dev/null && echo ro",
     ]);
     assert_eq!(d.ok(&args), "conf\nro\n");
-    assert_eq!(std::fs::read_to_string(data.join("x")).expect("written"), "w\n");
+    assert_eq!(
+        std::fs::read_to_string(data.join("x")).expect("written"),
+        "w\n"
+    );
     assert!(!conf.join("y").exists());
 
     // Detached: exec, logs, stop, rm -f.
     let id = d
         .ok(&[
-            "run", "-d", "--name", "web", "--runtime", "burrow", "bb", "sh", "-c",
+            "run",
+            "-d",
+            "--name",
+            "web",
+            "--runtime",
+            "burrow",
+            "bb",
+            "sh",
+            "-c",
             "echo started; trap 'echo bye; exit 0' TERM; sleep 1000 & wait",
         ])
         .trim()
@@ -97,9 +146,11 @@ fn docker_runs_containers_in_microvms() {
     assert_eq!(d.ok(&["exec", "web", "echo", "inside"]).trim(), "inside");
     let out = d.run(&["exec", "web", "sh", "-c", "exit 5"]);
     assert_eq!(out.status.code(), Some(5));
-    burrow_tests::wait_until("the container's first line in its log", Duration::from_secs(60), || {
-        d.ok(&["logs", "web"]).contains("started")
-    });
+    burrow_tests::wait_until(
+        "the container's first line in its log",
+        Duration::from_secs(60),
+        || d.ok(&["logs", "web"]).contains("started"),
+    );
     d.ok(&["stop", "web"]);
     assert!(d.ok(&["logs", "web"]).contains("bye"));
     let status = d.ok(&["inspect", "-f", "{{.State.ExitCode}}", "web"]);
@@ -129,6 +180,8 @@ fn docker_runs_containers_in_microvms() {
 
     // Nothing left in burrow once docker removed them all.
     burrow_tests::wait_until("burrow to have no VMs", Duration::from_secs(60), || {
-        b.json(&["ls", "--json"]).as_array().is_some_and(|a| a.is_empty())
+        b.json(&["ls", "--json"])
+            .as_array()
+            .is_some_and(|a| a.is_empty())
     });
 }

@@ -581,8 +581,14 @@ impl Burrow {
     /// runtimes) at this instance: its state dir and daemon binaries.
     pub fn daemon_env(&self) -> Vec<(String, String)> {
         let mut env = vec![
-            ("BURROW_STATE_DIR".to_string(), self.state.display().to_string()),
-            ("BURROWD".to_string(), self.bin.join("burrowd").display().to_string()),
+            (
+                "BURROW_STATE_DIR".to_string(),
+                self.state.display().to_string(),
+            ),
+            (
+                "BURROWD".to_string(),
+                self.bin.join("burrowd").display().to_string(),
+            ),
             (
                 "BURROW_AGENT".to_string(),
                 self.bin.join("burrow-agent").display().to_string(),

@@ -24,7 +24,8 @@ pub fn busybox_rootfs(dir: &Path) {
     for d in ["proc", "sys", "dev", "tmp", "etc", "data", "conf"] {
         std::fs::create_dir_all(dir.join(d)).expect("rootfs dir");
     }
-    std::fs::copy("/bin/busybox", bin.join("busybox")).expect("copy busybox (apt-get install busybox-static)");
+    std::fs::copy("/bin/busybox", bin.join("busybox"))
+        .expect("copy busybox (apt-get install busybox-static)");
     for a in APPLETS {
         let link = bin.join(a);
         if !link.exists() {
@@ -137,7 +138,11 @@ impl Runtime {
         let out = self.run(args);
         let err = text(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
-        assert_eq!(err.trim().lines().count(), 1, "{args:?}: not one line: {err:?}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{args:?}: not one line: {err:?}"
+        );
         assert!(err.contains(want), "{args:?}: expected {want:?} in {err:?}");
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         let last: Value = log
@@ -333,7 +338,12 @@ impl Dockerd {
             .arg(d.join("dockerd.pid"))
             .arg("--config-file")
             .arg(&config)
-            .args(["--bridge=none", "--iptables=false", "--ip6tables=false", "--ip-masq=false"])
+            .args([
+                "--bridge=none",
+                "--iptables=false",
+                "--ip6tables=false",
+                "--ip-masq=false",
+            ])
             .env("PATH", path)
             .env("NOTIFY_SOCKET", &notify_path)
             .stdin(Stdio::null())
@@ -363,8 +373,16 @@ impl Dockerd {
         let mut buf = [0u8; 512];
         loop {
             let mut fds = [
-                libc::pollfd { fd: notify.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-                libc::pollfd { fd: pidfd, events: libc::POLLIN, revents: 0 },
+                libc::pollfd {
+                    fd: notify.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: pidfd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
             ];
             // SAFETY: two pollfds that live across the call.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 120_000) };
