@@ -27,7 +27,7 @@ mod term;
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use burrow::api::client::Client;
+use burrow::api::client::{Client, ClientError};
 use burrow::api::ContainerAnswer;
 use burrow::paths::{StateDir, DEFAULT_CACHE_DIR, DEFAULT_STATE_DIR};
 use burrow_proto::{ContainerOp, ContainerStatusKind};
@@ -116,7 +116,11 @@ impl Ctx {
         if !r.holder_alive() {
             return Ok(Status::Stopped);
         }
-        let answer = lifecycle::op(client, r, ContainerOp::State { id: r.id.clone() }).await?;
+        let answer = match lifecycle::op(client, r, ContainerOp::State { id: r.id.clone() }).await {
+            // Its VM is gone (destroyed behind the runtime's back): so is it.
+            Err(Error::Client(ClientError::Api { status: 404, .. })) => return Ok(Status::Stopped),
+            a => a?,
+        };
         Ok(match answer {
             ContainerAnswer::Status(s) => match s.status {
                 ContainerStatusKind::Created => Status::Created,
