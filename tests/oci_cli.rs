@@ -400,7 +400,7 @@ fn the_buildkit_sequence() {
     let pf = tmp.path().join("p.json");
     std::fs::write(
         &pf,
-        json!({"args": ["echo", "exec'd"], "cwd": "/", "env": ["PATH=/bin"]}).to_string(),
+        json!({"args": ["echo", "exec'd"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}}).to_string(),
     )
     .expect("p");
     assert_eq!(

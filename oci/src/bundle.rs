@@ -116,6 +116,16 @@ pub fn check_process(p: &Value, what: &str) -> Result<()> {
     if args.iter().any(|a| !a.is_string()) {
         return Err(Error::invalid(format!("{what}.args"), "not all strings"));
     }
+    // Required on Linux by the runtime spec (and by the guest's parser).
+    let user_ok = p.get("user").is_some_and(|u| {
+        u.get("uid").is_some_and(Value::is_u64) && u.get("gid").is_some_and(Value::is_u64)
+    });
+    if !user_ok {
+        return Err(Error::invalid(
+            format!("{what}.user"),
+            "missing, or without numeric uid and gid",
+        ));
+    }
     match p.get("cwd") {
         Some(Value::String(c)) if c.starts_with('/') => {}
         Some(_) => {
@@ -276,6 +286,9 @@ mod tests {
         let mut s = default_spec();
         s["process"]["args"] = json!([]);
         refused(s, "process.args");
+        let mut s = default_spec();
+        s["process"].as_object_mut().expect("obj").remove("user");
+        refused(s, "process.user");
         let mut s = default_spec();
         s["process"]["cwd"] = json!("tmp");
         refused(s, "process.cwd");

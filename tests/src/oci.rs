@@ -114,11 +114,23 @@ impl Runtime {
         c
     }
 
+    /// Runs a call to its exit. Its output goes to files, not pipes read to
+    /// their end: a `create` leaves its stdout and stderr with the holder.
     pub fn run(&self, args: &[&str]) -> Output {
-        self.command(args)
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (o, e) = (tmp.path().join("out"), tmp.path().join("err"));
+        let status = self
+            .command(args)
             .stdin(Stdio::null())
-            .output()
-            .expect("run burrow-runtime")
+            .stdout(std::fs::File::create(&o).expect("out"))
+            .stderr(std::fs::File::create(&e).expect("err"))
+            .status()
+            .expect("run burrow-runtime");
+        Output {
+            status,
+            stdout: std::fs::read(&o).unwrap_or_default(),
+            stderr: std::fs::read(&e).unwrap_or_default(),
+        }
     }
 
     pub fn ok(&self, args: &[&str]) -> String {
