@@ -11,6 +11,7 @@
 pub mod accel;
 pub mod cgroup;
 pub mod jail;
+pub mod netns;
 mod qemu;
 pub mod qmp;
 mod wait;
