@@ -54,10 +54,19 @@ fn nsenter(netns: &Path, args: &[&str]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The namespace's interface, as `ip -j addr` shows it.
+struct Found {
+    veth: String,
+    mac: String,
+    ip: Ipv4Addr,
+    prefix: u8,
+    mtu: u32,
+}
+
 /// The namespace's interface to take over: the first one, other than loopback and
 /// our own TAP, that has an IPv4 address. None when there is none (a container
 /// with no network: only lo).
-fn find_link(netns: &Path) -> Result<Option<(String, String, Ipv4Addr, u8, u32)>, String> {
+fn find_link(netns: &Path) -> Result<Option<Found>, String> {
     let out = nsenter(netns, &["ip", "-j", "addr", "show"])?;
     let links: Value = serde_json::from_str(&out).map_err(|e| format!("ip -j addr: {e}"))?;
     for l in links.as_array().into_iter().flatten() {
@@ -84,7 +93,13 @@ fn find_link(netns: &Path) -> Result<Option<(String, String, Ipv4Addr, u8, u32)>
             .ok_or_else(|| format!("{name}: unreadable prefix length {a}"))?
             as u8;
         let mtu = l["mtu"].as_u64().unwrap_or(1500).clamp(576, 65535) as u32;
-        return Ok(Some((name.to_string(), mac.to_string(), ip, prefix, mtu)));
+        return Ok(Some(Found {
+            veth: name.to_string(),
+            mac: mac.to_string(),
+            ip,
+            prefix,
+            mtu,
+        }));
     }
     Ok(None)
 }
@@ -149,7 +164,14 @@ fn open_tap_in(netns: &Path, name: &str) -> Result<OwnedFd, String> {
 /// Pairs a new TAP with the namespace's interface (see the module docs). None
 /// when the namespace has no interface to take over.
 pub fn attach(netns: &Path) -> Result<Option<NetnsLink>, String> {
-    let Some((veth, mac, ip, prefix, mtu)) = find_link(netns)? else {
+    let Some(Found {
+        veth,
+        mac,
+        ip,
+        prefix,
+        mtu,
+    }) = find_link(netns)?
+    else {
         return Ok(None);
     };
     let gateway = default_gateway(netns)?;
