@@ -27,7 +27,9 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-pub use containers::{CONTAINER_OVERHEAD_MIB, DEFAULT_CONTAINER_MEMORY_MIB};
+pub use containers::{
+    vm_name as container_vm_name, CONTAINER_OVERHEAD_MIB, DEFAULT_CONTAINER_MEMORY_MIB,
+};
 pub use guest_ops::LogKind;
 pub use network::PolicyChange;
 pub use snapshots::{Diff, DiffPath, ForkParams, SnapshotInfo, MAX_FORKS};
