@@ -49,7 +49,11 @@ fn host_side() -> Host {
         .expect("tempdir");
     let bundle = tmp.path().join("bundle");
     std::fs::create_dir_all(bundle.join("rootfs/etc")).expect("rootfs");
-    std::fs::write(bundle.join("rootfs/etc/greeting"), "hello from the rootfs\n").expect("w");
+    std::fs::write(
+        bundle.join("rootfs/etc/greeting"),
+        "hello from the rootfs\n",
+    )
+    .expect("w");
     let ro_dir = tmp.path().join("ro");
     std::fs::create_dir(&ro_dir).expect("ro");
     std::fs::write(ro_dir.join("conf"), "read only\n").expect("w");
@@ -111,7 +115,10 @@ async fn container_vm_shares_the_bundle_and_leaves_nothing() {
         (bad(&|r| r.bundle = "bundle".into()), "invalid bundle"),
         (bad(&|r| r.bundle = h.file.clone()), "invalid bundle"),
         (bad(&|r| r.spec = json!("x")), "invalid spec"),
-        (bad(&|r| r.spec["root"]["path"] = json!("nope")), "invalid spec.root.path"),
+        (
+            bad(&|r| r.spec["root"]["path"] = json!("nope")),
+            "invalid spec.root.path",
+        ),
         (
             bad(&|r| r.spec["mounts"][1]["source"] = json!("/nonexistent/conf")),
             "invalid spec.mounts: [1]: source /nonexistent/conf",
@@ -135,7 +142,11 @@ async fn container_vm_shares_the_bundle_and_leaves_nothing() {
             other => panic!("{want}: expected a refusal, got {other:?}"),
         }
     }
-    assert!(b.json(&["ls", "--json"]).as_array().expect("list").is_empty());
+    assert!(b
+        .json(&["ls", "--json"])
+        .as_array()
+        .expect("list")
+        .is_empty());
     let left: Vec<_> = std::fs::read_dir(&containers)
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
@@ -149,17 +160,31 @@ async fn container_vm_shares_the_bundle_and_leaves_nothing() {
         .expect("create a container VM");
     let vm = info.name.clone();
     assert!(vm.starts_with("c-"), "{vm}");
-    assert_eq!((info.vcpus, info.memory_mib), (1, 64 + burrow::engine::CONTAINER_OVERHEAD_MIB));
+    assert_eq!(
+        (info.vcpus, info.memory_mib),
+        (1, 64 + burrow::engine::CONTAINER_OVERHEAD_MIB)
+    );
     let json = b.info(&vm);
     assert_eq!(json["kind"], "container");
     assert_eq!(json["container"]["id"], "c1");
     assert_eq!(json["container"]["root"], "/run/test-oci-root");
-    assert_eq!(json["container"]["bundle"], h.bundle.to_str().expect("utf-8"));
+    assert_eq!(
+        json["container"]["bundle"],
+        h.bundle.to_str().expect("utf-8")
+    );
     let listed = b.json(&["ls", "--json"]);
     assert_eq!(listed[0]["kind"], "container");
     let table = b.ok(&["ls"]);
-    assert!(table.lines().next().is_some_and(|l| l.contains("KIND")), "{table}");
-    assert!(table.lines().any(|l| l.contains(&vm) && l.contains("container")), "{table}");
+    assert!(
+        table.lines().next().is_some_and(|l| l.contains("KIND")),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains(&vm) && l.contains("container")),
+        "{table}"
+    );
     assert!(b.ok(&["info", &vm]).contains("kind:       container"));
 
     // The shared dir is a mount point with shared propagation, nosuid,nodev.
@@ -172,7 +197,10 @@ async fn container_vm_shares_the_bundle_and_leaves_nothing() {
         .expect("the shared dir is a mount point");
     assert!(info_line.contains("shared:"), "{info_line}");
     let opts = info_line.split(' ').nth(5).unwrap_or_default();
-    assert!(opts.contains("nosuid") && opts.contains("nodev"), "{info_line}");
+    assert!(
+        opts.contains("nosuid") && opts.contains("nodev"),
+        "{info_line}"
+    );
 
     // What the guest sees.
     let c = format!("{SHARED}/c1");
@@ -180,7 +208,10 @@ async fn container_vm_shares_the_bundle_and_leaves_nothing() {
         b.ok(&["file", "read", &vm, &format!("{c}/rootfs/etc/greeting")]),
         "hello from the rootfs\n"
     );
-    assert_eq!(b.ok(&["file", "read", &vm, &format!("{c}/mounts/1/conf")]), "read only\n");
+    assert_eq!(
+        b.ok(&["file", "read", &vm, &format!("{c}/mounts/1/conf")]),
+        "read only\n"
+    );
     assert_eq!(
         b.ok(&["file", "read", &vm, &format!("{c}/mounts/3")]),
         "127.0.0.1 localhost\n"
@@ -198,10 +229,19 @@ async fn container_vm_shares_the_bundle_and_leaves_nothing() {
     assert!(err.to_lowercase().contains("read-only"), "{err}");
     assert!(!h.ro_dir.join("planted").exists());
     b.fails(&["file", "write", &vm, &format!("{c}/mounts/3")]);
-    assert_eq!(std::fs::read_to_string(&h.file).expect("r"), "127.0.0.1 localhost\n");
+    assert_eq!(
+        std::fs::read_to_string(&h.file).expect("r"),
+        "127.0.0.1 localhost\n"
+    );
     // The read-write one's writes reach the host.
-    b.run_with_stdin(&["file", "write", &vm, &format!("{c}/mounts/2/out")], b"from the guest");
-    assert_eq!(std::fs::read_to_string(h.rw_dir.join("out")).expect("r"), "from the guest");
+    b.run_with_stdin(
+        &["file", "write", &vm, &format!("{c}/mounts/2/out")],
+        b"from the guest",
+    );
+    assert_eq!(
+        std::fs::read_to_string(h.rw_dir.join("out")).expect("r"),
+        "from the guest"
+    );
 
     // A mount the host adds after the boot reaches the guest (what a warm VM needs).
     let late_src = h.bundle.parent().expect("tmp").join("late");
@@ -209,7 +249,10 @@ async fn container_vm_shares_the_bundle_and_leaves_nothing() {
     std::fs::write(late_src.join("x"), "added after boot\n").expect("w");
     let late = shared.join("late");
     std::fs::create_dir(&late).expect("mkdir late");
-    sh(Command::new("mount").arg("--bind").arg(&late_src).arg(&late));
+    sh(Command::new("mount")
+        .arg("--bind")
+        .arg(&late_src)
+        .arg(&late));
     assert_eq!(
         b.ok(&["file", "read", &vm, &format!("{SHARED}/late/x")]),
         "added after boot\n"
@@ -217,11 +260,20 @@ async fn container_vm_shares_the_bundle_and_leaves_nothing() {
 
     // What a container VM refuses, and a second create of one (root, id).
     b.assert_refused(&[
-        (vec!["snapshot", "create", vm.as_str(), "s1"], "is a container VM"),
+        (
+            vec!["snapshot", "create", vm.as_str(), "s1"],
+            "is a container VM",
+        ),
         (vec!["snapshot", "ls", vm.as_str()], "is a container VM"),
     ]);
-    match client.container_vm_create(&request(&h, "c1", spec(&h))).await {
-        Err(ClientError::Api { status: 409, message }) => {
+    match client
+        .container_vm_create(&request(&h, "c1", spec(&h)))
+        .await
+    {
+        Err(ClientError::Api {
+            status: 409,
+            message,
+        }) => {
             assert!(message.contains("already exists"), "{message}")
         }
         other => panic!("a second create: {other:?}"),
@@ -244,16 +296,28 @@ async fn container_vm_shares_the_bundle_and_leaves_nothing() {
     let stray = containers.join("000000000000");
     let stray_shared = stray.join("shared");
     std::fs::create_dir_all(stray_shared.join("m")).expect("stray dir");
-    sh(Command::new("mount").args(["-t", "tmpfs", "tmpfs"]).arg(&stray_shared));
+    sh(Command::new("mount")
+        .args(["-t", "tmpfs", "tmpfs"])
+        .arg(&stray_shared));
     std::fs::create_dir(stray_shared.join("m")).expect("mkdir");
-    sh(Command::new("mount").arg("--bind").arg(&h.rw_dir).arg(stray_shared.join("m")));
+    sh(Command::new("mount")
+        .arg("--bind")
+        .arg(&h.rw_dir)
+        .arg(stray_shared.join("m")));
     let readopted = b.json(&["ls", "--json"]);
     assert_eq!(readopted.as_array().map(Vec::len), Some(1), "{readopted}");
     assert_eq!(readopted[0]["state"], "running");
     assert_eq!(readopted[0]["pids"]["qemu"], qemu);
-    assert!(mounts_under(&stray).is_empty(), "{:?}", mounts_under(&stray));
+    assert!(
+        mounts_under(&stray).is_empty(),
+        "{:?}",
+        mounts_under(&stray)
+    );
     assert!(!stray.exists(), "the stray shared dir was not removed");
-    assert_eq!(std::fs::read_to_string(h.rw_dir.join("out")).expect("r"), "from the guest");
+    assert_eq!(
+        std::fs::read_to_string(h.rw_dir.join("out")).expect("r"),
+        "from the guest"
+    );
     assert_eq!(
         b.ok(&["file", "read", &vm, &format!("{c}/rootfs/etc/greeting")]),
         "hello from the rootfs\n"
@@ -262,12 +326,23 @@ async fn container_vm_shares_the_bundle_and_leaves_nothing() {
     // Destroy: no mount, dir, record or process.
     b.ok(&["destroy", &vm]);
     assert!(!process_exists(qemu) || burrow_tests::is_zombie(qemu));
-    assert!(mounts_under(&containers).is_empty(), "{:?}", mounts_under(&containers));
+    assert!(
+        mounts_under(&containers).is_empty(),
+        "{:?}",
+        mounts_under(&containers)
+    );
     assert!(!containers.join(&info.id).exists());
-    assert!(b.json(&["ls", "--json"]).as_array().expect("list").is_empty());
+    assert!(b
+        .json(&["ls", "--json"])
+        .as_array()
+        .expect("list")
+        .is_empty());
     b.assert_gone(&info.id);
     // The host's files are all still there.
-    assert_eq!(std::fs::read_to_string(h.ro_dir.join("conf")).expect("r"), "read only\n");
+    assert_eq!(
+        std::fs::read_to_string(h.ro_dir.join("conf")).expect("r"),
+        "read only\n"
+    );
     assert!(h.bundle.join("rootfs/etc/greeting").exists());
     assert!(late_src.join("x").exists());
 }

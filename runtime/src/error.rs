@@ -13,7 +13,11 @@ pub enum Error {
     #[error("name {0:?} is taken by another workspace")]
     NameTaken(String),
     #[error("container {id:?} already exists in root {root:?} (VM {vm})")]
-    ContainerExists { id: String, root: String, vm: String },
+    ContainerExists {
+        id: String,
+        root: String,
+        vm: String,
+    },
     #[error("{name} is a container VM: it has no volume, so no {what}")]
     NoVolume { name: String, what: &'static str },
     #[error("team {0:?} not found")]

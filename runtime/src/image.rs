@@ -326,10 +326,7 @@ pub fn find_agent() -> PathBuf {
 pub fn cargo_static_agent(dir: &std::path::Path) -> Option<PathBuf> {
     let profile = dir.file_name()?;
     let target = dir.parent()?;
-    let p = target
-        .join(AGENT_TARGET)
-        .join(profile)
-        .join("burrow-agent");
+    let p = target.join(AGENT_TARGET).join(profile).join("burrow-agent");
     p.is_file().then_some(p)
 }
 

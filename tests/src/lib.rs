@@ -61,7 +61,11 @@ pub fn agent_bin(bin: &Path) -> PathBuf {
     }
     let p = bin.join("burrow-agent");
     let profile = bin.file_name().and_then(|p| p.to_str()).unwrap_or("debug");
-    let flag = if profile == "release" { " --release" } else { "" };
+    let flag = if profile == "release" {
+        " --release"
+    } else {
+        ""
+    };
     assert!(
         p.exists() && profile != "debug" && profile != "release",
         "no static agent for {}: build it first (RUSTFLAGS='-C target-feature=+crt-static' \

@@ -74,7 +74,12 @@ pub fn vm_name(root: &str, id: &str) -> String {
     h.update(root.as_bytes());
     h.update([0]);
     h.update(id.as_bytes());
-    let hex: String = h.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect();
+    let hex: String = h
+        .finalize()
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect();
     format!("c-{hex}")
 }
 
@@ -100,7 +105,10 @@ pub fn plan(req: &ContainerVmRequest, host_cpus: u32, host_mib: u32) -> Result<P
         ));
     }
     let Some(spec) = req.spec.as_object() else {
-        return Err(Error::invalid("spec", "must be a JSON object (config.json)"));
+        return Err(Error::invalid(
+            "spec",
+            "must be a JSON object (config.json)",
+        ));
     };
     let root = spec.get("root").and_then(Value::as_object);
     let root_path = root
@@ -118,7 +126,12 @@ pub fn plan(req: &ContainerVmRequest, host_cpus: u32, host_mib: u32) -> Result<P
     let rootfs_readonly = match root.and_then(|r| r.get("readonly")) {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
-        Some(v) => return Err(Error::invalid("spec.root.readonly", format!("{v} is not a boolean"))),
+        Some(v) => {
+            return Err(Error::invalid(
+                "spec.root.readonly",
+                format!("{v} is not a boolean"),
+            ))
+        }
     };
     let binds = binds(spec.get("mounts"), &req.bundle)?;
     let (vcpus, memory_mib) = size(spec, host_cpus, host_mib)?;
@@ -154,14 +167,20 @@ fn binds(mounts: Option<&Value>, bundle: &Path) -> Result<Vec<Bind>> {
         let Some(m) = m.as_object() else {
             return Err(bad("must be an object".into()));
         };
-        if !m.get("destination").and_then(Value::as_str).is_some_and(|d| !d.is_empty()) {
+        if m.get("destination")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+        {
             return Err(bad("destination: missing".into()));
         }
         let options: Vec<&str> = match m.get("options") {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::Array(o)) => o
                 .iter()
-                .map(|v| v.as_str().ok_or_else(|| bad(format!("options: {v} is not a string"))))
+                .map(|v| {
+                    v.as_str()
+                        .ok_or_else(|| bad(format!("options: {v} is not a string")))
+                })
                 .collect::<Result<_>>()?,
             Some(_) => return Err(bad("options: must be an array of strings".into())),
         };
@@ -204,7 +223,11 @@ fn binds(mounts: Option<&Value>, bundle: &Path) -> Result<Vec<Bind>> {
 }
 
 /// vCPUs and memory (MiB) of the VM, from the spec's `linux.resources`.
-fn size(spec: &serde_json::Map<String, Value>, host_cpus: u32, host_mib: u32) -> Result<(u32, u32)> {
+fn size(
+    spec: &serde_json::Map<String, Value>,
+    host_cpus: u32,
+    host_mib: u32,
+) -> Result<(u32, u32)> {
     const F: &str = "spec.linux.resources";
     let res = match spec.get("linux").and_then(|l| l.get("resources")) {
         None | Some(Value::Null) => return Ok((1, DEFAULT_CONTAINER_MEMORY_MIB)),
@@ -257,7 +280,8 @@ fn size(spec: &serde_json::Map<String, Value>, host_cpus: u32, host_mib: u32) ->
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s.is_empty() => None,
         Some(Value::String(s)) => Some(
-            cpuset_count(s).ok_or_else(|| Error::invalid(F, format!("cpu.cpus: {s:?} is not a CPU list")))?,
+            cpuset_count(s)
+                .ok_or_else(|| Error::invalid(F, format!("cpu.cpus: {s:?} is not a CPU list")))?,
         ),
         Some(v) => return Err(Error::invalid(F, format!("cpu.cpus: {v} is not a string"))),
     };
@@ -509,7 +533,13 @@ pub fn bind(source: &Path, target: &Path, readonly: bool, recursive: bool) -> Re
     if readonly {
         keep |= libc::MS_RDONLY;
     }
-    let r = mount(None, target, None, libc::MS_REMOUNT | libc::MS_BIND | keep, None);
+    let r = mount(
+        None,
+        target,
+        None,
+        libc::MS_REMOUNT | libc::MS_BIND | keep,
+        None,
+    );
     if r.is_err() {
         // SAFETY: a plain syscall on a C string we own.
         unsafe { libc::umount2(cstr(target.as_os_str())?.as_ptr(), libc::MNT_DETACH) };
@@ -570,8 +600,7 @@ fn mount(
             tgt.as_ptr(),
             fst.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
             flags,
-            dat.as_ref()
-                .map_or(std::ptr::null(), |s| s.as_ptr().cast()),
+            dat.as_ref().map_or(std::ptr::null(), |s| s.as_ptr().cast()),
         )
     };
     if r != 0 {
@@ -706,14 +735,32 @@ mod tests {
         assert_eq!(
             p.binds,
             vec![
-                Bind { index: 1, source: b.clone(), dir: true, readonly: false, recursive: true },
-                Bind { index: 2, source: src, dir: false, readonly: true, recursive: false },
+                Bind {
+                    index: 1,
+                    source: b.clone(),
+                    dir: true,
+                    readonly: false,
+                    recursive: true
+                },
+                Bind {
+                    index: 2,
+                    source: src,
+                    dir: false,
+                    readonly: true,
+                    recursive: false
+                },
             ]
         );
         assert_eq!(p.guest_spec["root"]["path"], "rootfs");
         assert_eq!(p.guest_spec["mounts"][0]["source"], "proc");
-        assert_eq!(p.guest_spec["mounts"][1]["source"], "/run/burrow/shared/c1/mounts/1");
-        assert_eq!(p.guest_spec["mounts"][2]["source"], "/run/burrow/shared/c1/mounts/2");
+        assert_eq!(
+            p.guest_spec["mounts"][1]["source"],
+            "/run/burrow/shared/c1/mounts/1"
+        );
+        assert_eq!(
+            p.guest_spec["mounts"][2]["source"],
+            "/run/burrow/shared/c1/mounts/2"
+        );
     }
 
     #[test]
@@ -724,11 +771,20 @@ mod tests {
             let p = plan(&req(&b, spec(r)), 2, 4096).expect("plan");
             (p.vcpus, p.memory_mib)
         };
-        assert_eq!(size_of(json!({"cpu": {"cpus": "0-1"}})), (2, DEFAULT_CONTAINER_MEMORY_MIB));
+        assert_eq!(
+            size_of(json!({"cpu": {"cpus": "0-1"}})),
+            (2, DEFAULT_CONTAINER_MEMORY_MIB)
+        );
         assert_eq!(size_of(json!({"cpu": {"cpus": "0-7"}})).0, 2);
-        assert_eq!(size_of(json!({"cpu": {"quota": 1000, "period": 100000}})).0, 1);
+        assert_eq!(
+            size_of(json!({"cpu": {"quota": 1000, "period": 100000}})).0,
+            1
+        );
         assert_eq!(size_of(json!({})), (1, DEFAULT_CONTAINER_MEMORY_MIB));
-        assert_eq!(size_of(json!({"memory": {"limit": -1}})).1, DEFAULT_CONTAINER_MEMORY_MIB);
+        assert_eq!(
+            size_of(json!({"memory": {"limit": -1}})).1,
+            DEFAULT_CONTAINER_MEMORY_MIB
+        );
     }
 
     #[test]
@@ -736,41 +792,95 @@ mod tests {
         let (_t, b) = bundle();
         let ok = json!({"root": {"path": "rootfs"}});
         let cases: Vec<(ContainerVmRequest, &str)> = vec![
-            (ContainerVmRequest { id: "-x".into(), ..req(&b, ok.clone()) }, "invalid id"),
-            (ContainerVmRequest { root: "rel".into(), ..req(&b, ok.clone()) }, "invalid root"),
-            (ContainerVmRequest { bundle: "rel".into(), ..req(&b, ok.clone()) }, "invalid bundle"),
-            (ContainerVmRequest { bundle: b.join("file"), ..req(&b, ok.clone()) }, "invalid bundle"),
+            (
+                ContainerVmRequest {
+                    id: "-x".into(),
+                    ..req(&b, ok.clone())
+                },
+                "invalid id",
+            ),
+            (
+                ContainerVmRequest {
+                    root: "rel".into(),
+                    ..req(&b, ok.clone())
+                },
+                "invalid root",
+            ),
+            (
+                ContainerVmRequest {
+                    bundle: "rel".into(),
+                    ..req(&b, ok.clone())
+                },
+                "invalid bundle",
+            ),
+            (
+                ContainerVmRequest {
+                    bundle: b.join("file"),
+                    ..req(&b, ok.clone())
+                },
+                "invalid bundle",
+            ),
             (req(&b, json!([1])), "invalid spec"),
             (req(&b, json!({"root": {}})), "invalid spec.root.path"),
-            (req(&b, json!({"root": {"path": "nope"}})), "invalid spec.root.path"),
-            (req(&b, json!({"root": {"path": "file"}})), "invalid spec.root.path"),
-            (req(&b, json!({"root": {"path": "rootfs"}, "mounts": {}})), "invalid spec.mounts"),
             (
-                req(&b, json!({"root": {"path": "rootfs"}, "mounts": [{"destination": "/x", "type": "bind", "source": "/nonexistent/x"}]})),
+                req(&b, json!({"root": {"path": "nope"}})),
+                "invalid spec.root.path",
+            ),
+            (
+                req(&b, json!({"root": {"path": "file"}})),
+                "invalid spec.root.path",
+            ),
+            (
+                req(&b, json!({"root": {"path": "rootfs"}, "mounts": {}})),
+                "invalid spec.mounts",
+            ),
+            (
+                req(
+                    &b,
+                    json!({"root": {"path": "rootfs"}, "mounts": [{"destination": "/x", "type": "bind", "source": "/nonexistent/x"}]}),
+                ),
                 "invalid spec.mounts: [0]: source /nonexistent/x",
             ),
             (
-                req(&b, json!({"root": {"path": "rootfs"}, "mounts": [{"destination": "/x", "options": ["rbind"]}]})),
+                req(
+                    &b,
+                    json!({"root": {"path": "rootfs"}, "mounts": [{"destination": "/x", "options": ["rbind"]}]}),
+                ),
                 "invalid spec.mounts: [0]: source",
             ),
             (
-                req(&b, json!({"root": {"path": "rootfs"}, "linux": {"resources": {"memory": {"limit": -5}}}})),
+                req(
+                    &b,
+                    json!({"root": {"path": "rootfs"}, "linux": {"resources": {"memory": {"limit": -5}}}}),
+                ),
                 "memory.limit: -5 is below -1",
             ),
             (
-                req(&b, json!({"root": {"path": "rootfs"}, "linux": {"resources": {"memory": {"limit": 1u64 << 50}}}})),
+                req(
+                    &b,
+                    json!({"root": {"path": "rootfs"}, "linux": {"resources": {"memory": {"limit": 1u64 << 50}}}}),
+                ),
                 "more than the host",
             ),
             (
-                req(&b, json!({"root": {"path": "rootfs"}, "linux": {"resources": {"cpu": {"period": 5}}}})),
+                req(
+                    &b,
+                    json!({"root": {"path": "rootfs"}, "linux": {"resources": {"cpu": {"period": 5}}}}),
+                ),
                 "cpu.period",
             ),
             (
-                req(&b, json!({"root": {"path": "rootfs"}, "linux": {"resources": {"cpu": {"cpus": "3-1"}}}})),
+                req(
+                    &b,
+                    json!({"root": {"path": "rootfs"}, "linux": {"resources": {"cpu": {"cpus": "3-1"}}}}),
+                ),
                 "cpu.cpus",
             ),
             (
-                req(&b, json!({"root": {"path": "rootfs"}, "linux": {"resources": {"cpu": {"quota": "x"}}}})),
+                req(
+                    &b,
+                    json!({"root": {"path": "rootfs"}, "linux": {"resources": {"cpu": {"quota": "x"}}}}),
+                ),
                 "cpu.quota",
             ),
         ];

@@ -582,7 +582,10 @@ impl Engine {
             State::Stopped if rec.kind == Kind::Container => {
                 return Err(Error::invalid(
                     "workspace",
-                    format!("{} is a stopped container VM: it cannot start again; destroy it", rec.name),
+                    format!(
+                        "{} is a stopped container VM: it cannot start again; destroy it",
+                        rec.name
+                    ),
                 ))
             }
             State::Stopped => {}
