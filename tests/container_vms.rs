@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use burrow::api::client::{Client, ClientError};
-use burrow::api::types::ContainerVmRequest;
+use burrow::api::types::{ContainerOp, ContainerVmRequest};
 use burrow_tests::{kill9, process_exists, require_root, text, wait_exit, Burrow};
 use serde_json::{json, Value};
 
@@ -286,6 +286,27 @@ async fn container_vm_shares_the_bundle_and_leaves_nothing() {
         vm
     );
 
+    // Container requests go to the guest's agent: an unknown container is its
+    // error, one line; a bad id is refused before it.
+    for (op, status) in [
+        (ContainerOp::State { id: "nope".into() }, None),
+        (ContainerOp::Start { id: "../x".into() }, Some(400)),
+    ] {
+        match client.container_op(&vm, &op).await {
+            Err(ClientError::Api {
+                status: got,
+                message,
+            }) => {
+                assert_eq!(message.lines().count(), 1, "{message}");
+                if let Some(want) = status {
+                    assert_eq!(got, want, "{message}");
+                    assert!(message.contains("invalid id"), "{message}");
+                }
+            }
+            other => panic!("{op:?}: expected an error, got {other:?}"),
+        }
+    }
+
     // kill -9 of burrowd: the VM runs on; the next daemon re-adopts it. A shared
     // dir left with no record (a crash mid-destroy) is unmounted and removed, and
     // the host files that were mounted in it are untouched.
@@ -345,4 +366,41 @@ async fn container_vm_shares_the_bundle_and_leaves_nothing() {
     );
     assert!(h.bundle.join("rootfs/etc/greeting").exists());
     assert!(late_src.join("x").exists());
+}
+
+/// A container VM whose boot fails (an agent that cannot run in it) leaves
+/// nothing: no record, mount, dir or process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_container_vm_boot_leaves_nothing() {
+    require_root!();
+    let h = host_side();
+    // A #! script whose interpreter a container VM's root does not have: the
+    // guest's init fails, the kernel panics, QEMU exits.
+    let agent = h.bundle.parent().expect("tmp").join("broken-agent");
+    std::fs::write(&agent, "#!/bin/sh\nexit 1\n").expect("w");
+    let b = Burrow::new().with_env("BURROW_AGENT", agent.to_str().expect("utf-8"));
+    b.ok(&["daemon", "start"]);
+    let client = Client::new(b.state.join("burrowd.sock"));
+    let containers = b.state.join("containers");
+    let e = client
+        .container_vm_create(&request(&h, "c1", spec(&h)))
+        .await
+        .expect_err("a boot that fails");
+    assert!(e.to_string().contains("failed to boot"), "{e}");
+    assert!(b
+        .json(&["ls", "--json"])
+        .as_array()
+        .expect("list")
+        .is_empty());
+    assert!(
+        mounts_under(&containers).is_empty(),
+        "{:?}",
+        mounts_under(&containers)
+    );
+    let left: Vec<_> = std::fs::read_dir(&containers)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "a failed create left {left:?}");
+    assert!(b.vm_processes().is_empty(), "{:?}", b.vm_processes());
+    assert!(h.rw_dir.exists() && h.ro_dir.join("conf").exists());
 }
