@@ -74,7 +74,7 @@ fn spec(h: &Host) -> Value {
     json!({
         "ociVersion": "1.0.2",
         "process": {"args": ["sh"], "cwd": "/"},
-        "root": {"path": "rootfs"},
+        "root": {"path": "rootfs", "readonly": true},
         "mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc"},
             {"destination": "/conf", "type": "bind", "source": h.ro_dir, "options": ["rbind", "ro"]},
@@ -202,6 +202,31 @@ async fn container_vm_shares_the_bundle_and_leaves_nothing() {
         "{info_line}"
     );
 
+    // Every host-side mount in it is nosuid,nodev; the read-only ones are ro.
+    let info_text = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let opts_of = |rel: &str| -> String {
+        let p = shared.join(rel);
+        info_text
+            .lines()
+            .find(|l| l.split(' ').nth(4) == p.to_str())
+            .and_then(|l| l.split(' ').nth(5))
+            .unwrap_or_else(|| panic!("{} is not a mount point", p.display()))
+            .to_string()
+    };
+    for (rel, ro) in [
+        ("c1/rootfs", true),
+        ("c1/mounts/1", true),
+        ("c1/mounts/2", false),
+        ("c1/mounts/3", true),
+    ] {
+        let o: Vec<String> = opts_of(rel).split(',').map(str::to_string).collect();
+        assert!(
+            o.contains(&"nosuid".into()) && o.contains(&"nodev".into()),
+            "{rel}: {o:?}"
+        );
+        assert_eq!(o.contains(&"ro".into()), ro, "{rel}: {o:?}");
+    }
+
     // What the guest sees.
     let c = format!("{SHARED}/c1");
     assert_eq!(
@@ -229,6 +254,8 @@ async fn container_vm_shares_the_bundle_and_leaves_nothing() {
     assert!(err.to_lowercase().contains("read-only"), "{err}");
     assert!(!h.ro_dir.join("planted").exists());
     b.fails(&["file", "write", &vm, &format!("{c}/mounts/3")]);
+    b.fails(&["file", "write", &vm, &format!("{c}/rootfs/etc/planted")]);
+    assert!(!h.bundle.join("rootfs/etc/planted").exists());
     assert_eq!(
         std::fs::read_to_string(&h.file).expect("r"),
         "127.0.0.1 localhost\n"
