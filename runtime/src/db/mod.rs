@@ -499,6 +499,50 @@ mod tests {
     }
 
     #[test]
+    fn a_container_vm_keeps_its_kind_and_container() {
+        let t = tempfile::tempdir().unwrap();
+        let db = Db::open(&t.path().join("db")).unwrap();
+        let mut r = rec("cccccccccccc", "c-0123456789ab");
+        r.kind = Kind::Container;
+        r.container = Some(ContainerRef {
+            id: "web".into(),
+            root: "/run/burrow-runtime".into(),
+            bundle: "/b/web".into(),
+        });
+        db.insert(&r).unwrap();
+        db.insert(&rec("aaaaaaaaaaaa", "dev")).unwrap();
+        assert_eq!(db.get("cccccccccccc").unwrap(), Some(r));
+        let w = db.get("aaaaaaaaaaaa").unwrap().unwrap();
+        assert_eq!((w.kind, w.container), (Kind::Workspace, None));
+    }
+
+    /// A state dir made before kinds existed gains the columns; its records are
+    /// workspaces.
+    #[test]
+    fn old_databases_gain_the_kind_columns() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE workspaces (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, \
+                 state TEXT NOT NULL, vcpus INTEGER NOT NULL, memory_mib INTEGER NOT NULL, \
+                 image TEXT NOT NULL, created_at TEXT NOT NULL, accel TEXT, store TEXT NOT NULL, \
+                 volume TEXT NOT NULL, pids TEXT); \
+                 INSERT INTO workspaces VALUES ('aaaaaaaaaaaa', 'old', 'stopped', 1, 512, \
+                 'debian', '2026-01-01T00:00:00Z', NULL, 'copy', '/v/a', NULL);",
+            )
+            .unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        let w = db.get("aaaaaaaaaaaa").unwrap().unwrap();
+        assert_eq!(
+            (w.name.as_str(), w.kind, w.container),
+            ("old", Kind::Workspace, None)
+        );
+    }
+
+    #[test]
     fn an_id_wins_over_a_name() {
         let t = tempfile::tempdir().unwrap();
         let db = Db::open(&t.path().join("db")).unwrap();
