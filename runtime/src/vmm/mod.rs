@@ -34,8 +34,10 @@ pub struct VmSpec {
     pub accel: Accel,
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
-    /// Directory served to the guest as its root file system.
+    /// Directory served to the guest: its root file system (a workspace), or the
+    /// containers' shared directory (a container VM).
     pub root: PathBuf,
+    pub mode: BootMode,
     pub run_dir: PathBuf,
     pub log_dir: PathBuf,
     /// The guest's network interface, when the workspace has one.
@@ -47,6 +49,16 @@ pub struct VmSpec {
     /// The workspace's cgroup, which every process of the VM joins before exec.
     pub cgroup: Option<WorkspaceCgroup>,
     pub console: ConsoleSpec,
+}
+
+/// What the initramfs makes of the shared directory (`burrow.mode=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootMode {
+    /// The directory is the guest's root file system (virtio-fs tag `rootfs`).
+    Workspace,
+    /// The root is a bounded tmpfs; the directory is the containers' one (tag
+    /// `shared`), mounted at `/run/burrow/shared` (docs/oci.md).
+    Container,
 }
 
 /// Where the serial console goes: QEMU's stdout, a pipe to `writer`.
