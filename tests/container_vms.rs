@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use burrow::api::client::{Client, ClientError};
 use burrow::api::types::{ContainerOp, ContainerVmRequest};
-use burrow_tests::{kill9, process_exists, require_root, text, wait_exit, Burrow};
+use burrow_tests::{kill9, process_exists, require_root, text, wait_exit, Burrow, Netns};
 use serde_json::{json, Value};
 
 const SHARED: &str = "/run/burrow/shared";
@@ -153,9 +153,47 @@ async fn container_vm_shares_the_bundle_and_leaves_nothing() {
     assert!(left.is_empty(), "a refused create left {left:?}");
     assert!(mounts_under(&containers).is_empty());
 
+    // The network namespace dockerd would have made: a veth (.2) whose peer (.1)
+    // is in a "bridge side" namespace.
+    let pid = std::process::id();
+    let outer = Netns::new(&format!("bvo{pid}")).expect("outer netns");
+    let ctr = Netns::new(&format!("bvc{pid}")).expect("container netns");
+    for (ns, args) in [
+        (
+            &outer,
+            vec![
+                "link", "add", "vo", "type", "veth", "peer", "name", "eth0", "netns", &ctr.0,
+            ],
+        ),
+        (&outer, vec!["addr", "add", "172.30.8.1/24", "dev", "vo"]),
+        (&outer, vec!["link", "set", "vo", "up"]),
+        (&ctr, vec!["addr", "add", "172.30.8.2/24", "dev", "eth0"]),
+        (
+            &ctr,
+            vec!["link", "set", "eth0", "address", "02:42:ac:1e:08:02", "up"],
+        ),
+        (&ctr, vec!["route", "add", "default", "via", "172.30.8.1"]),
+    ] {
+        sh(Command::new("ip").args(["-n", &ns.0]).args(args));
+    }
+    let mut with_net = spec(&h);
+    with_net["linux"]["namespaces"] = json!([
+        {"type": "pid"},
+        {"type": "network", "path": format!("/run/netns/{}", ctr.0)},
+        {"type": "mount"}
+    ]);
+    let mut missing_ns = request(&h, "c1", with_net.clone());
+    missing_ns.spec["linux"]["namespaces"][1]["path"] = json!("/run/netns/no-such-burrow-ns");
+    match client.container_vm_create(&missing_ns).await {
+        Err(ClientError::Api { message, .. }) => {
+            assert!(message.contains("spec.linux.namespaces"), "{message}")
+        }
+        other => panic!("a missing network namespace: {other:?}"),
+    }
+
     // The VM: its size from the spec, its kind and container recorded.
     let info = client
-        .container_vm_create(&request(&h, "c1", spec(&h)))
+        .container_vm_create(&request(&h, "c1", with_net))
         .await
         .expect("create a container VM");
     let vm = info.name.clone();
@@ -245,6 +283,23 @@ async fn container_vm_shares_the_bundle_and_leaves_nothing() {
         serde_json::from_str(&b.ok(&["file", "read", &vm, &format!("{c}/config.json")]))
             .expect("config.json");
     assert_eq!(config["root"]["path"], "rootfs");
+    // The container shares the VM's network namespace, whose interface is the one
+    // dockerd gave it: the bridge side's TCP reaches the guest's kernel through
+    // the veth and the TAP (a reset, "refused", comes back: not a timeout).
+    assert_eq!(
+        config["linux"]["namespaces"],
+        json!([{"type": "pid"}, {"type": "mount"}])
+    );
+    let knock = Command::new("ip")
+        .args(["netns", "exec", &outer.0, "timeout", "20", "bash", "-c"])
+        .arg("exec 3<>/dev/tcp/172.30.8.2/1")
+        .output()
+        .expect("knock");
+    assert!(
+        text(&knock.stderr).contains("Connection refused"),
+        "the guest did not answer on the container's address: {}",
+        text(&knock.stderr)
+    );
     assert_eq!(config["mounts"][0]["source"], "proc");
     assert_eq!(config["mounts"][1]["source"], format!("{c}/mounts/1"));
     assert_eq!(config["mounts"][2]["source"], format!("{c}/mounts/2"));

@@ -54,6 +54,9 @@ pub struct Plan {
     pub binds: Vec<Bind>,
     /// config.json as the guest reads it.
     pub guest_spec: Value,
+    /// The network namespace the caller made for the container (dockerd's, CNI's):
+    /// the VM's interface takes over its interface (see [`crate::vmm::netns`]).
+    pub netns: Option<PathBuf>,
 }
 
 /// A bind mount of the spec: its index among the spec's mounts, which names it
@@ -136,8 +139,20 @@ pub fn plan(req: &ContainerVmRequest, host_cpus: u32, host_mib: u32) -> Result<P
     let binds = binds(spec.get("mounts"), &req.bundle)?;
     let (vcpus, memory_mib) = size(spec, host_cpus, host_mib)?;
 
+    let netns = network_namespace(spec)?;
+
     let mut guest_spec = req.spec.clone();
     guest_spec["root"]["path"] = Value::from("rootfs");
+    if netns.is_some() {
+        // The host's namespace has no meaning in the guest: the container shares
+        // the VM's, whose interface is the one it was given.
+        if let Some(list) = guest_spec
+            .pointer_mut("/linux/namespaces")
+            .and_then(Value::as_array_mut)
+        {
+            list.retain(|n| n["type"] != "network");
+        }
+    }
     if let Some(mounts) = guest_spec.get_mut("mounts").and_then(Value::as_array_mut) {
         for b in &binds {
             mounts[b.index]["source"] =
@@ -151,7 +166,43 @@ pub fn plan(req: &ContainerVmRequest, host_cpus: u32, host_mib: u32) -> Result<P
         rootfs_readonly,
         binds,
         guest_spec,
+        netns,
     })
+}
+
+/// The path of the spec's network namespace, when it names an existing one.
+fn network_namespace(spec: &serde_json::Map<String, Value>) -> Result<Option<PathBuf>> {
+    let list = match spec.get("linux").and_then(|l| l.get("namespaces")) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(l)) => l,
+        Some(v) => {
+            return Err(Error::invalid(
+                "spec.linux.namespaces",
+                format!("{v} is not a list"),
+            ))
+        }
+    };
+    let Some(net) = list.iter().find(|n| n["type"] == "network") else {
+        return Ok(None);
+    };
+    match net.get("path") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(p)) if p.is_empty() => Ok(None),
+        Some(Value::String(p)) => {
+            let path = PathBuf::from(p);
+            if !path.is_absolute() || !path.exists() {
+                return Err(Error::invalid(
+                    "spec.linux.namespaces",
+                    format!("network namespace {p} does not exist"),
+                ));
+            }
+            Ok(Some(path))
+        }
+        Some(v) => Err(Error::invalid(
+            "spec.linux.namespaces",
+            format!("network path {v} is not a string"),
+        )),
+    }
 }
 
 /// The spec's mounts that bind a host path (`type` bind, or an option bind/rbind).
@@ -342,6 +393,7 @@ impl Engine {
             .map(|n| n.get() as u32)
             .unwrap_or(1);
         let plan = plan(&req, host_cpus, host_memory_mib())?;
+        let netns = plan.netns.clone();
         let name = vm_name(&req.root, &req.id);
         let exists = |vm: String| Error::ContainerExists {
             id: req.id.clone(),
@@ -387,7 +439,12 @@ impl Engine {
                 .await
                 .map_err(|e| Error::Vmm(format!("share task: {e}")))??;
             self.db.set_state(&id, State::Stopped)?;
-            self.start_locked(&rec, DEFAULT_BOOT_TIMEOUT, None).await
+            if let Some(ns) = netns {
+                lock_map(&self.container_netns).insert(id.clone(), ns);
+            }
+            let booted = self.start_locked(&rec, DEFAULT_BOOT_TIMEOUT, None).await;
+            lock_map(&self.container_netns).remove(&id);
+            booted
         }
         .await;
         match made {
@@ -400,6 +457,28 @@ impl Engine {
                 Err(e)
             }
         }
+    }
+
+    /// The interface a container VM boots with: the one of the network namespace
+    /// its create named (a TAP in it, redirected to and from its veth), if any.
+    pub(super) async fn container_net(&self, id: &str) -> Result<Option<crate::vmm::VmNet>> {
+        let Some(ns) = lock_map(&self.container_netns).get(id).cloned() else {
+            return Ok(None);
+        };
+        let link = tokio::task::spawn_blocking(move || crate::vmm::netns::attach(&ns))
+            .await
+            .map_err(|e| Error::Vmm(format!("network task: {e}")))?
+            .map_err(Error::Vmm)?;
+        Ok(link.map(|l| {
+            tracing::info!(workspace = %id, ip = %l.ip, veth = %l.veth, "container network");
+            crate::vmm::VmNet {
+                tap: std::sync::Arc::new(l.tap),
+                mac: l.mac,
+                ip: l.ip,
+                prefix: l.prefix,
+                gateway: l.gateway.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+            }
+        }))
     }
 
     /// `POST /v1/workspaces/{ws}/containers`: a request on a container in the VM,
@@ -896,4 +975,8 @@ mod tests {
         assert_eq!(unescape(br"/a\040b\134c"), b"/a b\\c".to_vec());
         assert_eq!(unescape(br"/a\04"), br"/a\04".to_vec());
     }
+}
+
+fn lock_map<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -185,6 +185,8 @@ pub struct Engine {
     vmm: VmmConfig,
     /// The task watching the store's server, if it has one.
     store_watch: Mutex<Option<JoinHandle<()>>>,
+    /// A container VM's network namespace, from its create until its boot took it.
+    container_netns: Mutex<HashMap<String, PathBuf>>,
     /// The recorders of terminal sessions.
     recordings: recording::Recordings,
 }
@@ -249,6 +251,7 @@ impl Engine {
             watchers: Mutex::new(HashMap::new()),
             vmm,
             store_watch: Mutex::new(None),
+            container_netns: Mutex::new(HashMap::new()),
             recordings: recording::Recordings::default(),
         });
         engine.reconcile().await?;

@@ -74,8 +74,15 @@ impl Engine {
             None => None,
         };
         let net = match &self.net {
-            // No network for container VMs yet (`--network none`): no TAP, no lease.
-            _ if container => None,
+            // A container VM takes over the interface of the network namespace its
+            // caller made, if any; it has no lease on burrow's network.
+            _ if container => match self.container_net(&rec.id).await {
+                Ok(net) => net,
+                Err(e) => {
+                    self.release_cgroup(&rec.id).await;
+                    return self.boot_aborted(rec, Error::Vmm(format!("network: {e}")));
+                }
+            },
             Ok(n) => match n.attach(&rec.id) {
                 Ok((lease, net)) => {
                     tracing::info!(workspace = %rec.id, ip = %lease.ip, tap = %lease.tap, "network");

@@ -145,6 +145,7 @@ pub struct VmNet {
     pub mac: String,
     pub ip: std::net::Ipv4Addr,
     pub prefix: u8,
+    /// Unspecified (0.0.0.0) when there is no default route.
     pub gateway: std::net::Ipv4Addr,
 }
 

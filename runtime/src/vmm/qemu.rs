@@ -356,10 +356,11 @@ fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
     }
     if let Some(net) = &spec.net {
         // Configured by the initramfs before the agent starts.
-        cmdline.push_str(&format!(
-            " burrow.ip={}/{} burrow.gw={}",
-            net.ip, net.prefix, net.gateway
-        ));
+        cmdline.push_str(&format!(" burrow.ip={}/{}", net.ip, net.prefix));
+        // A container's namespace may have no default route.
+        if !net.gateway.is_unspecified() {
+            cmdline.push_str(&format!(" burrow.gw={}", net.gateway));
+        }
     }
     let mut args: Vec<String> = vec![
         "-name".into(),
