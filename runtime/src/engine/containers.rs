@@ -762,6 +762,10 @@ fn unshare(dir: &Path) -> Result<()> {
     }
 }
 
+fn lock_map<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -975,8 +979,4 @@ mod tests {
         assert_eq!(unescape(br"/a\040b\134c"), b"/a b\\c".to_vec());
         assert_eq!(unescape(br"/a\04"), br"/a\04".to_vec());
     }
-}
-
-fn lock_map<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
