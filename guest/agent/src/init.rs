@@ -44,6 +44,13 @@ pub const MOUNTS: &[MountSpec] = &[
         flags: NOSUID_NODEV_NOEXEC,
         data: None,
     },
+    // Containers' cgroups (libcontainer is built for cgroup v2 only).
+    MountSpec {
+        fstype: "cgroup2",
+        target: "/sys/fs/cgroup",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+    },
     MountSpec {
         fstype: "devtmpfs",
         target: "/dev",
