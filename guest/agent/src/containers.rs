@@ -163,9 +163,10 @@ impl Containers {
 
     fn get(&self, id: &str) -> Result<Arc<Entry>, AgentError> {
         validate_container_id(id).map_err(|m| AgentError::new(ErrorKind::InvalidArgument, m))?;
-        lock(&self.table).get(id).cloned().ok_or_else(|| {
-            AgentError::new(ErrorKind::NotFound, format!("id: no container {id:?}"))
-        })
+        lock(&self.table)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| AgentError::new(ErrorKind::NotFound, format!("id: no container {id:?}")))
     }
 
     fn base_args(&self, verb: &str, id: &str) -> Vec<OsString> {
@@ -380,10 +381,9 @@ impl Containers {
     ) -> Result<Opened, AgentError> {
         let entry = self.get(&req.id)?;
         validate_size(req.size)?;
-        let process: Process = serde_json::from_value(req.process.clone()).map_err(|e| {
-            AgentError::new(ErrorKind::InvalidArgument, format!("process: {e}"))
-        })?;
-        if process.args().as_ref().map_or(true, |a| a.is_empty()) {
+        let process: Process = serde_json::from_value(req.process.clone())
+            .map_err(|e| AgentError::new(ErrorKind::InvalidArgument, format!("process: {e}")))?;
+        if process.args().as_ref().is_none_or(|a| a.is_empty()) {
             return Err(AgentError::new(
                 ErrorKind::InvalidArgument,
                 "process.args: must not be empty",
@@ -486,7 +486,7 @@ impl Containers {
             // Recorded before the stream hears of it, so a `state` after the exit
             // event is exact.
             if let Some(entry) = entry {
-                entry.stop(exit.clone());
+                entry.stop(exit);
             }
             let status = match exit.signal {
                 Some(s) => ExitStatus::Signaled(s),
@@ -623,9 +623,7 @@ fn spawn_helper(
 }
 
 /// Reads the helper's next report. An `error` report becomes that error.
-async fn next_report(
-    lines: &mut Lines<BufReader<pipe::Receiver>>,
-) -> Result<Report, AgentError> {
+async fn next_report(lines: &mut Lines<BufReader<pipe::Receiver>>) -> Result<Report, AgentError> {
     let line = match lines.next_line().await {
         Ok(Some(l)) => l,
         Ok(None) => return Err(helper_garbled("ended without a report")),
@@ -720,7 +718,9 @@ mod tests {
             parse_report(r#"{"exit":{"exit_code":137,"signal":9}}"#),
             Ok(Report::Exit(e)) if e.exit_code == 137 && e.signal == Some(9)
         ));
-        let e = match parse_report(r#"{"error":{"kind":"not_found","message":"id: no container \"a\""}}"#) {
+        let e = match parse_report(
+            r#"{"error":{"kind":"not_found","message":"id: no container \"a\""}}"#,
+        ) {
             Err(e) => e,
             Ok(_) => panic!("an error report must be an error"),
         };

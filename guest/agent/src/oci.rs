@@ -224,9 +224,7 @@ fn run(cmd: Command) -> Result<()> {
         }
         Action::Update => {
             let resources: LinuxResources = serde_json::from_reader(std::io::stdin().lock())
-                .map_err(|e| {
-                    Failure::new(ErrorKind::InvalidArgument, format!("resources: {e}"))
-                })?;
+                .map_err(|e| Failure::new(ErrorKind::InvalidArgument, format!("resources: {e}")))?;
             let opt = ControllerOpt {
                 resources: &resources,
                 disable_oom_killer: false,
@@ -280,7 +278,12 @@ fn stdio_fds() -> [OwnedFd; 3] {
     STDIO_FDS.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn builder(root: &Path, id: &str, console: Option<PathBuf>, stdio: bool) -> Result<ContainerBuilder> {
+fn builder(
+    root: &Path,
+    id: &str,
+    console: Option<PathBuf>,
+    stdio: bool,
+) -> Result<ContainerBuilder> {
     let mut b = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_root_path(root)
         .map_err(|e| lc_error(id, e))?
@@ -444,7 +447,13 @@ mod tests {
             }
         );
         let c = parse(&args("kill --root /r --id a --signal 9 --all")).expect("parse");
-        assert_eq!(c.action, Action::Kill { signal: 9, all: true });
+        assert_eq!(
+            c.action,
+            Action::Kill {
+                signal: 9,
+                all: true
+            }
+        );
     }
 
     #[test]
@@ -453,7 +462,10 @@ mod tests {
         assert_eq!(msg("start --root /r"), "--id: missing");
         assert!(msg("start --root /r --id ../x").starts_with("id: "));
         assert!(msg("frob --root /r --id a").contains("unknown command"));
-        assert_eq!(msg("kill --root /r --id a --signal x"), "signal: \"x\" is not a number");
+        assert_eq!(
+            msg("kill --root /r --id a --signal x"),
+            "signal: \"x\" is not a number"
+        );
         assert_eq!(msg("create --root /r --id a"), "--bundle: missing");
     }
 }

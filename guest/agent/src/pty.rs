@@ -129,7 +129,8 @@ impl PtyMaster {
         }
         // SAFETY: an OwnedFd keeps its one descriptor open for as long as it lives,
         // and the AsyncFd owns it.
-        let fd = unsafe { AsyncFd::register(master) }.map_err(|e| io::Error::other(e.to_string()))?;
+        let fd =
+            unsafe { AsyncFd::register(master) }.map_err(|e| io::Error::other(e.to_string()))?;
         Ok(PtyMaster { fd })
     }
 
