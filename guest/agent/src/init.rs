@@ -299,7 +299,14 @@ mod tests {
         let failed = mount_all(&sys);
         assert_eq!(
             *sys.calls.borrow(),
-            vec!["/proc", "/sys", "/dev/pts", "/dev/shm", "/tmp"]
+            vec![
+                "/proc",
+                "/sys",
+                "/sys/fs/cgroup",
+                "/dev/pts",
+                "/dev/shm",
+                "/tmp"
+            ]
         );
         assert_eq!(failed.len(), 1);
         assert_eq!(failed[0].0, "/sys");
