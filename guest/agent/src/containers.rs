@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use burrow_proto::{
     validate_container_id, AgentError, ContainerCreate, ContainerExec, ContainerOp,
-    ContainerStatus, ContainerStatusKind, ErrorKind, ExitInfo, Reply, WinSize,
+    ContainerStatus, ContainerStatusKind, ErrorKind, ExitInfo, Reply, WinSize, CONTAINERS_TAG,
 };
 use libcontainer::oci_spec::runtime::{Process, Spec};
 use serde_json::Value;
@@ -37,6 +37,10 @@ pub struct ContainerPaths {
     /// libcontainer's state root; the agent's console sockets and exec process
     /// files live in its `.console` and `.exec` (ids never start with '.').
     pub oci_root: PathBuf,
+    /// Whether to mount the virtio-fs tag [`CONTAINERS_TAG`] on `dir` before the
+    /// first container, unless something is mounted there already (the agent as
+    /// a VM's init).
+    pub mount_shared: bool,
 }
 
 /// How long a console socket may take to receive a terminal whose process the
@@ -136,6 +140,8 @@ impl Entry {
 
 pub struct Containers {
     paths: ContainerPaths,
+    /// Set once the shared directory is known to be mounted.
+    shared_ready: std::sync::atomic::AtomicBool,
     table: Mutex<HashMap<String, Arc<Entry>>>,
     next: AtomicU64,
 }
@@ -156,6 +162,7 @@ impl Containers {
     pub fn new(paths: ContainerPaths) -> Self {
         Containers {
             paths,
+            shared_ready: std::sync::atomic::AtomicBool::new(false),
             table: Mutex::default(),
             next: AtomicU64::new(0),
         }
@@ -308,6 +315,7 @@ impl Containers {
         validate_container_id(&req.id)
             .map_err(|m| AgentError::new(ErrorKind::InvalidArgument, m))?;
         validate_size(req.size)?;
+        self.ensure_shared().await?;
         let bundle = self.paths.dir.join(&req.id);
         let config = bundle.join("config.json");
         let spec = std::fs::read(&config)
@@ -350,6 +358,13 @@ impl Containers {
         let proc = match started {
             Ok(p) => p,
             Err(e) => {
+                // A failure after libcontainer made it (the terminal never came):
+                // take down what exists.
+                if self.paths.oci_root.join(&req.id).exists() {
+                    let mut args = self.base_args("delete", &req.id);
+                    args.push("--force".into());
+                    let _ = self.run(table, args, None).await;
+                }
                 lock(&self.table).remove(&req.id);
                 return Err(e);
             }
@@ -370,6 +385,19 @@ impl Containers {
             }
         });
         Ok(Opened::Adopted { proc, on_end })
+    }
+
+    /// Mounts the shared directory if the agent is to and nothing is there yet.
+    async fn ensure_shared(&self) -> Result<(), AgentError> {
+        if !self.paths.mount_shared || self.shared_ready.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let dir = self.paths.dir.clone();
+        tokio::task::spawn_blocking(move || mount_shared(&dir))
+            .await
+            .map_err(|e| helper_garbled(e.to_string()))??;
+        self.shared_ready.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Runs another process in a running container.
@@ -431,7 +459,11 @@ impl Containers {
             let listener = tokio::net::UnixListener::bind(&path)
                 .map_err(|e| AgentError::io(&path.to_string_lossy(), &e))?;
             args.extend(["--console-socket".into(), path.clone().into()]);
-            console = Some((listener, RemoveOnDrop(path)));
+            // Received (and sized) as soon as the container sends it, before the
+            // helper reports: an exec's process runs from then on, and should
+            // find its terminal at its size.
+            let recv = AbortOnDrop(tokio::spawn(receive_master(listener, size)));
+            console = Some((recv, RemoveOnDrop(path)));
         } else {
             let (ours_, theirs_) = stdio_pipes(stdin)?;
             ours = Some(ours_);
@@ -457,7 +489,10 @@ impl Containers {
             }
         };
         let io = match (console, ours) {
-            (Some((listener, _path)), _) => match receive_master(listener, size).await {
+            (Some((mut recv, _path)), _) => match (&mut recv.0)
+                .await
+                .unwrap_or_else(|e| Err(helper_garbled(e.to_string())))
+            {
                 Ok(m) => AdoptedIo::Pty(Arc::new(m)),
                 Err(e) => {
                     crate::process::signal_group(pid, libc::SIGKILL);
@@ -511,6 +546,49 @@ impl Containers {
     }
 }
 
+/// Mounts the virtio-fs tag [`CONTAINERS_TAG`] on `dir` unless `dir` already is
+/// a mount point. The device may still be probing right after boot, so a missing
+/// tag is retried for a bounded time.
+fn mount_shared(dir: &std::path::Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::MetadataExt;
+    let shown = dir.to_string_lossy();
+    std::fs::create_dir_all(dir).map_err(|e| AgentError::io(&shown, &e))?;
+    let parent = dir.parent().unwrap_or(std::path::Path::new("/"));
+    let (Ok(d), Ok(p)) = (std::fs::metadata(dir), std::fs::metadata(parent)) else {
+        return Err(AgentError::new(
+            ErrorKind::Io,
+            format!("{shown}: cannot stat"),
+        ));
+    };
+    if d.dev() != p.dev() {
+        return Ok(());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        match nix::mount::mount(
+            Some(CONTAINERS_TAG),
+            dir,
+            Some("virtiofs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        ) {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if std::time::Instant::now() < deadline
+                    && matches!(e, nix::errno::Errno::ENOENT | nix::errno::Errno::ENODEV) =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                return Err(AgentError::new(
+                    ErrorKind::Io,
+                    format!("{shown}: mount of virtio-fs tag {CONTAINERS_TAG:?}: {e}"),
+                ))
+            }
+        }
+    }
+}
+
 fn validate_size(size: Option<WinSize>) -> Result<(), AgentError> {
     if let Some(size) = size {
         size.validate()
@@ -521,6 +599,14 @@ fn validate_size(size: Option<WinSize>) -> Result<(), AgentError> {
 
 fn helper_garbled(what: impl std::fmt::Display) -> AgentError {
     AgentError::new(ErrorKind::Io, format!("oci helper: {what}"))
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 struct RemoveOnDrop(PathBuf);

@@ -117,6 +117,7 @@ async fn run(args: Args, mode: Mode) -> anyhow::Result<()> {
         containers::ContainerPaths {
             dir: args.containers_dir.clone(),
             oci_root: args.oci_root.clone(),
+            mount_shared: mode == Mode::Init,
         },
     ));
     let listener = Listener::bind(&args.listen)

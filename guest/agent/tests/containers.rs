@@ -146,6 +146,16 @@ impl AgentProcess {
     }
 
     async fn stream(&self, open: StreamOpen) -> Result<(UnixStream, Option<i32>), AgentError> {
+        self.stream_with_input(open)
+            .await
+            .map(|(s, pid, _)| (s, pid))
+    }
+
+    /// Opens a stream; returns the connection, the pid and the input token.
+    async fn stream_with_input(
+        &self,
+        open: StreamOpen,
+    ) -> Result<(UnixStream, Option<i32>, Option<u64>), AgentError> {
         let mut s = self.connect().await;
         write_message(
             &mut s,
@@ -158,7 +168,7 @@ impl AgentProcess {
         .expect("send");
         let resp: Response = read_message(&mut s).await.expect("response");
         match Result::<Reply, AgentError>::from(resp.outcome)? {
-            Reply::StreamStarted { pid, .. } => Ok((s, pid)),
+            Reply::StreamStarted { pid, input } => Ok((s, pid, input)),
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -426,6 +436,8 @@ async fn containers_from_create_to_delete() {
     assert_eq!(c.stdout, b"out\n");
     assert_eq!(c.stderr, b"err\n");
     assert_eq!(c.exit, exit(3, None));
+    // Its helper reaped it before reporting the exit.
+    assert!(!alive(pid), "container process {pid} outlived its exit");
     let st = agent.state("c1").await;
     assert_eq!(st.status, ContainerStatusKind::Stopped);
     assert_eq!(st.exit, exit(3, None));
@@ -483,13 +495,30 @@ async fn containers_from_create_to_delete() {
         .await;
     agent.assert_gone("c2");
 
-    // Standard input through the stream.
-    let (mut s, _) = agent.create("c3", |sp| args(sp, &["cat"]), true).await;
+    // Standard input through the input connection (as the host sends it); its
+    // end is the end of input.
+    agent.bundle("c3", |sp| args(sp, &["cat"]));
+    let (mut s, _, token) = agent
+        .stream_with_input(StreamOpen::ContainerCreate(ContainerCreate {
+            id: "c3".into(),
+            stdin: true,
+            size: None,
+        }))
+        .await
+        .expect("create c3");
+    let (mut input, _, _) = agent
+        .stream_with_input(StreamOpen::Input {
+            token: token.expect("an input token"),
+        })
+        .await
+        .expect("input connection");
     agent.ok(ContainerOp::Start { id: "c3".into() }).await;
-    send(&mut s, HostFrame::Stdin(b"hello\n".to_vec())).await;
+    send(&mut input, HostFrame::Stdin(b"hello\n".to_vec())).await;
     assert_eq!(read_until(&mut s, b"hello\n").await, b"hello\n");
-    send(&mut s, HostFrame::Control(StreamControl::CloseStdin)).await;
+    send(&mut input, HostFrame::Stdin(b"world\n".to_vec())).await;
+    drop(input);
     let c = collect(&mut s).await;
+    assert_eq!(c.stdout, b"world\n");
     assert_eq!(c.exit, exit(0, None));
     agent
         .ok(ContainerOp::Delete {
@@ -651,6 +680,7 @@ async fn containers_from_create_to_delete() {
         .await;
     let c = collect(&mut s5).await;
     assert_eq!(c.exit, exit(143, Some(libc::SIGTERM)));
+    assert!(!alive(pid5));
     agent
         .ok(ContainerOp::Delete {
             id: "c5".into(),
@@ -789,7 +819,14 @@ async fn containers_from_create_to_delete() {
         ErrorKind::NotFound
     );
 
-    // Nothing of ours is left: no state dirs, no console sockets or process files.
+    // Nothing of ours is left: no helper or container process, no state dirs, no
+    // console sockets or process files.
+    let children: String = fs::read_dir(format!("/proc/{}/task", agent.child.id()))
+        .expect("agent tasks")
+        .filter_map(|t| t.ok())
+        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
+        .collect();
+    assert_eq!(children.trim(), "", "the agent still has children");
     for sub in ["", ".console", ".exec"] {
         let dir = agent.oci_root().join(sub);
         let left: Vec<_> = fs::read_dir(&dir)
