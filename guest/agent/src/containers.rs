@@ -92,6 +92,9 @@ struct Entry {
     record: Mutex<Record>,
     /// Set once the container's process has ended (its exit recorded).
     stopped: watch::Sender<bool>,
+    /// Held across each helper run on this container: libcontainer rewrites its
+    /// state file in place (truncate, write), so two at once could read a torn one.
+    ops: tokio::sync::Mutex<()>,
 }
 
 impl Entry {
@@ -200,6 +203,10 @@ impl Containers {
     pub async fn op(&self, table: &ProcessTable, op: ContainerOp) -> Result<Reply, AgentError> {
         let entry = self.get(op.id())?;
         let id = entry.id.as_str();
+        let _serial = match op {
+            ContainerOp::State { .. } => None,
+            _ => Some(entry.ops.lock().await),
+        };
         match op {
             ContainerOp::State { .. } => {}
             ContainerOp::Start { .. } => {
@@ -346,6 +353,7 @@ impl Containers {
                     exit: None,
                 }),
                 stopped: watch::channel(false).0,
+                ops: tokio::sync::Mutex::new(()),
             });
             t.insert(req.id.clone(), Arc::clone(&entry));
             entry
@@ -376,6 +384,10 @@ impl Containers {
         let on_end = Box::new(move || {
             if entry.phase() != Phase::Stopped {
                 tokio::spawn(async move {
+                    let _serial = entry.ops.lock().await;
+                    if entry.phase() == Phase::Stopped {
+                        return;
+                    }
                     let mut args = containers.base_args("kill", &entry.id);
                     args.extend(["--signal".into(), "9".into(), "--all".into()]);
                     if let Err(e) = containers.run(&table, args, None).await {
@@ -427,6 +439,8 @@ impl Containers {
         let _file = RemoveOnDrop(file.clone());
         let mut args = self.base_args("exec", &req.id);
         args.extend(["--process".into(), file.into()]);
+        // Until its process exists (libcontainer reads the container's state).
+        let _serial = entry.ops.lock().await;
         let proc = self
             .start_process(table, inputs, &entry, args, terminal, req.stdin, req.size)
             .await?;

@@ -223,13 +223,23 @@ impl AgentProcess {
     }
 }
 
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
+impl AgentProcess {
+    /// Shuts the agent down as a developer would (SIGTERM) and waits for it.
+    fn stop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
         // SAFETY: kill has no memory effects; the pid is our unreaped child.
         unsafe {
             libc::kill(self.child.id() as i32, libc::SIGTERM);
         }
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -385,7 +395,7 @@ async fn containers_from_create_to_delete() {
         eprintln!("skipped: containers need root (namespaces, mounts, cgroups)");
         return;
     }
-    let agent = AgentProcess::start();
+    let mut agent = AgentProcess::start();
 
     // create → created with its pid → start → output, exit 3 → stopped → delete.
     let (mut s, pid) = agent
@@ -839,4 +849,18 @@ async fn containers_from_create_to_delete() {
             .unwrap_or_default();
         assert!(left.is_empty(), "{} holds {left:?}", dir.display());
     }
+
+    // An agent shut down with a container alive takes it down: process, cgroup,
+    // state dir.
+    let (_s13, pid13) = agent
+        .create("c13", |sp| args(sp, &["sleep", "1000"]), false)
+        .await;
+    agent.ok(ContainerOp::Start { id: "c13".into() }).await;
+    let cgroup13 = agent.cgroup("c13");
+    let state13 = agent.oci_root().join("c13");
+    assert!(cgroup13.exists() && state13.exists());
+    agent.stop();
+    wait_gone(pid13).await;
+    assert!(!cgroup13.exists(), "cgroup left after shutdown");
+    assert!(!state13.exists(), "state dir left after shutdown");
 }
