@@ -446,6 +446,21 @@ async fn containers_from_create_to_delete() {
     assert_eq!(c.stdout, b"out\n");
     assert_eq!(c.stderr, b"err\n");
     assert_eq!(c.exit, exit(3, None));
+    let e = agent
+        .err(ContainerOp::Kill {
+            id: "c1".into(),
+            signal: libc::SIGTERM,
+            all: false,
+        })
+        .await;
+    assert!(e.message.contains("stopped"), "{e}");
+    agent
+        .ok(ContainerOp::Kill {
+            id: "c1".into(),
+            signal: libc::SIGKILL,
+            all: true,
+        })
+        .await;
     // Its helper reaped it before reporting the exit.
     assert!(!alive(pid), "container process {pid} outlived its exit");
     let st = agent.state("c1").await;
@@ -673,6 +688,14 @@ async fn containers_from_create_to_delete() {
             resources: json!([1]),
         })
         .await;
+    assert!(e.message.starts_with("resources:"), "{e}");
+    let e = agent
+        .err(ContainerOp::Update {
+            id: "c5".into(),
+            resources: json!({"pids": {"limit": "many"}}),
+        })
+        .await;
+    assert_eq!(e.kind, ErrorKind::InvalidArgument);
     assert!(e.message.starts_with("resources:"), "{e}");
     let e = agent
         .err(ContainerOp::Delete {

@@ -205,7 +205,10 @@ impl Containers {
                         format!("signal: {signal} is not a signal number (1 to SIGRTMAX)"),
                     ));
                 }
-                if matches!(entry.phase(), Phase::Creating | Phase::Stopped) {
+                // `all` may sweep up what a stopped container without a pid
+                // namespace left running (as runc's `kill --all` does).
+                let phase = entry.phase();
+                if phase == Phase::Creating || (phase == Phase::Stopped && !all) {
                     return Err(entry.refuse("be signalled"));
                 }
                 let mut args = self.base_args("kill", id);
