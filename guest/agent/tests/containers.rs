@@ -38,7 +38,10 @@ impl AgentProcess {
         let oci = dir.path().join("oci");
         fs::create_dir_all(&containers).expect("containers dir");
         let log = fs::File::create(dir.path().join("agent.log")).expect("log file");
-        let agent = env!("CARGO_BIN_EXE_burrow-agent");
+        // BURROW_TEST_AGENT runs these against another build (the static one the
+        // container VMs boot).
+        let agent = std::env::var("BURROW_TEST_AGENT")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_burrow-agent").to_string());
         let args = format!(
             "--no-init --listen unix:{} --containers-dir {} --oci-root {}",
             sock.display(),
