@@ -262,7 +262,10 @@ impl Containers {
                     return Err(entry.refuse("be deleted without force"));
                 }
                 let mut args = self.base_args("delete", id);
-                if force {
+                // A stopped container is forced too: its process is gone (its
+                // helper reaped it), and libcontainer judges by the pid, which
+                // another process may have taken since.
+                if force || phase == Phase::Stopped {
                     args.push("--force".into());
                 }
                 self.run(table, args, None).await?;
