@@ -503,7 +503,15 @@ async fn containers_from_create_to_delete() {
         .create(
             "c2",
             |sp| {
-                args(sp, &["sh", "-c", "echo $A; id -u; id -g; pwd"]);
+                args(
+                    sp,
+                    &[
+                        "sh",
+                        "-c",
+                        "echo $A; id -u; id -g; pwd; hostname; \
+                         grep NoNewPrivs /proc/self/status",
+                    ],
+                );
                 sp["process"]["env"] = json!(["PATH=/bin", "A=1"]);
                 sp["process"]["user"] = json!({"uid": 1000, "gid": 1000});
                 sp["process"]["cwd"] = json!("/tmp");
@@ -513,7 +521,12 @@ async fn containers_from_create_to_delete() {
         .await;
     agent.ok(ContainerOp::Start { id: "c2".into() }).await;
     let c = collect(&mut s).await;
-    assert_eq!(String::from_utf8_lossy(&c.stdout), "1\n1000\n1000\n/tmp\n");
+    // As the spec says: env, user, cwd, host name (runc spec's "runc"),
+    // no_new_privileges.
+    assert_eq!(
+        String::from_utf8_lossy(&c.stdout),
+        "1\n1000\n1000\n/tmp\nrunc\nNoNewPrivs:\t1\n"
+    );
     assert_eq!(c.exit, exit(0, None));
     agent
         .ok(ContainerOp::Delete {
@@ -617,7 +630,15 @@ async fn containers_from_create_to_delete() {
     let (mut e, epid) = agent
         .stream(StreamOpen::ContainerExec(ContainerExec {
             id: "c5".into(),
-            process: process(&["sh", "-c", "echo exec; echo oops >&2; exit 4"], false),
+            // As root, yet the spec's root is read-only.
+            process: process(
+                &[
+                    "sh",
+                    "-c",
+                    "echo exec; touch /x 2>/dev/null || echo ro; echo oops >&2; exit 4",
+                ],
+                false,
+            ),
             stdin: false,
             size: None,
         }))
@@ -625,7 +646,7 @@ async fn containers_from_create_to_delete() {
         .unwrap_or_else(|e| panic!("exec: {e}\n{}", agent.log()));
     assert!(epid.is_some());
     let c = collect(&mut e).await;
-    assert_eq!(c.stdout, b"exec\n");
+    assert_eq!(c.stdout, b"exec\nro\n");
     assert_eq!(c.stderr, b"oops\n");
     assert_eq!(c.exit, exit(4, None));
     let (mut e, _) = agent
