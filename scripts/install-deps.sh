@@ -28,6 +28,8 @@ pkgs=(busybox-static cpio socat debootstrap libseccomp-dev libcap-ng-dev pkg-con
       libc6-dev) # libc.a: the guest agent is linked statically
 # The benchmark compares exec with `docker exec` on runc: it needs a Docker engine.
 [ "${1:-}" = --bench ] && pkgs+=(docker.io)
+# The agent's container tests take their bundles' config.json from `runc spec`.
+pkgs+=(runc)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
