@@ -4,16 +4,37 @@
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: run test deps build build-debug image bench bench-smoke clean
+.PHONY: run test deps build build-debug agent agent-debug image bench bench-smoke install clean
+
+# The guest agent is one static binary (PID 1 of workspaces and container VMs alike:
+# a container VM has no root file system to take libraries from). --target keeps
+# the static flag off build scripts and proc-macros; it lands in
+# target/$(AGENT_TARGET)/<profile>/burrow-agent, where burrowd looks first.
+AGENT_TARGET := x86_64-unknown-linux-gnu
+STATIC := RUSTFLAGS='-C target-feature=+crt-static'
+PREFIX ?= /usr/local
 
 deps:
 	bash scripts/install-deps.sh
 
-build: deps
+build: deps agent
 	cargo build --release --workspace --bins
 
-build-debug: deps
+build-debug: deps agent-debug
 	cargo build --workspace --bins --tests
+
+agent: deps
+	$(STATIC) cargo build --release -p burrow-agent --target $(AGENT_TARGET)
+
+agent-debug: deps
+	$(STATIC) cargo build -p burrow-agent --target $(AGENT_TARGET)
+
+# burrowd finds its companions next to itself and the agent in $(PREFIX)/lib/burrow.
+install: build
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/burrow
+	for b in burrow burrowd burrow-console burrow-netd burrow-cowfs burrow-runtime; do \
+	  install -m 0755 target/release/$$b $(DESTDIR)$(PREFIX)/bin/$$b; done
+	install -m 0755 target/$(AGENT_TARGET)/release/burrow-agent $(DESTDIR)$(PREFIX)/lib/burrow/burrow-agent
 
 run: build
 	bash scripts/demo.sh target/release

@@ -8,10 +8,19 @@
 #   /bin/busybox (static) + applet links, /lib/modules/<kver>/ (modules + modules.dep),
 #   /burrow-agent (AGENT_BINARY), /init.
 # /init loads virtio_mmio, virtiofs and vmw_vsock_virtio_transport with modprobe (order from
-# modules.dep), mounts the virtio-fs tag given by `burrow.root=` (default: rootfs) on /newroot,
-# mounts a tmpfs on /newroot/run, copies the agent to /newroot/run/burrow-agent, moves /dev
-# and switches root to /run/burrow-agent. On failure it prints one console line
-# "BURROW-INIT-FAILED: <reason>" and calls `reboot -f` (with QEMU's -no-reboot the VM exits).
+# modules.dep), then, by `burrow.mode=`:
+#   workspace (the default): mounts the virtio-fs tag given by `burrow.root=` (default: rootfs)
+#     on /newroot and a tmpfs on /newroot/run;
+#   container: a VM with no workspace image, for OCI containers (docs/oci.md): /newroot is a
+#     tmpfs of at most `burrow.rootsize=` (default 25% of RAM) holding /proc /sys /dev /run
+#     /tmp, and the virtio-fs tag `shared` (the containers' directory) is mounted on
+#     /newroot/run/burrow/shared;
+# then copies the agent to /newroot/run/burrow-agent, moves /dev and switches root to
+# /run/burrow-agent. On failure it prints one console line "BURROW-INIT-FAILED: <reason>"
+# and calls `reboot -f` (with QEMU's -no-reboot the VM exits).
+#
+# The agent must be linked statically (a container VM has no libraries to offer it):
+# RUSTFLAGS='-C target-feature=+crt-static' cargo build -p burrow-agent --target x86_64-unknown-linux-gnu
 #
 # Self-contained (the runtime embeds it with include_str! and runs it with `bash -s -- ARGS`).
 # Installs busybox-static and cpio with apt-get if missing; downloads nothing otherwise.
@@ -79,8 +88,22 @@ ln -s bin "$R/sbin"
 # The kernel's built-in initramfs already has /dev/console; ship one too where we may mknod.
 mknod -m 0600 "$R/dev/console" c 5 1 2>/dev/null || true
 cp -a "$MODS" "$R/lib/modules/$KVER" || die "cannot copy modules from $MODS"
-if LC_ALL=C ldd "$AGENT" >/dev/null 2>&1; then
-  log "note: $AGENT is dynamically linked; it runs from the workspace root, which must hold its libraries"
+# A dynamically linked ELF names its loader in a PT_INTERP segment (p_type 3); a
+# static(-pie) one has none. ELF64, little-endian: e_phoff at 32, e_phentsize at 54,
+# e_phnum at 56.
+has_interp() {
+  local phoff phentsize phnum i t
+  phoff=$(od -An -tu8 -j32 -N8 "$1" | tr -d ' ')
+  phentsize=$(od -An -tu2 -j54 -N2 "$1" | tr -d ' ')
+  phnum=$(od -An -tu2 -j56 -N2 "$1" | tr -d ' ')
+  for ((i = 0; i < phnum; i++)); do
+    t=$(od -An -tu4 -j$((phoff + i * phentsize)) -N4 "$1" | tr -d ' ')
+    [ "$t" != 3 ] || return 0
+  done
+  return 1
+}
+if head -c 4 "$AGENT" | grep -q ELF && has_interp "$AGENT"; then
+  die "agent binary $AGENT is dynamically linked; build it static: RUSTFLAGS='-C target-feature=+crt-static' cargo build -p burrow-agent --target x86_64-unknown-linux-gnu"
 fi
 cp "$AGENT" "$R/burrow-agent" || die "cannot copy $AGENT"
 chmod 0755 "$R/burrow-agent"
@@ -106,6 +129,8 @@ mount -t sysfs sys /sys || fail "mount /sys"
 mount -t devtmpfs dev /dev || fail "mount /dev"
 
 root=rootfs
+mode=workspace
+rootsize=25%
 host=
 addr=
 gw=
@@ -113,6 +138,8 @@ read -r cmdline </proc/cmdline || fail "read /proc/cmdline"
 for arg in $cmdline; do
 	case $arg in
 	burrow.root=*) root=${arg#burrow.root=} ;;
+	burrow.mode=*) mode=${arg#burrow.mode=} ;;
+	burrow.rootsize=*) rootsize=${arg#burrow.rootsize=} ;;
 	burrow.hostname=*) host=${arg#burrow.hostname=} ;;
 	burrow.ip=*) addr=${arg#burrow.ip=} ;;
 	burrow.gw=*) gw=${arg#burrow.gw=} ;;
@@ -138,16 +165,33 @@ fi
 
 # The virtio-fs tag is usable a moment after the driver binds: retry for up to ~2 s.
 now_cs() { read -r up _ </proc/uptime; c=${up#*.}; now=$((${up%.*} * 100 + ${c#0})); }
-now_cs
-deadline=$((now + 200))
-until mount -t virtiofs "$root" /newroot 2>/dev/null; do
+mount_virtiofs() { # mount_virtiofs TAG DIR
 	now_cs
-	[ "$now" -lt "$deadline" ] || fail "mount virtio-fs tag '$root' on /newroot"
-	sleep 0.01
-done
+	deadline=$((now + 200))
+	until mount -t virtiofs "$1" "$2" 2>/dev/null; do
+		now_cs
+		[ "$now" -lt "$deadline" ] || fail "mount virtio-fs tag '$1' on $2"
+		sleep 0.01
+	done
+}
 
-[ -d /newroot/run ] || mkdir /newroot/run || fail "mkdir /newroot/run"
-mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /newroot/run || fail "mount tmpfs on /newroot/run"
+case $mode in
+workspace)
+	mount_virtiofs "$root" /newroot
+	[ -d /newroot/run ] || mkdir /newroot/run || fail "mkdir /newroot/run"
+	mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /newroot/run || fail "mount tmpfs on /newroot/run"
+	;;
+container)
+	# No workspace image: the root is memory, bounded; containers' root file
+	# systems and mounts come from the host through the shared directory.
+	mount -t tmpfs -o "mode=0755,size=$rootsize" tmpfs /newroot || fail "mount tmpfs (size=$rootsize) on /newroot"
+	mkdir -p /newroot/proc /newroot/sys /newroot/dev /newroot/tmp /newroot/etc /newroot/run/burrow/shared ||
+		fail "mkdir in /newroot"
+	chmod 1777 /newroot/tmp || fail "chmod /newroot/tmp"
+	mount_virtiofs shared /newroot/run/burrow/shared
+	;;
+*) fail "unknown burrow.mode=$mode (workspace or container)" ;;
+esac
 # The gateway answers DNS (burrow-netd forwards the queries of workspaces allowed
 # out), so the resolver never changes with the policy.
 if [ -n "$gw" ]; then

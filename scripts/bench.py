@@ -42,7 +42,8 @@ class Burrow:
         self.bin = os.path.join(bin_dir, "burrow")
         self.state = state
         self.env = dict(os.environ, BURROWD=os.path.join(bin_dir, "burrowd"),
-                        BURROW_AGENT=os.path.join(bin_dir, "burrow-agent"),
+                        # the static agent (Makefile: agent)
+                        BURROW_AGENT=os.path.join(os.path.dirname(bin_dir), "x86_64-unknown-linux-gnu", os.path.basename(bin_dir), "burrow-agent"),
                         BURROW_NETNS=netns)
         self.env.pop("BURROW_UNCONFINED", None)
         self.env.update(env)

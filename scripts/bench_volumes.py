@@ -46,7 +46,8 @@ class Burrow:
         self.bin = os.path.join(bin_dir, "burrow")
         self.state = state
         self.env = dict(os.environ, BURROWD=os.path.join(bin_dir, "burrowd"), BURROW_STORE=store,
-                        BURROW_AGENT=os.path.join(bin_dir, "burrow-agent"))
+                        # the static agent (Makefile: agent)
+                        BURROW_AGENT=os.path.join(os.path.dirname(bin_dir), "x86_64-unknown-linux-gnu", os.path.basename(bin_dir), "burrow-agent"))
 
     def __call__(self, *args, stdin=None):
         p = subprocess.run([self.bin, "--state-dir", self.state, *args], env=self.env, input=stdin,

@@ -3,7 +3,9 @@
 # Usage: demo.sh BIN_DIR. Uses its own state dir so it never touches other workspaces.
 set -euo pipefail
 bin=$(realpath "${1:?usage: demo.sh BIN_DIR}")
-export BURROWD="$bin/burrowd" BURROW_AGENT="$bin/burrow-agent"
+# The agent is linked statically, built for its own target (Makefile: agent).
+agent=$(dirname "$bin")/x86_64-unknown-linux-gnu/$(basename "$bin")/burrow-agent
+export BURROWD="$bin/burrowd" BURROW_AGENT="$agent"
 own_state=
 if [ -z "${BURROW_STATE_DIR:-}" ]; then
   BURROW_STATE_DIR=$(mktemp -d /tmp/burrow-demo.XXXXXX)

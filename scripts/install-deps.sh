@@ -24,9 +24,12 @@ pkgs=(busybox-static cpio socat debootstrap libseccomp-dev libcap-ng-dev pkg-con
       btrfs-progs libbtrfsutil-dev libclang-dev clang
       fuse3 attr git
       tmux asciinema
-      libnftnl-dev libmnl-dev nftables)
+      libnftnl-dev libmnl-dev nftables
+      libc6-dev) # libc.a: the guest agent is linked statically
 # The benchmark compares exec with `docker exec` on runc: it needs a Docker engine.
 [ "${1:-}" = --bench ] && pkgs+=(docker.io)
+# The agent's container tests take their bundles' config.json from `runc spec`.
+pkgs+=(runc)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

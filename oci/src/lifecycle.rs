@@ -89,7 +89,8 @@ async fn teardown(ctx: &Ctx, client: &Client, r: &Record) {
             h.exited().await;
         }
     }
-    if let Some(vm) = &r.vm {
+    if let Some(vm) = vm_of(ctx, client, r).await {
+        let vm = &vm;
         match client.destroy(vm).await {
             Ok(_) | Err(ClientError::Api { status: 404, .. }) => {}
             Err(e) => ctx.log.error(&format!("{}: destroy VM {vm}: {e}", r.id)),
@@ -98,6 +99,26 @@ async fn teardown(ctx: &Ctx, client: &Client, r: &Record) {
     if let Err(e) = ctx.root.remove(&r.id) {
         ctx.log.error(&e.to_string());
     }
+}
+
+/// The container's VM: as recorded, else (a create that died before it recorded
+/// burrowd's answer) the one burrowd made for this (root, id), if any.
+async fn vm_of(ctx: &Ctx, client: &Client, r: &Record) -> Option<String> {
+    if let Some(vm) = &r.vm {
+        return Some(vm.clone());
+    }
+    let root = ctx.root.path().to_string_lossy();
+    client
+        .list(&burrow::api::ListQuery::default())
+        .await
+        .ok()?
+        .into_iter()
+        .find(|w| {
+            w.container
+                .as_ref()
+                .is_some_and(|c| c.id == r.id && c.root == root)
+        })
+        .map(|w| w.id)
 }
 
 pub fn check_id(id: &str) -> Result<()> {

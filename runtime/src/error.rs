@@ -12,6 +12,14 @@ pub enum Error {
     WorkspaceNotFound(String),
     #[error("name {0:?} is taken by another workspace")]
     NameTaken(String),
+    #[error("container {id:?} already exists in root {root:?} (VM {vm})")]
+    ContainerExists {
+        id: String,
+        root: String,
+        vm: String,
+    },
+    #[error("{name} is a container VM: it has no volume, so no {what}")]
+    NoVolume { name: String, what: &'static str },
     #[error("team {0:?} not found")]
     TeamNotFound(String),
     #[error("team {0:?} already exists")]
@@ -121,10 +129,11 @@ impl Error {
             Error::NameTaken(_)
             | Error::AlreadyServed(_)
             | Error::TeamExists(_)
+            | Error::ContainerExists { .. }
             | Error::WrongState { .. }
             | Error::SnapshotExists { .. }
             | Error::HasDependents { .. } => ErrorClass::Conflict,
-            Error::Invalid { .. } => ErrorClass::Invalid,
+            Error::Invalid { .. } | Error::NoVolume { .. } => ErrorClass::Invalid,
             Error::Guest(e) => match e.kind {
                 AgentErrorKind::NotFound => ErrorClass::NotFound,
                 AgentErrorKind::AlreadyExists => ErrorClass::Conflict,

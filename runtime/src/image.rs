@@ -294,11 +294,40 @@ impl ImageCache {
     }
 }
 
-/// Where the agent binary is: `BURROW_AGENT`, else next to the running executable,
-/// else the install location.
+/// The target the static agent is built for (`--target` keeps the static flag off
+/// build scripts and proc-macros): `RUSTFLAGS='-C target-feature=+crt-static' cargo
+/// build -p burrow-agent --target x86_64-unknown-linux-gnu`.
+pub const AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// Where the agent binary is: `BURROW_AGENT`; else, for an executable in cargo's
+/// `target/<profile>/`, the static build of the same profile,
+/// `target/x86_64-unknown-linux-gnu/<profile>/burrow-agent`; else next to the
+/// running executable; else the install location. The one agent serves workspaces
+/// and container VMs, so it is linked statically (the initramfs build refuses a
+/// dynamic one).
 pub fn find_agent() -> PathBuf {
+    if let Some(p) = std::env::var_os("BURROW_AGENT") {
+        return PathBuf::from(p);
+    }
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(std::path::Path::to_path_buf));
+    if let Some(dir) = &exe_dir {
+        if let Some(p) = cargo_static_agent(dir) {
+            return p;
+        }
+    }
     crate::paths::companion_binary("BURROW_AGENT", "burrow-agent")
         .unwrap_or_else(|| PathBuf::from("/usr/local/lib/burrow/burrow-agent"))
+}
+
+/// `<target>/<AGENT_TARGET>/<profile>/burrow-agent` for `dir` = `<target>/<profile>`,
+/// if it exists.
+pub fn cargo_static_agent(dir: &std::path::Path) -> Option<PathBuf> {
+    let profile = dir.file_name()?;
+    let target = dir.parent()?;
+    let p = target.join(AGENT_TARGET).join(profile).join("burrow-agent");
+    p.is_file().then_some(p)
 }
 
 fn say(progress: Option<&Progress>, line: String) {

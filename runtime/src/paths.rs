@@ -54,6 +54,14 @@ impl StateDir {
     pub fn run_dir(&self, id: &str) -> PathBuf {
         self.run_root().join(id)
     }
+    /// Parent of every container VM's dir (docs/oci.md); 0700.
+    pub fn containers_root(&self) -> PathBuf {
+        self.root.join("containers")
+    }
+    /// A container VM's dir: `shared/` in it is what its virtio-fs serves.
+    pub fn container_dir(&self, id: &str) -> PathBuf {
+        self.containers_root().join(id)
+    }
     /// Per-workspace logs that outlive the VM (console, sidecars).
     pub fn log_dir(&self, id: &str) -> PathBuf {
         self.root.join("logs").join(id)

@@ -40,7 +40,7 @@ pub fn bin_dir() -> PathBuf {
         .and_then(Path::parent)
         .expect("target dir")
         .to_path_buf();
-    for b in ["burrow", "burrowd", "burrow-agent"] {
+    for b in ["burrow", "burrowd"] {
         assert!(
             dir.join(b).exists(),
             "{} missing: build the binaries first (cargo build --workspace --bins)",
@@ -48,6 +48,33 @@ pub fn bin_dir() -> PathBuf {
         );
     }
     dir
+}
+
+/// The static agent that goes into the initramfs: `BURROW_AGENT` if set, else the
+/// static build of `bin`'s profile (`make agent-debug` builds it), else
+/// `bin/burrow-agent` (an installed layout).
+pub fn agent_bin(bin: &Path) -> PathBuf {
+    if let Some(p) = std::env::var_os("BURROW_AGENT") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = burrow::image::cargo_static_agent(bin) {
+        return p;
+    }
+    let p = bin.join("burrow-agent");
+    let profile = bin.file_name().and_then(|p| p.to_str()).unwrap_or("debug");
+    let flag = if profile == "release" {
+        " --release"
+    } else {
+        ""
+    };
+    assert!(
+        p.exists() && profile != "debug" && profile != "release",
+        "no static agent for {}: build it first (RUSTFLAGS='-C target-feature=+crt-static' \
+         cargo build -p burrow-agent --target {}{flag})",
+        bin.display(),
+        burrow::image::AGENT_TARGET
+    );
+    p
 }
 
 /// Process names (as /proc/PID/comm shows them) of a VM's processes.
@@ -123,7 +150,7 @@ impl Burrow {
         c.arg("--state-dir").arg(&self.state);
         c.env_remove("BURROW_STATE_DIR");
         c.env("BURROWD", self.bin.join("burrowd"));
-        c.env("BURROW_AGENT", self.bin.join("burrow-agent"));
+        c.env("BURROW_AGENT", agent_bin(&self.bin));
         for (k, v) in &self.env {
             c.env(k, v);
         }
@@ -564,7 +591,7 @@ impl Burrow {
         let mut words = vec!["env".to_string(), "-u".into(), "BURROW_STATE_DIR".into()];
         let mut env = vec![
             ("BURROWD".to_string(), self.bin.join("burrowd")),
-            ("BURROW_AGENT".to_string(), self.bin.join("burrow-agent")),
+            ("BURROW_AGENT".to_string(), agent_bin(&self.bin)),
         ];
         env.extend(self.env.iter().map(|(k, v)| (k.clone(), PathBuf::from(v))));
         for (k, v) in env {
@@ -591,7 +618,7 @@ impl Burrow {
             ),
             (
                 "BURROW_AGENT".to_string(),
-                self.bin.join("burrow-agent").display().to_string(),
+                agent_bin(&self.bin).display().to_string(),
             ),
         ];
         env.extend(self.env.iter().cloned());

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use burrow_proto::{AgentError, ErrorKind, Op, Reply, StreamOpen};
 
+use crate::containers::{ContainerPaths, Containers};
 use crate::env::Environment;
 use crate::jobs::Jobs;
 use crate::process::{lock, signal_group, ProcessTable};
@@ -31,10 +32,16 @@ pub struct Agent {
     terminals: Terminals,
     /// Exec streams waiting for their input connection.
     inputs: Arc<streams::Inputs>,
+    containers: Arc<Containers>,
 }
 
 impl Agent {
-    pub fn new(mode: Mode, env: Environment, processes: Arc<ProcessTable>) -> Self {
+    pub fn new(
+        mode: Mode,
+        env: Environment,
+        processes: Arc<ProcessTable>,
+        containers: ContainerPaths,
+    ) -> Self {
         Agent {
             mode,
             started: Instant::now(),
@@ -43,6 +50,7 @@ impl Agent {
             jobs: Jobs::default(),
             terminals: Terminals::default(),
             inputs: Arc::default(),
+            containers: Arc::new(Containers::new(containers)),
         }
     }
 
@@ -103,17 +111,14 @@ impl Agent {
             Op::FileList { path } => blocking(move || files::list(&path))
                 .await
                 .map(|entries| Reply::Entries { entries }),
-            Op::Container(_) => Err(AgentError::new(
-                ErrorKind::InvalidArgument,
-                "op: containers are not served by this agent yet",
-            )),
+            Op::Container(op) => self.containers.op(&self.processes, op).await,
             Op::Shutdown => Ok(Reply::Done),
         }
     }
 
     /// Validates a stream request and starts what it needs; the connection then
     /// answers `stream_started` and runs the returned stream.
-    pub fn open_stream(&self, open: StreamOpen) -> Result<Opened, AgentError> {
+    pub async fn open_stream(&self, open: StreamOpen) -> Result<Opened, AgentError> {
         match open {
             StreamOpen::Exec(spawn) => {
                 let env = lock(&self.env).clone();
@@ -147,10 +152,16 @@ impl Agent {
                 session: self.terminals.get(&name)?,
                 from,
             }),
-            StreamOpen::ContainerCreate(_) | StreamOpen::ContainerExec(_) => Err(AgentError::new(
-                ErrorKind::InvalidArgument,
-                "stream: containers are not served by this agent yet",
-            )),
+            StreamOpen::ContainerCreate(req) => {
+                self.containers
+                    .create(&self.processes, &self.inputs, req)
+                    .await
+            }
+            StreamOpen::ContainerExec(req) => {
+                self.containers
+                    .exec(&self.processes, &self.inputs, req)
+                    .await
+            }
         }
     }
 
@@ -173,6 +184,8 @@ impl Agent {
     /// SIGTERM to every process group the agent started (execs, jobs, terminal
     /// sessions: each is its own group), up to a second for them to go, then SIGKILL.
     pub async fn stop_children(&self) {
+        // Containers first: their processes are not the agent's children.
+        self.containers.shutdown(&self.processes).await;
         let groups = |agent: &Agent| {
             let mut g = agent.jobs.running_groups();
             g.extend(agent.processes.pids());

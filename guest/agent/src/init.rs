@@ -44,6 +44,13 @@ pub const MOUNTS: &[MountSpec] = &[
         flags: NOSUID_NODEV_NOEXEC,
         data: None,
     },
+    // Containers' cgroups (libcontainer is built for cgroup v2 only).
+    MountSpec {
+        fstype: "cgroup2",
+        target: "/sys/fs/cgroup",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+    },
     MountSpec {
         fstype: "devtmpfs",
         target: "/dev",
@@ -292,7 +299,14 @@ mod tests {
         let failed = mount_all(&sys);
         assert_eq!(
             *sys.calls.borrow(),
-            vec!["/proc", "/sys", "/dev/pts", "/dev/shm", "/tmp"]
+            vec![
+                "/proc",
+                "/sys",
+                "/sys/fs/cgroup",
+                "/dev/pts",
+                "/dev/shm",
+                "/tmp"
+            ]
         );
         assert_eq!(failed.len(), 1);
         assert_eq!(failed[0].0, "/sys");

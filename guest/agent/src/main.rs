@@ -9,12 +9,14 @@
 
 mod agent;
 mod config;
+mod containers;
 mod env;
 mod exec;
 mod files;
 mod init;
 mod jobs;
 mod log;
+mod oci;
 mod process;
 mod pty;
 mod ring;
@@ -43,9 +45,21 @@ struct Args {
     /// Log debug lines too.
     #[arg(short, long)]
     verbose: bool,
+    /// The directory of container bundles (`<dir>/<id>/config.json`); in a VM,
+    /// the shared directory's mount point.
+    #[arg(long, value_name = "DIR", default_value = burrow_proto::CONTAINERS_DIR)]
+    containers_dir: std::path::PathBuf,
+    /// libcontainer's state root.
+    #[arg(long, value_name = "DIR", default_value = containers::DEFAULT_OCI_ROOT)]
+    oci_root: std::path::PathBuf,
 }
 
 fn main() -> ExitCode {
+    // The OCI helper runs single-threaded, before any runtime exists: it forks.
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("oci") {
+        return oci::main(&argv[2..]);
+    }
     let pid1 = std::process::id() == 1;
     let args = match Args::try_parse() {
         Ok(a) => a,
@@ -57,6 +71,8 @@ fn main() -> ExitCode {
                 listen: ListenAddr::Vsock(burrow_proto::AGENT_PORT),
                 no_init: false,
                 verbose: false,
+                containers_dir: burrow_proto::CONTAINERS_DIR.into(),
+                oci_root: containers::DEFAULT_OCI_ROOT.into(),
             }
         }
         Err(e) => e.exit(),
@@ -98,6 +114,11 @@ async fn run(args: Args, mode: Mode) -> anyhow::Result<()> {
         mode,
         env::Environment::from_process(mode == Mode::Init),
         processes,
+        containers::ContainerPaths {
+            dir: args.containers_dir.clone(),
+            oci_root: args.oci_root.clone(),
+            mount_shared: mode == Mode::Init,
+        },
     ));
     let listener = Listener::bind(&args.listen)
         .await

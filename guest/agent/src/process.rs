@@ -160,6 +160,13 @@ impl ProcessTable {
 pub struct ExitWaiter(oneshot::Receiver<ExitStatus>);
 
 impl ExitWaiter {
+    /// A waiter fed by someone other than the reaper (the OCI helper reaps a
+    /// container's process and reports its status).
+    pub fn channel() -> (oneshot::Sender<ExitStatus>, ExitWaiter) {
+        let (tx, rx) = oneshot::channel();
+        (tx, ExitWaiter(rx))
+    }
+
     /// Waits for the exit. The reaper never drops a waiter without sending (except
     /// at power-off), so the fallback only guards against that.
     pub async fn wait(&mut self) -> ExitStatus {

@@ -114,6 +114,26 @@ pub fn spawn(table: &ProcessTable, mut cmd: Command, size: WinSize) -> io::Resul
 }
 
 impl PtyMaster {
+    /// Takes a terminal master opened elsewhere (a container's, received over its
+    /// console socket) and sets its size.
+    pub fn adopt(master: OwnedFd, size: Option<WinSize>) -> io::Result<PtyMaster> {
+        let fd = master.as_raw_fd();
+        // SAFETY: fcntl on an fd we own; only its status flags change.
+        let flags = cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
+        // SAFETY: as above.
+        cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
+        // SAFETY: as above; the descriptor must not reach the agent's other children.
+        cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) })?;
+        if let Some(size) = size {
+            set_size(fd, size)?;
+        }
+        // SAFETY: an OwnedFd keeps its one descriptor open for as long as it lives,
+        // and the AsyncFd owns it.
+        let fd =
+            unsafe { AsyncFd::register(master) }.map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(PtyMaster { fd })
+    }
+
     /// Reads what the terminal wrote. `Ok(0)` at the end: EIO once every slave fd
     /// is closed.
     pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {

@@ -152,7 +152,7 @@ where
             Ok(Request {
                 id,
                 op: Op::Stream(open),
-            }) => match agent.open_stream(open) {
+            }) => match agent.open_stream(open).await {
                 Ok(opened) => {
                     if opened.is_input() {
                         // The exec gets its input connection before the host

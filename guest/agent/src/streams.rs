@@ -51,6 +51,13 @@ pub enum Opened {
     },
     /// An exec's input connection: its reading half goes to the exec.
     Input(tokio::sync::oneshot::Sender<InputReader>),
+    /// A process the agent did not spawn itself (a container's, made by the OCI
+    /// helper), carried as an exec; `on_end` runs once its stream is over, however
+    /// it ended.
+    Adopted {
+        proc: ExecProc,
+        on_end: Box<dyn FnOnce() + Send>,
+    },
 }
 
 /// The reading half of an input connection.
@@ -109,7 +116,7 @@ impl Opened {
     /// The pid `stream_started` reports.
     pub fn pid(&self) -> Option<i32> {
         match self {
-            Opened::Exec(p) => Some(p.pid),
+            Opened::Exec(p) | Opened::Adopted { proc: p, .. } => Some(p.pid),
             _ => None,
         }
     }
@@ -125,7 +132,15 @@ impl Opened {
             Opened::Exec(ExecProc {
                 stdin: Some((slot, _)),
                 ..
-            }) => Some(slot.token),
+            })
+            | Opened::Adopted {
+                proc:
+                    ExecProc {
+                        stdin: Some((slot, _)),
+                        ..
+                    },
+                ..
+            } => Some(slot.token),
             _ => None,
         }
     }
@@ -133,8 +148,13 @@ impl Opened {
     /// Ends a stream that never ran: an exec's process group is killed, as when
     /// its host goes away.
     pub fn abandon(self) {
-        if let Opened::Exec(p) = self {
-            signal_group(p.pid, libc::SIGKILL);
+        match self {
+            Opened::Exec(p) => signal_group(p.pid, libc::SIGKILL),
+            Opened::Adopted { proc, on_end } => {
+                signal_group(proc.pid, libc::SIGKILL);
+                on_end();
+            }
+            _ => {}
         }
     }
 
@@ -146,6 +166,10 @@ impl Opened {
     {
         match self {
             Opened::Exec(p) => run_exec(p, rd, &mut wr).await,
+            Opened::Adopted { proc, on_end } => {
+                run_exec(proc, rd, &mut wr).await;
+                on_end();
+            }
             Opened::NotStarted(n) => {
                 let _ = GuestFrame::Stderr(n.stderr.into_bytes())
                     .write(&mut wr)
@@ -205,6 +229,54 @@ pub struct ExecProc {
 enum ExecOutput {
     Pipes(Option<OwnedFd>, Option<OwnedFd>),
     Pty(Arc<PtyMaster>),
+}
+
+/// The standard I/O of a process the agent did not spawn (a container's).
+pub enum AdoptedIo {
+    /// Pipes: the writing end of its stdin (when it takes input), the reading
+    /// ends of its stdout and stderr.
+    Pipes {
+        stdin: Option<OwnedFd>,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    },
+    /// Its terminal's master.
+    Pty(Arc<PtyMaster>),
+}
+
+impl ExecProc {
+    /// An exec stream's process for `pid`, whose exit `exit` delivers. With a
+    /// terminal, `stdin` says whether the host's input goes to it.
+    pub fn adopt(
+        inputs: &Arc<Inputs>,
+        pid: i32,
+        exit: ExitWaiter,
+        io: AdoptedIo,
+        stdin: bool,
+    ) -> ExecProc {
+        match io {
+            AdoptedIo::Pipes {
+                stdin: input,
+                stdout,
+                stderr,
+            } => ExecProc {
+                pid,
+                exit,
+                master: None,
+                stdin: input.map(|fd| (inputs.register(), StdinSink::Pipe(fd))),
+                output: ExecOutput::Pipes(Some(stdout), Some(stderr)),
+                timeout: None,
+            },
+            AdoptedIo::Pty(master) => ExecProc {
+                pid,
+                exit,
+                master: Some(Arc::clone(&master)),
+                stdin: stdin.then(|| (inputs.register(), StdinSink::Pty(Arc::clone(&master)))),
+                output: ExecOutput::Pty(master),
+                timeout: None,
+            },
+        }
+    }
 }
 
 /// Validates `req` and starts its process (in a process group of its own).

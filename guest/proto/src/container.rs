@@ -66,6 +66,8 @@ pub fn validate_container_id(id: &str) -> Result<(), String> {
 /// is true (of `size`, resized by `resize` controls), pipes otherwise.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ContainerCreate {
+    /// On the wire `container`: a request's own `id` shares its JSON object.
+    #[serde(rename = "container")]
     pub id: String,
     /// Whether the host sends standard input (on an input connection, as an
     /// exec's); without it the process reads `/dev/null`.
@@ -80,6 +82,8 @@ pub struct ContainerCreate {
 /// terminal, capabilities, ...). The stream ends with its `exit` event.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ContainerExec {
+    /// On the wire `container`, as in [`ContainerCreate`].
+    #[serde(rename = "container")]
     pub id: String,
     pub process: serde_json::Value,
     #[serde(default)]
@@ -88,7 +92,9 @@ pub struct ContainerExec {
     pub size: Option<WinSize>,
 }
 
-/// Requests on an existing container. Each is answered with
+/// Requests on an existing container. The container's id is `container` on the
+/// wire (a request's `id` is the request's own, in the same JSON object). Each is
+/// answered with
 /// [`Reply::Container`](crate::Reply) (its status after the request), except
 /// `Ps`, answered with [`Reply::Pids`](crate::Reply).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -96,37 +102,45 @@ pub struct ContainerExec {
 pub enum ContainerOp {
     /// Runs the created container's program. Refused unless it is `created`.
     Start {
+        #[serde(rename = "container")]
         id: String,
     },
     /// Sends `signal` to its process, or with `all` to every process in it.
     Kill {
+        #[serde(rename = "container")]
         id: String,
         signal: i32,
         #[serde(default)]
         all: bool,
     },
     State {
+        #[serde(rename = "container")]
         id: String,
     },
     /// Freezes every process in it (cgroup freezer).
     Pause {
+        #[serde(rename = "container")]
         id: String,
     },
     Resume {
+        #[serde(rename = "container")]
         id: String,
     },
     /// The guest pids of its processes.
     Ps {
+        #[serde(rename = "container")]
         id: String,
     },
     /// New cgroup limits: an OCI runtime-spec `LinuxResources` object.
     Update {
+        #[serde(rename = "container")]
         id: String,
         resources: serde_json::Value,
     },
     /// Forgets a stopped container (its cgroup and state); with `force` a live one
     /// is killed first. Answered with its last status.
     Delete {
+        #[serde(rename = "container")]
         id: String,
         #[serde(default)]
         force: bool,
@@ -179,4 +193,41 @@ pub struct ContainerStatus {
     /// How it ended, once `stopped`.
     #[serde(default)]
     pub exit: Option<crate::stream::ExitInfo>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Op, Request, StreamOpen};
+
+    /// Container requests share their JSON object with the request's own `id`.
+    #[test]
+    fn container_requests_round_trip() {
+        let ops = [
+            Op::Container(ContainerOp::Kill {
+                id: "c1".into(),
+                signal: 9,
+                all: true,
+            }),
+            Op::Stream(StreamOpen::ContainerCreate(ContainerCreate {
+                id: "c1".into(),
+                stdin: true,
+                size: None,
+            })),
+            Op::Stream(StreamOpen::ContainerExec(ContainerExec {
+                id: "c1".into(),
+                process: serde_json::json!({"args": ["sh"]}),
+                stdin: false,
+                size: None,
+            })),
+        ];
+        for op in ops {
+            let text = serde_json::to_string(&Request { id: 7, op }).expect("serialize");
+            let back: Request = serde_json::from_str(&text).expect(&text);
+            assert_eq!(back.id, 7);
+            let again = serde_json::to_string(&back).expect("serialize");
+            assert_eq!(again, text);
+            assert!(text.contains(r#""container":"c1""#), "{text}");
+        }
+    }
 }

@@ -43,6 +43,8 @@ pub fn router(state: AppState) -> Router {
             "/v1/workspaces/{ws}/port-forwards/{port}",
             axum::routing::delete(forward_rm),
         )
+        .route("/v1/containers", post(container_vm_create))
+        .route("/v1/workspaces/{ws}/containers", post(container_op))
         .route("/v1/teams", axum::routing::post(team_create))
         .route("/v1/teams/{name}", get(team_status).delete(team_destroy))
         .route("/v1/workspaces/{ws}", get(info).delete(destroy))
@@ -284,6 +286,21 @@ async fn create(
     ApiJson(p): ApiJson<CreateParams>,
 ) -> ApiResult<WorkspaceInfo> {
     ok(s.engine.create(p, None).await?)
+}
+
+async fn container_vm_create(
+    State(s): State<AppState>,
+    ApiJson(r): ApiJson<ContainerVmRequest>,
+) -> ApiResult<WorkspaceInfo> {
+    ok(s.engine.container_vm_create(r).await?)
+}
+
+async fn container_op(
+    State(s): State<AppState>,
+    Path(ws): Path<String>,
+    ApiJson(op): ApiJson<ContainerOp>,
+) -> ApiResult<ContainerAnswer> {
+    ok(s.engine.container_op(&ws, op).await?)
 }
 
 async fn info(State(s): State<AppState>, Path(ws): Path<String>) -> ApiResult<WorkspaceInfo> {

@@ -108,6 +108,41 @@ pub struct WorkspaceRecord {
     /// Most bytes its volume may hold (see `Store::set_disk_limit`); none on
     /// stores that cannot limit.
     pub disk_limit: Option<u64>,
+    pub kind: Kind,
+    /// The OCI container a `container` VM was made for.
+    pub container: Option<ContainerRef>,
+}
+
+/// What a VM is for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A workspace: its own volume as the root file system.
+    #[default]
+    Workspace,
+    /// One OCI container (docs/oci.md): no volume; the bundle's root file system
+    /// and mounts reach it through a shared directory.
+    Container,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Workspace => "workspace",
+            Kind::Container => "container",
+        }
+    }
+}
+
+/// The OCI container a container VM serves, as the OCI runtime's caller named it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerRef {
+    /// The container's id.
+    pub id: String,
+    /// The OCI runtime's state root (`--root`).
+    pub root: String,
+    /// The bundle directory on the host.
+    pub bundle: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,7 +177,11 @@ CREATE TABLE IF NOT EXISTS workspaces (
     pids TEXT,
     forked_from TEXT,
     head TEXT,
-    disk_limit INTEGER
+    disk_limit INTEGER,
+    kind TEXT,
+    oci_id TEXT,
+    oci_root TEXT,
+    oci_bundle TEXT
 );
 CREATE TABLE IF NOT EXISTS teams (
     name TEXT PRIMARY KEY,
@@ -163,8 +202,8 @@ CREATE TABLE IF NOT EXISTS snapshots (
 );
 ";
 
-const COLUMNS: &str =
-    "id, name, state, vcpus, memory_mib, image, created_at, accel, store, volume, pids, forked_from, disk_limit";
+const COLUMNS: &str = "id, name, state, vcpus, memory_mib, image, created_at, accel, store, \
+     volume, pids, forked_from, disk_limit, kind, oci_id, oci_root, oci_bundle";
 
 impl Db {
     pub fn open(path: &Path) -> Result<Db> {
@@ -181,6 +220,10 @@ impl Db {
             ("workspaces", "head", "TEXT"),
             ("snapshots", "parent", "TEXT"),
             ("workspaces", "disk_limit", "INTEGER"),
+            ("workspaces", "kind", "TEXT"),
+            ("workspaces", "oci_id", "TEXT"),
+            ("workspaces", "oci_root", "TEXT"),
+            ("workspaces", "oci_bundle", "TEXT"),
         ] {
             if conn
                 .prepare(&format!("SELECT {column} FROM {table} LIMIT 0"))
@@ -210,7 +253,7 @@ impl Db {
             .and_then(|f| serde_json::to_string(f).ok());
         let res = self.with(|c| {
             c.execute(
-                &format!("INSERT INTO workspaces ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
+                &format!("INSERT INTO workspaces ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"),
                 params![
                     w.id,
                     w.name,
@@ -224,7 +267,13 @@ impl Db {
                     w.volume.to_string_lossy(),
                     pids,
                     forked_from,
-                    w.disk_limit.map(|b| b.min(i64::MAX as u64) as i64)
+                    w.disk_limit.map(|b| b.min(i64::MAX as u64) as i64),
+                    w.kind.as_str(),
+                    w.container.as_ref().map(|c| c.id.as_str()),
+                    w.container.as_ref().map(|c| c.root.as_str()),
+                    w.container
+                        .as_ref()
+                        .map(|c| c.bundle.to_string_lossy().into_owned()),
                 ],
             )
         });
@@ -345,6 +394,23 @@ fn row(r: &Row<'_>) -> rusqlite::Result<WorkspaceRecord> {
     let volume: String = r.get(9)?;
     let forked_from: Option<String> = r.get(11)?;
     let disk_limit: Option<i64> = r.get(12)?;
+    let kind: Option<String> = r.get(13)?;
+    let oci_id: Option<String> = r.get(14)?;
+    let oci_root: Option<String> = r.get(15)?;
+    let oci_bundle: Option<String> = r.get(16)?;
+    // Records made before kinds existed are workspaces.
+    let kind = match kind.as_deref() {
+        Some("container") => Kind::Container,
+        _ => Kind::Workspace,
+    };
+    let container = match (oci_id, oci_root, oci_bundle) {
+        (Some(id), Some(root), Some(bundle)) => Some(ContainerRef {
+            id,
+            root,
+            bundle: PathBuf::from(bundle),
+        }),
+        _ => None,
+    };
     Ok(WorkspaceRecord {
         id: r.get(0)?,
         name: r.get(1)?,
@@ -361,6 +427,8 @@ fn row(r: &Row<'_>) -> rusqlite::Result<WorkspaceRecord> {
         pids: pids.and_then(|s| serde_json::from_str(&s).ok()),
         forked_from: forked_from.and_then(|s| serde_json::from_str(&s).ok()),
         disk_limit: disk_limit.and_then(|b| u64::try_from(b).ok()),
+        kind,
+        container,
     })
 }
 
@@ -383,6 +451,8 @@ mod tests {
             pids: None,
             forked_from: None,
             disk_limit: Some(1 << 30),
+            kind: Kind::Workspace,
+            container: None,
         }
     }
 
@@ -426,6 +496,50 @@ mod tests {
         assert_eq!(got.state, State::Running);
         db.delete("aaaaaaaaaaaa").unwrap();
         assert!(db.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_container_vm_keeps_its_kind_and_container() {
+        let t = tempfile::tempdir().unwrap();
+        let db = Db::open(&t.path().join("db")).unwrap();
+        let mut r = rec("cccccccccccc", "c-0123456789ab");
+        r.kind = Kind::Container;
+        r.container = Some(ContainerRef {
+            id: "web".into(),
+            root: "/run/burrow-runtime".into(),
+            bundle: "/b/web".into(),
+        });
+        db.insert(&r).unwrap();
+        db.insert(&rec("aaaaaaaaaaaa", "dev")).unwrap();
+        assert_eq!(db.get("cccccccccccc").unwrap(), Some(r));
+        let w = db.get("aaaaaaaaaaaa").unwrap().unwrap();
+        assert_eq!((w.kind, w.container), (Kind::Workspace, None));
+    }
+
+    /// A state dir made before kinds existed gains the columns; its records are
+    /// workspaces.
+    #[test]
+    fn old_databases_gain_the_kind_columns() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE workspaces (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, \
+                 state TEXT NOT NULL, vcpus INTEGER NOT NULL, memory_mib INTEGER NOT NULL, \
+                 image TEXT NOT NULL, created_at TEXT NOT NULL, accel TEXT, store TEXT NOT NULL, \
+                 volume TEXT NOT NULL, pids TEXT); \
+                 INSERT INTO workspaces VALUES ('aaaaaaaaaaaa', 'old', 'stopped', 1, 512, \
+                 'debian', '2026-01-01T00:00:00Z', NULL, 'copy', '/v/a', NULL);",
+            )
+            .unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        let w = db.get("aaaaaaaaaaaa").unwrap().unwrap();
+        assert_eq!(
+            (w.name.as_str(), w.kind, w.container),
+            ("old", Kind::Workspace, None)
+        );
     }
 
     #[test]

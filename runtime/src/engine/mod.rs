@@ -5,6 +5,7 @@
 //! start. Records go to the database before resources are made, and
 //! [`Engine::open`] reconciles what a crashed daemon left behind.
 
+mod containers;
 mod guest_ops;
 mod network;
 mod reconcile;
@@ -26,6 +27,9 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
+pub use containers::{
+    vm_name as container_vm_name, CONTAINER_OVERHEAD_MIB, DEFAULT_CONTAINER_MEMORY_MIB,
+};
 pub use guest_ops::LogKind;
 pub use network::PolicyChange;
 pub use snapshots::{Diff, DiffPath, ForkParams, SnapshotInfo, MAX_FORKS};
@@ -33,6 +37,7 @@ pub use state_lock::StateLock;
 pub use streams::{validate_control, validate_open};
 pub use teams::{TeamMember, TeamParams};
 
+pub use crate::db::{ContainerRef, Kind};
 use crate::db::{Db, ForkedFrom, ProcId, State, VmPids, WorkspaceRecord};
 use crate::error::{Error, Result};
 use crate::guest::GuestClient;
@@ -101,6 +106,13 @@ pub struct WorkspaceInfo {
     pub disk_used_bytes: Option<u64>,
     #[serde(default)]
     pub disk_limit_bytes: Option<u64>,
+    /// `workspace`, or `container` for a VM made for one OCI container (no
+    /// volume: `volume` is the directory it shares with the guest).
+    #[serde(default)]
+    pub kind: Kind,
+    /// The OCI container a container VM serves.
+    #[serde(default)]
+    pub container: Option<ContainerRef>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -136,6 +148,8 @@ impl From<WorkspaceRecord> for WorkspaceInfo {
             limits: None,
             disk_used_bytes: None,
             disk_limit_bytes: r.disk_limit,
+            kind: r.kind,
+            container: r.container,
         }
     }
 }
@@ -171,6 +185,8 @@ pub struct Engine {
     vmm: VmmConfig,
     /// The task watching the store's server, if it has one.
     store_watch: Mutex<Option<JoinHandle<()>>>,
+    /// A container VM's network namespace, from its create until its boot took it.
+    container_netns: Mutex<HashMap<String, PathBuf>>,
     /// The recorders of terminal sessions.
     recordings: recording::Recordings,
 }
@@ -235,6 +251,7 @@ impl Engine {
             watchers: Mutex::new(HashMap::new()),
             vmm,
             store_watch: Mutex::new(None),
+            container_netns: Mutex::new(HashMap::new()),
             recordings: recording::Recordings::default(),
         });
         engine.reconcile().await?;
@@ -301,7 +318,8 @@ impl Engine {
         if self.vmm.cgroups.is_some() {
             info.limits = Some(Limits::for_vm(info.vcpus, info.memory_mib));
         }
-        if self.store.limits_disk() && info.state != State::Creating {
+        if self.store.limits_disk() && info.state != State::Creating && info.kind == Kind::Workspace
+        {
             match self.store.disk_usage(&info.id) {
                 Ok(u) => {
                     info.disk_used_bytes = Some(u.used_bytes);
@@ -378,6 +396,8 @@ impl Engine {
             pids: None,
             forked_from: None,
             disk_limit,
+            kind: Kind::Workspace,
+            container: None,
         };
         self.materialize(rec, VolumeSource::Image(source), boot_timeout, progress)
             .await
@@ -561,6 +581,16 @@ impl Engine {
         let (_held, rec) = self.lock_workspace(reference).await?;
         match rec.state {
             State::Running => return self.info(&rec.id),
+            // Its mounts were made for one boot; the OCI runtime makes a new VM.
+            State::Stopped if rec.kind == Kind::Container => {
+                return Err(Error::invalid(
+                    "workspace",
+                    format!(
+                        "{} is a stopped container VM: it cannot start again; destroy it",
+                        rec.name
+                    ),
+                ))
+            }
             State::Stopped => {}
             s => return Err(wrong_state(&rec, s, "start", "stopped")),
         }
@@ -602,14 +632,19 @@ impl Engine {
         }
         self.release_cgroup(&rec.id).await;
         self.clear_run_dir(&rec.id);
-        if let Ok(net) = &self.net {
-            net.release(&rec.id);
+        if rec.kind == Kind::Container {
+            // The VM is down: nothing in the guest can move the mounts now.
+            self.unshare_container(&rec.id).await?;
+        } else {
+            if let Ok(net) = &self.net {
+                net.release(&rec.id);
+            }
+            let store = self.store.clone();
+            let id = rec.id.clone();
+            tokio::task::spawn_blocking(move || store.delete(&id))
+                .await
+                .map_err(|e| Error::Vmm(format!("volume task: {e}")))??;
         }
-        let store = self.store.clone();
-        let id = rec.id.clone();
-        tokio::task::spawn_blocking(move || store.delete(&id))
-            .await
-            .map_err(|e| Error::Vmm(format!("volume task: {e}")))??;
         let logs = self.state.log_dir(&rec.id);
         if let Err(e) = std::fs::remove_dir_all(&logs) {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -667,7 +702,7 @@ pub fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
-fn host_memory_mib() -> u32 {
+pub(super) fn host_memory_mib() -> u32 {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     meminfo
         .lines()

@@ -80,6 +80,7 @@ impl Engine {
             net.sync(ids, self.db.teams()?);
         }
         self.sweep_orphans(&adopted).await;
+        self.sweep_container_dirs().await;
         Ok(())
     }
 
@@ -107,7 +108,9 @@ impl Engine {
             }
         }
         let volumes = self.store.volumes_dir();
-        for p in crate::process::processes_mentioning(&[&run_root, &volumes]) {
+        // A container VM's virtiofsd names its shared dir, under containers/.
+        let containers = self.state.containers_root();
+        for p in crate::process::processes_mentioning(&[&run_root, &volumes, &containers]) {
             // A helper forked by an adopted process (virtiofsd's sandboxed child)
             // shares its process group: it belongs to that VM.
             // SAFETY: getpgid has no memory effects.

@@ -141,6 +141,7 @@ impl Engine {
     }
 
     fn ready_snapshot(&self, rec: &WorkspaceRecord, name: &str) -> Result<SnapshotRecord> {
+        super::containers::has_volume(rec, "snapshots, forks and diffs")?;
         validate_snapshot_name(name).map_err(store_err)?;
         match self.db.snapshot(&rec.id, name)? {
             Some(s) if s.state == SnapshotState::Ready => Ok(s),
@@ -170,6 +171,7 @@ impl Engine {
     pub async fn snapshot_create(&self, reference: &str, name: &str) -> Result<SnapshotInfo> {
         validate_snapshot_name(name).map_err(store_err)?;
         let (_held, rec) = self.lock_workspace(reference).await?;
+        super::containers::has_volume(&rec, "snapshots")?;
         if !matches!(rec.state, State::Running | State::Stopped) {
             return Err(super::wrong_state(
                 &rec,
@@ -213,6 +215,7 @@ impl Engine {
 
     pub async fn snapshot_list(self: &Arc<Self>, reference: &str) -> Result<Vec<SnapshotInfo>> {
         let rec = self.db.resolve(reference)?;
+        super::containers::has_volume(&rec, "snapshots")?;
         let engine = self.clone();
         blocking(move || {
             engine
@@ -367,6 +370,8 @@ impl Engine {
                     snapshot: p.snapshot.clone(),
                 }),
                 disk_limit,
+                kind: crate::db::Kind::Workspace,
+                container: None,
             });
         }
         let made = futures_util::future::join_all(recs.into_iter().map(|rec| {

@@ -7,11 +7,11 @@ use std::time::Duration;
 use burrow_proto::{Op, READY_PORT};
 
 use super::{now_rfc3339, Engine};
-use crate::db::{State, VmPids, WorkspaceRecord};
+use crate::db::{Kind, State, VmPids, WorkspaceRecord};
 use crate::error::{Error, Result};
 use crate::guest::ReadyListener;
 use crate::image::Progress;
-use crate::vmm::{self, VmPaths, VmSpec};
+use crate::vmm::{self, BootMode, VmPaths, VmSpec};
 
 /// How long a workspace's cgroup removal is retried while its last processes are
 /// still being torn down: REMOVE_ATTEMPTS × REMOVE_RETRY.
@@ -30,16 +30,18 @@ impl Engine {
             .accel
             .get_or_init(|| vmm::accel::choose(self.images.dir(), &boot))
             .await;
+        let container = rec.kind == Kind::Container;
         // The store's server may have died since the last boot: bring it back
         // (so `start` always recovers), then put the disk limit on the volume.
-        {
+        // A container VM has no volume.
+        if !container {
             let store = self.store.clone();
             tokio::task::spawn_blocking(move || store.ensure_ready())
                 .await
                 .map_err(|e| Error::Vmm(format!("volume task: {e}")))??;
+            self.watch_store();
+            self.apply_disk_limit(rec).await?;
         }
-        self.watch_store();
-        self.apply_disk_limit(rec).await?;
         let paths = self.paths(&rec.id);
         self.clear_run_dir(&rec.id);
         paths
@@ -72,6 +74,15 @@ impl Engine {
             None => None,
         };
         let net = match &self.net {
+            // A container VM takes over the interface of the network namespace its
+            // caller made, if any; it has no lease on burrow's network.
+            _ if container => match self.container_net(&rec.id).await {
+                Ok(net) => net,
+                Err(e) => {
+                    self.release_cgroup(&rec.id).await;
+                    return self.boot_aborted(rec, Error::Vmm(format!("network: {e}")));
+                }
+            },
             Ok(n) => match n.attach(&rec.id) {
                 Ok((lease, net)) => {
                     tracing::info!(workspace = %rec.id, ip = %lease.ip, tap = %lease.tap, "network");
@@ -96,6 +107,11 @@ impl Engine {
             kernel: boot.kernel,
             initramfs: boot.initramfs,
             root: rec.volume.clone(),
+            mode: if container {
+                BootMode::Container
+            } else {
+                BootMode::Workspace
+            },
             run_dir: paths.run_dir.clone(),
             log_dir: paths.log_dir.clone(),
             net,

@@ -11,6 +11,7 @@
 pub mod accel;
 pub mod cgroup;
 pub mod jail;
+pub mod netns;
 mod qemu;
 pub mod qmp;
 mod wait;
@@ -33,8 +34,10 @@ pub struct VmSpec {
     pub accel: Accel,
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
-    /// Directory served to the guest as its root file system.
+    /// Directory served to the guest: its root file system (a workspace), or the
+    /// containers' shared directory (a container VM).
     pub root: PathBuf,
+    pub mode: BootMode,
     pub run_dir: PathBuf,
     pub log_dir: PathBuf,
     /// The guest's network interface, when the workspace has one.
@@ -46,6 +49,16 @@ pub struct VmSpec {
     /// The workspace's cgroup, which every process of the VM joins before exec.
     pub cgroup: Option<WorkspaceCgroup>,
     pub console: ConsoleSpec,
+}
+
+/// What the initramfs makes of the shared directory (`burrow.mode=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootMode {
+    /// The directory is the guest's root file system (virtio-fs tag `rootfs`).
+    Workspace,
+    /// The root is a bounded tmpfs; the directory is the containers' one (tag
+    /// `shared`), mounted at `/run/burrow/shared` (docs/oci.md).
+    Container,
 }
 
 /// Where the serial console goes: QEMU's stdout, a pipe to `writer`.
@@ -132,6 +145,7 @@ pub struct VmNet {
     pub mac: String,
     pub ip: std::net::Ipv4Addr,
     pub prefix: u8,
+    /// Unspecified (0.0.0.0) when there is no default route.
     pub gateway: std::net::Ipv4Addr,
 }
 

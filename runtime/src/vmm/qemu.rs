@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::jail::{find_program, Jail, JailBuilder, NoCapabilities};
-use super::{Accel, VmPaths, VmSpec, WorkspaceCgroup};
+use super::{Accel, BootMode, VmPaths, VmSpec, WorkspaceCgroup};
 use crate::db::{ProcId, VmPids};
 use crate::process::pass_fd;
 
@@ -109,12 +109,19 @@ pub async fn launch(spec: &VmSpec) -> Result<VmPids, LaunchError> {
     cmd.arg(format!("--fd={PASSED_FD}"))
         .arg("--shared-dir")
         .arg(&spec.root)
-        // The guest is the only writer of its root while it runs (the host goes
-        // through the agent), so the guest may cache entries, attributes and pages
-        // for good. With --cache=auto every open() dropped the page cache and every
-        // exec re-read libc over FUSE: 65 ms to spawn `true` under TCG; 7 ms now.
+        .arg(match spec.mode {
+            // The guest is the only writer of its root while it runs (the host
+            // goes through the agent), so the guest may cache entries, attributes
+            // and pages for good. With --cache=auto every open() dropped the page
+            // cache and every exec re-read libc over FUSE: 65 ms to spawn `true`
+            // under TCG; 7 ms now.
+            BootMode::Workspace => "--cache=always",
+            // A container's bind mounts are host directories the host changes too
+            // (`docker run -v`), and the host adds containers' directories after
+            // the boot: the guest revalidates what it cached.
+            BootMode::Container => "--cache=auto",
+        })
         .args([
-            "--cache=always",
             // The guest drives this process: keep it in its own namespaces, chrooted
             // into the volume, so a hostile guest cannot walk out of its root.
             "--sandbox=namespace",
@@ -322,10 +329,17 @@ impl std::os::fd::AsRawFd for RawFdRef {
 
 fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
     let mem = format!("{}M", spec.memory_mib);
+    let tag = match spec.mode {
+        BootMode::Workspace => ROOT_TAG,
+        BootMode::Container => burrow_proto::CONTAINERS_TAG,
+    };
     let mut cmdline = format!(
-        "console=ttyS0 quiet panic=-1 reboot=t burrow.root={ROOT_TAG} burrow.hostname={}",
+        "console=ttyS0 quiet panic=-1 reboot=t burrow.root={tag} burrow.hostname={}",
         spec.hostname
     );
+    if spec.mode == BootMode::Container {
+        cmdline.push_str(" burrow.mode=container");
+    }
     let (accel, cpu) = match spec.accel {
         Accel::Kvm => ("kvm", "host"),
         // MTTCG: one host thread per vCPU. QEMU's default CPU model: with `max` the
@@ -342,10 +356,11 @@ fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
     }
     if let Some(net) = &spec.net {
         // Configured by the initramfs before the agent starts.
-        cmdline.push_str(&format!(
-            " burrow.ip={}/{} burrow.gw={}",
-            net.ip, net.prefix, net.gateway
-        ));
+        cmdline.push_str(&format!(" burrow.ip={}/{}", net.ip, net.prefix));
+        // A container's namespace may have no default route.
+        if !net.gateway.is_unspecified() {
+            cmdline.push_str(&format!(" burrow.gw={}", net.gateway));
+        }
     }
     let mut args: Vec<String> = vec![
         "-name".into(),
@@ -393,7 +408,7 @@ fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
         "-chardev".into(),
         format!("socket,id=rootfs,path={}", paths.virtiofs().display()),
         "-device".into(),
-        format!("vhost-user-fs-device,chardev=rootfs,tag={ROOT_TAG}"),
+        format!("vhost-user-fs-device,chardev=rootfs,tag={tag}"),
         // QMP on the listening socket bound by the engine (fd 3): connectable from the
         // moment QEMU is spawned, no waiting for QEMU to create it.
         "-chardev".into(),

@@ -72,19 +72,20 @@ fn is_bidi_control(c: char) -> bool {
 
 pub fn print_list(list: &[WorkspaceInfo]) {
     println!(
-        "{:<12}  {:<20} {:<9} {:>5} {:>7} {:<5} {:<8} CREATED",
-        "ID", "NAME", "STATE", "VCPUS", "MEMORY", "ACCEL", "IMAGE"
+        "{:<12}  {:<20} {:<9} {:<9} {:>5} {:>7} {:<5} {:<8} CREATED",
+        "ID", "NAME", "KIND", "STATE", "VCPUS", "MEMORY", "ACCEL", "IMAGE"
     );
     for w in list {
         println!(
-            "{:<12}  {:<20} {:<9} {:>5} {:>6}M {:<5} {:<8} {}",
+            "{:<12}  {:<20} {:<9} {:<9} {:>5} {:>6}M {:<5} {:<8} {}",
             w.id,
             w.name,
+            w.kind.as_str(),
             w.state.as_str(),
             w.vcpus,
             w.memory_mib,
             w.accel.as_deref().unwrap_or("-"),
-            w.image,
+            if w.image.is_empty() { "-" } else { &w.image },
             w.created_at
         );
     }
@@ -93,11 +94,19 @@ pub fn print_list(list: &[WorkspaceInfo]) {
 pub fn print_info(w: &WorkspaceInfo) {
     println!("id:         {}", w.id);
     println!("name:       {}", w.name);
+    println!("kind:       {}", w.kind.as_str());
+    if let Some(c) = &w.container {
+        println!("container:  {:?} (root {:?})", c.id, c.root);
+        println!("bundle:     {:?}", c.bundle);
+    }
     println!("state:      {}", w.state);
     println!("vcpus:      {}", w.vcpus);
     println!("memory:     {} MiB", w.memory_mib);
     println!("accel:      {}", w.accel.as_deref().unwrap_or("-"));
-    println!("image:      {}", w.image);
+    println!(
+        "image:      {}",
+        if w.image.is_empty() { "-" } else { &w.image }
+    );
     println!("created_at: {}", w.created_at);
     println!("store:      {}", w.store);
     println!("volume:     {}", w.volume.display());
