@@ -187,3 +187,46 @@ fn docker_runs_containers_in_microvms() {
             .is_some_and(|a| a.is_empty())
     });
 }
+
+/// `DOCKER_BUILDKIT=1 docker build`: BuildKit inside dockerd runs the `runc` on
+/// dockerd's PATH, here burrow-runtime (`run --bundle B ID` in the foreground):
+/// each RUN step is a microVM, whose kernel is the guest's.
+#[test]
+fn buildkit_runs_dockerfile_steps_through_burrow_runtime() {
+    require_root!();
+    let b = Burrow::new();
+    b.ok(&["ls"]);
+    let d = Dockerd::start(&b, true);
+    d.import_busybox("bb");
+    let ctx = d.dir.path().join("ctx");
+    std::fs::create_dir_all(&ctx).expect("context");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM bb\nRUN uname -r > /kernel\nRUN echo two >> /steps\nRUN echo three >> /steps\n",
+    )
+    .expect("Dockerfile");
+    let out = d
+        .docker(&[
+            "build",
+            "--network",
+            "none",
+            "--progress",
+            "plain",
+            "-t",
+            "built",
+            &ctx.to_string_lossy(),
+        ])
+        .env("DOCKER_BUILDKIT", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("docker build");
+    assert!(
+        out.status.success(),
+        "docker build failed: {}\n{}",
+        text(&out.stderr),
+        burrow_tests::tail_of(&d.dir.path().join("dockerd.err"), 20)
+    );
+    // Read back through burrow too (runc on this dockerd's PATH is burrow-runtime).
+    let out = d.ok(&["run", "--rm", "built", "cat", "/kernel", "/steps"]);
+    assert_eq!(out, format!("{}\ntwo\nthree\n", guest_kernel_release()));
+}
