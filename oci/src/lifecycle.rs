@@ -47,7 +47,7 @@ async fn make_vm(ctx: &Ctx, id: &str, bundle: &Bundle) -> Result<Made> {
         id: id.to_string(),
         root: ctx.root.path().to_string_lossy().into_owned(),
         bundle: bundle.dir.clone(),
-        spec: bundle.spec.clone(),
+        spec: guest_spec(ctx, id, &bundle.spec),
     };
     ctx.log.debug(&format!("{id}: booting its VM"));
     match client.container_vm_create(&req).await {
@@ -68,6 +68,20 @@ async fn make_vm(ctx: &Ctx, id: &str, bundle: &Bundle) -> Result<Made> {
     }
     // The lock is dropped with `made`; `undo` removes it.
     Ok(made)
+}
+
+/// The spec the guest makes the container from: without its hooks. Hooks are
+/// host commands that runc runs in the runtime's namespaces (docker's
+/// `libnetwork-setkey` is dockerd's own binary, by /proc path); the guest can
+/// only fail them. This runtime does not run them on the host yet (docs/oci.md).
+fn guest_spec(ctx: &Ctx, id: &str, spec: &serde_json::Value) -> serde_json::Value {
+    let mut spec = spec.clone();
+    if let Some(hooks) = spec.as_object_mut().and_then(|o| o.remove("hooks")) {
+        ctx.log.debug(&format!(
+            "{id}: hooks not run (they are host commands): {hooks}"
+        ));
+    }
+    spec
 }
 
 /// Removes what a failed create made (holder, VM, record, lock); returns `e`.
