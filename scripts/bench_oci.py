@@ -126,7 +126,7 @@ def rss_without_guest_ram(pid, guest_mib):
 def build(env, context, runs):
     out = []
     for _ in range(runs):
-        out.append(timed([DOCKER, "build", "--no-cache", "-q", "-t", "burrow-bench-build", context], env))
+        out.append(timed([DOCKER, "build", "--network", "none", "--no-cache", "-q", "-t", "burrow-bench-build", context], env))
     return out
 
 

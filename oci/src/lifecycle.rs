@@ -330,11 +330,7 @@ pub async fn run(ctx: &Ctx, a: &liboci_cli::Run) -> Result<()> {
     {
         return Err(undo(ctx, made, e).await);
     }
-    let Made {
-        client,
-        record,
-        lock,
-    } = made;
+    let Made { client, lock, .. } = made;
     // Others (state, kill, exec) may act on it while it runs.
     drop(lock);
     let kill = Kill::Container {
@@ -351,7 +347,6 @@ pub async fn run(ctx: &Ctx, a: &liboci_cli::Run) -> Result<()> {
         }
         lock.release_and_remove();
     }
-    drop(record);
     holder::exit_as(ended, &ctx.log)
 }
 
