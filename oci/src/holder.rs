@@ -491,12 +491,13 @@ impl Drop for AbortOnDrop {
 /// by the same signal (without a core dump).
 pub fn exit_as(ended: Ended, log: &Log) -> ! {
     match ended {
-        Ended::Exit(x) => {
-            if let Some(sig) = x.signal {
+        Ended::Exit(x) => match exit_plan(x) {
+            ExitPlan::Raise(sig) => {
                 raise(sig);
+                std::process::exit(128 + sig)
             }
-            std::process::exit(x.exit_code)
-        }
+            ExitPlan::Code(c) => std::process::exit(c),
+        },
         Ended::Lost(m) => {
             log.error(&m);
             std::process::exit(crate::EXIT_LOST)
@@ -504,8 +505,54 @@ pub fn exit_as(ended: Ended, log: &Log) -> ! {
     }
 }
 
-/// Kills this process with `sig` if its default action ends a process; returns
-/// otherwise.
+/// How the holder ends for a given exit of the container's process.
+#[derive(Debug, PartialEq, Eq)]
+enum ExitPlan {
+    Raise(i32),
+    Code(i32),
+}
+
+/// The guest says how its process ended, and the guest is untrusted: the holder
+/// kills itself only with a signal whose default action ends a process (a
+/// "killed by SIGSTOP" must not stop it, leaving the shim waiting forever), and
+/// exits with a status in 0-255 (exit(256) would read as success).
+fn exit_plan(x: ExitInfo) -> ExitPlan {
+    let ends = |s: i32| {
+        matches!(
+            s,
+            libc::SIGHUP
+                | libc::SIGINT
+                | libc::SIGQUIT
+                | libc::SIGILL
+                | libc::SIGTRAP
+                | libc::SIGABRT
+                | libc::SIGBUS
+                | libc::SIGFPE
+                | libc::SIGKILL
+                | libc::SIGUSR1
+                | libc::SIGSEGV
+                | libc::SIGUSR2
+                | libc::SIGPIPE
+                | libc::SIGALRM
+                | libc::SIGTERM
+                | libc::SIGSTKFLT
+                | libc::SIGXCPU
+                | libc::SIGXFSZ
+                | libc::SIGVTALRM
+                | libc::SIGPROF
+                | libc::SIGIO
+                | libc::SIGPWR
+                | libc::SIGSYS
+        ) || (34..=64).contains(&s)
+    };
+    match x.signal {
+        Some(s) if ends(s) => ExitPlan::Raise(s),
+        _ if (0..=255).contains(&x.exit_code) => ExitPlan::Code(x.exit_code),
+        _ => ExitPlan::Code(255),
+    }
+}
+
+/// Kills this process with `sig` (one whose default action ends a process).
 fn raise(sig: i32) {
     let no_core = libc::rlimit {
         rlim_cur: 0,
@@ -521,5 +568,54 @@ fn raise(sig: i32) {
         libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
         libc::kill(libc::getpid(), sig);
     }
-    // A signal whose default is to be ignored or to stop: the exit code says it.
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exit(code: i32, signal: Option<i32>) -> ExitInfo {
+        ExitInfo {
+            exit_code: code,
+            signal,
+            timed_out: false,
+        }
+    }
+
+    #[test]
+    fn the_holder_ends_as_the_container_did() {
+        assert_eq!(exit_plan(exit(3, None)), ExitPlan::Code(3));
+        assert_eq!(exit_plan(exit(137, Some(9))), ExitPlan::Raise(9));
+        assert_eq!(exit_plan(exit(143, Some(15))), ExitPlan::Raise(15));
+        assert_eq!(exit_plan(exit(162, Some(34))), ExitPlan::Raise(34));
+    }
+
+    /// A hostile guest's exit report cannot stop the holder (the shim would wait
+    /// forever) or turn into a success.
+    #[test]
+    fn a_guests_exit_report_cannot_stop_or_fake_the_holder() {
+        for sig in [libc::SIGSTOP, libc::SIGTSTP, libc::SIGTTIN, libc::SIGTTOU] {
+            assert_eq!(
+                exit_plan(exit(128 + sig, Some(sig))),
+                ExitPlan::Code(128 + sig)
+            );
+        }
+        for sig in [
+            libc::SIGCHLD,
+            libc::SIGCONT,
+            libc::SIGWINCH,
+            libc::SIGURG,
+            0,
+            -1,
+            65,
+            1000,
+        ] {
+            assert!(
+                matches!(exit_plan(exit(1, Some(sig))), ExitPlan::Code(_)),
+                "{sig}"
+            );
+        }
+        assert_eq!(exit_plan(exit(256, None)), ExitPlan::Code(255));
+        assert_eq!(exit_plan(exit(-1, None)), ExitPlan::Code(255));
+    }
 }
