@@ -344,6 +344,11 @@ fn qemu_args(spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
         Accel::Kvm => ("kvm", "host"),
         // MTTCG: one host thread per vCPU. QEMU's default CPU model: with `max` the
         // guest kernel cannot calibrate its TSC against the PIT and hangs.
+        // A container VM's translation buffer is bounded: TCG maps 1 GiB for it
+        // by default, and what it fills (~200 MiB over a container's life) is
+        // host memory the container pays for. A container runs one program; a
+        // workspace keeps the default for its builds and tools.
+        Accel::Tcg if spec.mode == BootMode::Container => ("tcg,thread=multi,tb-size=64", "qemu64"),
         Accel::Tcg => ("tcg,thread=multi", "qemu64"),
     };
     if spec.accel == Accel::Tcg {
