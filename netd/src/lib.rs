@@ -31,4 +31,5 @@ mod rules;
 mod state;
 
 pub use client::{NetClient, NetError};
+pub use links::open_tap;
 pub use protocol::{Lease, Reply, Request};

@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use futures_util::TryStreamExt;
 use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec};
 
-pub(crate) type LinkResult<T> = Result<T, String>;
+pub type LinkResult<T> = Result<T, String>;
 
 async fn index_of(handle: &Handle, name: &str) -> LinkResult<Option<u32>> {
     let mut links = handle.link().get().match_name(name.to_string()).execute();
@@ -82,9 +82,10 @@ pub(crate) async fn ensure_bridge(
     Ok(index)
 }
 
-/// Creates TAP device `name` (not persistent: it goes when the last descriptor
-/// on it is closed, that is when its VM's QEMU exits) and returns that descriptor.
-pub(crate) fn open_tap(name: &str, mac: [u8; 6]) -> LinkResult<OwnedFd> {
+/// Creates TAP device `name` in the calling thread's network namespace (not
+/// persistent: it goes when the last descriptor on it is closed, that is when its
+/// VM's QEMU exits) and returns that descriptor.
+pub fn open_tap(name: &str, mac: [u8; 6]) -> LinkResult<OwnedFd> {
     let path = c"/dev/net/tun";
     // SAFETY: open of a NUL-terminated path.
     let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };

@@ -14,7 +14,7 @@
 //! namespace usually goes with its container anyway).
 
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -131,31 +131,7 @@ fn open_tap_in(netns: &Path, name: &str) -> Result<OwnedFd, String> {
                 std::io::Error::last_os_error()
             ));
         }
-        // SAFETY: open of a NUL-terminated path.
-        let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-        if fd < 0 {
-            return Err(format!(
-                "open /dev/net/tun: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        // SAFETY: a fresh fd we own.
-        let tun = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: ifreq is plain old data; zero is valid.
-        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
-            *d = s as libc::c_char;
-        }
-        req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
-        // SAFETY: TUNSETIFF reads and writes `req`, which lives across the call.
-        if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
-            return Err(format!(
-                "create TAP {name} in {}: {}",
-                netns.display(),
-                std::io::Error::last_os_error()
-            ));
-        }
-        Ok(tun)
+        burrow_netd::open_tap(&name, [0; 6]).map_err(|e| format!("{e} in {}", netns.display()))
     })
     .join()
     .map_err(|_| "the TAP thread panicked".to_string())?
