@@ -130,6 +130,19 @@ def build(env, context, runs):
     return out
 
 
+def stop_daemon(burrow, env, state):
+    """Stops burrowd and removes its state dir once it has exited (a state dir
+    left behind keeps its network's claim)."""
+    subprocess.run([*burrow, "daemon", "stop"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while subprocess.run([*burrow, "daemon", "status"], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL).returncode == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    shutil.rmtree(state, ignore_errors=True)
+    if os.path.exists(state):
+        print(f"clean-up: {state} could not be removed", file=sys.stderr)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("bin_dir")
@@ -238,9 +251,7 @@ def main():
             if failed:
                 print(f"targets missed: {', '.join(failed)}")
     finally:
-        subprocess.run([*burrow, "daemon", "stop"], env=dict(os.environ, **burrow_env),
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        shutil.rmtree(state, ignore_errors=True)
+        stop_daemon(burrow, dict(os.environ, **burrow_env), state)
         shutil.rmtree(context, ignore_errors=True)
         subprocess.run(["ip", "netns", "delete", netns], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
