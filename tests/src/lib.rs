@@ -758,11 +758,12 @@ impl Tmux {
             .prefix("tmux")
             .tempdir_in("/tmp")
             .expect("tempdir");
-        // No status line (the window is the pane), panes stay after their command
-        // exits (so its last words can be read), a long history.
+        // A server that stays when its last session goes, no status line (the
+        // window is the pane), panes that stay after their command exits (so its
+        // last words can be read), a long history.
         std::fs::write(
             dir.path().join("conf"),
-            "set -g status off\nset -g remain-on-exit on\nset -g history-limit 50000\n\
+            "set -s exit-empty off\nset -g status off\nset -g remain-on-exit on\nset -g history-limit 50000\n\
              set -g default-terminal screen\nset -g escape-time 0\n",
         )
         .expect("tmux conf");
@@ -805,8 +806,8 @@ impl Tmux {
             &rows.to_string(),
             &cmd,
         ]);
-        // The server exits with its last session and the next one starts another:
-        // note the one serving now.
+        // The server outlives its sessions (exit-empty off: a new session must not
+        // race a server exiting with the last one); note it for the clean-up.
         self.server = self
             .tmux(&["display-message", "-p", "-t", name, "#{pid}"])
             .trim()
