@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import os
+import select
 import shutil
 import statistics
 import subprocess
@@ -133,11 +134,16 @@ def build(env, context, runs):
 def stop_daemon(burrow, env, state):
     """Stops burrowd and removes its state dir once it has exited (a state dir
     left behind keeps its network's claim)."""
+    status = subprocess.run([*burrow, "daemon", "status", "--json"], env=env, capture_output=True, text=True)
+    pidfd = None
+    if status.returncode == 0:
+        with contextlib.suppress(ValueError, KeyError, ProcessLookupError):
+            pidfd = os.pidfd_open(int(json.loads(status.stdout)["pid"]))
     subprocess.run([*burrow, "daemon", "stop"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while subprocess.run([*burrow, "daemon", "status"], env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL).returncode == 0 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    if pidfd is not None:
+        # Readable once burrowd has exited.
+        select.select([pidfd], [], [], 60)
+        os.close(pidfd)
     shutil.rmtree(state, ignore_errors=True)
     if os.path.exists(state):
         print(f"clean-up: {state} could not be removed", file=sys.stderr)

@@ -549,8 +549,9 @@ impl Containers {
 }
 
 /// Mounts the virtio-fs tag [`CONTAINERS_TAG`] on `dir` unless `dir` already is
-/// a mount point. The device may still be probing right after boot, so a missing
-/// tag is retried for a bounded time.
+/// a mount point. A container VM's initramfs mounts it before the agent runs
+/// (after waiting for the device itself), so this only serves a VM booted
+/// otherwise: one attempt, whose failure is the answer.
 fn mount_shared(dir: &std::path::Path) -> Result<(), AgentError> {
     use std::os::unix::fs::MetadataExt;
     let shown = dir.to_string_lossy();
@@ -565,30 +566,19 @@ fn mount_shared(dir: &std::path::Path) -> Result<(), AgentError> {
     if d.dev() != p.dev() {
         return Ok(());
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    loop {
-        match nix::mount::mount(
-            Some(CONTAINERS_TAG),
-            dir,
-            Some("virtiofs"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        ) {
-            Ok(()) => return Ok(()),
-            Err(e)
-                if std::time::Instant::now() < deadline
-                    && matches!(e, nix::errno::Errno::ENOENT | nix::errno::Errno::ENODEV) =>
-            {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => {
-                return Err(AgentError::new(
-                    ErrorKind::Io,
-                    format!("{shown}: mount of virtio-fs tag {CONTAINERS_TAG:?}: {e}"),
-                ))
-            }
-        }
-    }
+    nix::mount::mount(
+        Some(CONTAINERS_TAG),
+        dir,
+        Some("virtiofs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| {
+        AgentError::new(
+            ErrorKind::Io,
+            format!("{shown}: mount of virtio-fs tag {CONTAINERS_TAG:?}: {e}"),
+        )
+    })
 }
 
 fn validate_size(size: Option<WinSize>) -> Result<(), AgentError> {
