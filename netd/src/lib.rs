@@ -31,5 +31,6 @@ mod rules;
 mod state;
 
 pub use client::{NetClient, NetError};
+pub use fdpass::send_with_fd;
 pub use links::open_tap;
 pub use protocol::{Lease, Reply, Request};

@@ -111,34 +111,7 @@ pub fn window_size(fd: RawFd) -> Option<WinSize> {
 /// so).
 pub fn send_fd(path: &Path, fd: RawFd, name: &str) -> std::io::Result<()> {
     let sock = UnixStream::connect(path)?;
-    let mut data = name.as_bytes().to_vec();
-    if data.is_empty() {
-        data.push(0);
-    }
-    let mut iov = libc::iovec {
-        iov_base: data.as_mut_ptr().cast(),
-        iov_len: data.len(),
-    };
-    // SAFETY: CMSG_SPACE computes a size from a constant.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: msghdr is plain data; the fields set below point at live buffers.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space;
-    // SAFETY: the control buffer holds one header of CMSG_SPACE(sizeof fd).
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
-    }
-    // SAFETY: msg points at the iovec and control buffer above, alive for the call.
-    if unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    // At least one byte of data carries the descriptor.
+    let data = if name.is_empty() { "\0" } else { name };
+    burrow_netd::send_with_fd(sock.as_raw_fd(), data.as_bytes(), fd)
 }
