@@ -90,6 +90,29 @@ fn bad_input_is_one_line_and_leaves_nothing() {
         &["create", "--bundle", &noargs.to_string_lossy(), "c1"],
         "process.args: missing or empty",
     );
+    // Hooks: a malformed one, one that cannot run on the host, and a prestart
+    // hook that fails (after the holder exists: it is taken down with the rest).
+    let mut s = spec(&["true"], false);
+    s["hooks"] = json!({"prestart": [{"path": "rel/hook"}]});
+    let relhook = bundle(&tmp.path().join("relhook"), &s);
+    rt.refused(
+        &["create", "--bundle", &relhook.to_string_lossy(), "c1"],
+        "hooks.prestart[0].path: \"rel/hook\" is not an absolute path",
+    );
+    let mut s = spec(&["true"], false);
+    s["hooks"] = json!({"createContainer": [{"path": "/bin/true"}]});
+    let inside = bundle(&tmp.path().join("inside"), &s);
+    rt.refused(
+        &["create", "--bundle", &inside.to_string_lossy(), "c1"],
+        "hooks.createContainer: not supported",
+    );
+    let mut s = spec(&["true"], false);
+    s["hooks"] = json!({"prestart": [{"path": "/bin/sh", "args": ["sh", "-c", "echo no network >&2; exit 4"]}]});
+    let failing = bundle(&tmp.path().join("failing"), &s);
+    rt.refused(
+        &["create", "--bundle", &failing.to_string_lossy(), "c1"],
+        "hooks.prestart[0]: /bin/sh failed (exit status 4): no network",
+    );
     // A terminal with nowhere to send it.
     let tty = bundle(&tmp.path().join("tty"), &spec(&["sh"], true));
     rt.refused(
@@ -267,7 +290,24 @@ fn the_shim_sequence_with_a_console_socket() {
     let b = Burrow::new();
     let tmp = tmpdir();
     let rt = Runtime::new(&b, tmp.path());
-    let bdir = bundle(&tmp.path().join("b"), &spec(&["sh"], true));
+    // Hooks that record the state they are given, as docker's libnetwork-setkey
+    // reads it to find the container's network namespace.
+    let mut s = spec(&["sh"], true);
+    let hook = |name: &str| {
+        let f = tmp.path().join(name);
+        json!({"path": "/bin/sh", "args": ["sh", "-c", format!("cat > {}", f.display())]})
+    };
+    s["hooks"] = json!({
+        "prestart": [hook("prestart.json")],
+        "createRuntime": [hook("createRuntime.json")],
+        "poststart": [hook("poststart.json")],
+        "poststop": [hook("poststop.json")],
+    });
+    let bdir = bundle(&tmp.path().join("b"), &s);
+    let hook_state = |name: &str| -> serde_json::Value {
+        let f = tmp.path().join(name);
+        serde_json::from_slice(&std::fs::read(&f).expect("the hook ran")).expect("state json")
+    };
     let console = ConsoleSocket::new(&tmp.path().join("console.sock"));
     let pid_file = tmp.path().join("c.pid");
     let create = rt
@@ -296,8 +336,21 @@ fn the_shim_sequence_with_a_console_socket() {
         .trim()
         .parse()
         .expect("pid");
+    // prestart and createRuntime ran before create returned, with the holder
+    // as the container's pid; the holder has a network namespace of its own,
+    // the one the spec asked for (hooks set it up; the VM takes it over).
+    for h in ["prestart.json", "createRuntime.json"] {
+        let st = hook_state(h);
+        assert_eq!(st["pid"], holder, "{h}: {st}");
+        assert_eq!(st["id"], "t1");
+        assert_eq!(st["status"], "creating");
+    }
+    let netns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).expect("netns");
+    assert_ne!(netns(&holder.to_string()), netns("self"));
+    assert!(!tmp.path().join("poststart.json").exists());
     resize(&master, 33, 101);
     rt.ok(&["start", "t1"]);
+    assert_eq!(hook_state("poststart.json")["status"], "running");
     let mut m = std::fs::File::from(master.try_clone().expect("dup"));
     m.write_all(b"stty size; echo mark-$((6*7))\r")
         .expect("type");
@@ -317,7 +370,9 @@ fn the_shim_sequence_with_a_console_socket() {
     assert_eq!(rt.state("t1")["status"], "stopped");
     drop(m);
     let _ = master.as_raw_fd();
+    assert!(!tmp.path().join("poststop.json").exists());
     rt.ok(&["delete", "t1"]);
+    assert_eq!(hook_state("poststop.json")["status"], "stopped");
     nothing_left(&b, &rt);
 }
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
+use crate::hooks::Hooks;
 
 /// What the runtime needs of a bundle; the spec itself goes to burrowd as read.
 #[derive(Debug, Clone)]
@@ -16,6 +17,12 @@ pub struct Bundle {
     pub rootfs: PathBuf,
     pub terminal: bool,
     pub annotations: BTreeMap<String, String>,
+    /// The hooks that run on the host.
+    pub hooks: Hooks,
+    /// The spec asks for a network namespace of its own (one with no path):
+    /// the holder makes it, so that hooks can set it up before the VM takes
+    /// its interface over.
+    pub new_netns: bool,
 }
 
 impl Bundle {
@@ -95,14 +102,41 @@ impl Bundle {
                 annotations.insert(k.clone(), v.to_string());
             }
         }
+        let hooks = Hooks::from_spec(&spec)?;
+        let new_netns = wants_new_netns(&spec)?;
         Ok(Bundle {
             dir,
             spec,
             rootfs,
             terminal,
             annotations,
+            hooks,
+            new_netns,
         })
     }
+}
+
+/// Whether `linux.namespaces` has a network namespace with no path (a new one).
+fn wants_new_netns(spec: &Value) -> Result<bool> {
+    let list = match spec.pointer("/linux/namespaces") {
+        None | Some(Value::Null) => return Ok(false),
+        Some(Value::Array(l)) => l,
+        Some(_) => return Err(Error::invalid("linux.namespaces", "not a list")),
+    };
+    for (i, n) in list.iter().enumerate() {
+        if n.get("type").and_then(Value::as_str) != Some("network") {
+            continue;
+        }
+        return match n.get("path") {
+            None | Some(Value::Null) => Ok(true),
+            Some(Value::String(p)) => Ok(p.is_empty()),
+            Some(_) => Err(Error::invalid(
+                format!("linux.namespaces[{i}].path"),
+                "not a string",
+            )),
+        };
+    }
+    Ok(false)
 }
 
 /// Checks the fields of a runtime-spec Process that the guest cannot do without

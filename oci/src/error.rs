@@ -34,6 +34,9 @@ pub enum Error {
     /// The holder process could not be started or did not say the container exists.
     #[error("{0}")]
     Holder(String),
+    /// A hook of the spec failed: names it (`hooks.prestart[0]: ...`).
+    #[error("{0}")]
+    Hook(String),
 }
 
 impl Error {

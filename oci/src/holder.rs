@@ -102,13 +102,33 @@ pub async fn spawn(
     globals: Vec<OsString>,
     record: impl FnOnce(ProcId) -> Result<()>,
 ) -> Result<ProcId> {
+    let pending = start(globals, orders.terminal, false)?;
+    if let Err(e) = record(pending.id) {
+        pending.abandon().await;
+        return Err(e);
+    }
+    pending.give(orders).await
+}
+
+/// A holder that runs but has no orders yet: it waits for them on a pipe, so
+/// that the caller can first run hooks with its pid and boot the VM on its
+/// network namespace.
+pub struct Pending {
+    pub id: ProcId,
+    orders: OwnedFd,
+    ready: OwnedFd,
+}
+
+/// Starts a holder process, in a network namespace of its own when `new_netns`.
+/// `terminal`: the container's stdio is a pty, so the holder must not keep the
+/// caller's fds 0-2.
+pub fn start(globals: Vec<OsString>, terminal: bool, new_netns: bool) -> Result<Pending> {
     let exe = std::env::current_exe().map_err(|e| Error::Holder(format!("own binary: {e}")))?;
-    let body = serde_json::to_vec(orders).map_err(|e| Error::Holder(e.to_string()))?;
     let (orders_r, orders_w) = pipe()?;
     let (ready_r, ready_w) = pipe()?;
     let mut cmd = Command::new(&exe);
     cmd.args(globals).arg("holder");
-    if orders.terminal {
+    if terminal {
         // The container's stdio is the pty: the holder must not keep the
         // caller's pipes open (go-runc reads create's output to its end).
         cmd.stdin(Stdio::null())
@@ -116,14 +136,20 @@ pub async fn spawn(
             .stderr(Stdio::null());
     }
     let (or, rw) = (orders_r.as_raw_fd(), ready_w.as_raw_fd());
-    // SAFETY: setsid, fcntl and dup2 are async-signal-safe; they run between fork
-    // and exec on fds that are open in the child.
+    // SAFETY: setsid, unshare, fcntl and dup2 are async-signal-safe; they run
+    // between fork and exec on fds that are open in the child.
     unsafe {
         cmd.pre_exec(move || {
             // A session of its own, as runc gives a container: a terminal it
             // opens becomes its controlling terminal (SIGWINCH, SIGHUP), and the
             // caller's terminal signals do not reach it.
             libc::setsid();
+            // The container's network namespace, as runc makes one: hooks set
+            // it up through /proc/<holder>/ns/net, then the VM takes its
+            // interface over. It lives as long as the holder.
+            if new_netns && libc::unshare(libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             // Moved out of the way first, so that neither dup2 below clobbers
             // the other's source.
             let or = libc::fcntl(or, libc::F_DUPFD_CLOEXEC, 10);
@@ -148,38 +174,57 @@ pub async fn spawn(
     // shim's), so the Child is forgotten, not waited.
     drop(child);
     let id = ProcId::of(pid).ok_or_else(|| Error::Holder("the holder exited at once".into()))?;
-    if let Err(e) = record(id) {
+    Ok(Pending {
+        id,
+        orders: orders_w,
+        ready: ready_r,
+    })
+}
+
+impl Pending {
+    /// Kills the holder (a create that failed before giving it orders).
+    pub async fn abandon(self) {
+        self.id.signal(libc::SIGKILL);
+        self.id.exited().await;
+    }
+
+    /// Gives the holder its orders and waits until the container's process
+    /// exists; kills it if it does not say so.
+    pub async fn give(self, orders: &Orders) -> Result<ProcId> {
+        let Pending {
+            id,
+            orders: w,
+            ready,
+        } = self;
+        let fed = serde_json::to_vec(orders)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|body| std::fs::File::from(w).write_all(&body));
+        let line = tokio::task::spawn_blocking(move || {
+            let mut f = std::fs::File::from(ready);
+            let mut buf = Vec::new();
+            let _ = (&mut f).take(4096).read_to_end(&mut buf);
+            String::from_utf8_lossy(&buf).into_owned()
+        });
+        let line = match (fed, tokio::time::timeout(READY_TIMEOUT, line).await) {
+            (Ok(()), Ok(Ok(line))) => line,
+            (Err(e), _) => format!("error cannot give the holder its orders: {e}"),
+            (_, Err(_)) => format!(
+                "error the container's process did not start within {} s",
+                READY_TIMEOUT.as_secs()
+            ),
+            (_, Ok(Err(e))) => format!("error {e}"),
+        };
+        let line = line.trim_end();
+        if line.starts_with("ok ") {
+            return Ok(id);
+        }
         id.signal(libc::SIGKILL);
-        return Err(e);
+        id.exited().await;
+        Err(Error::Holder(match line.strip_prefix("error ") {
+            Some(m) => m.to_string(),
+            None => "the holder exited before the container's process existed".to_string(),
+        }))
     }
-    let mut orders_w = std::fs::File::from(orders_w);
-    let fed = orders_w.write_all(&body);
-    drop(orders_w);
-    let line = tokio::task::spawn_blocking(move || {
-        let mut f = std::fs::File::from(ready_r);
-        let mut buf = Vec::new();
-        let _ = (&mut f).take(4096).read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
-    });
-    let line = match (fed, tokio::time::timeout(READY_TIMEOUT, line).await) {
-        (Ok(()), Ok(Ok(line))) => line,
-        (Err(e), _) => format!("error cannot give the holder its orders: {e}"),
-        (_, Err(_)) => format!(
-            "error the container's process did not start within {} s",
-            READY_TIMEOUT.as_secs()
-        ),
-        (_, Ok(Err(e))) => format!("error {e}"),
-    };
-    let line = line.trim_end();
-    if line.starts_with("ok ") {
-        return Ok(id);
-    }
-    id.signal(libc::SIGKILL);
-    id.exited().await;
-    Err(Error::Holder(match line.strip_prefix("error ") {
-        Some(m) => m.to_string(),
-        None => "the holder exited before the container's process existed".to_string(),
-    }))
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd)> {

@@ -13,7 +13,7 @@ use crate::bundle::{check_process, Bundle};
 use crate::error::{Error, Result};
 use crate::holder::{self, Ended, Io, Kill, Orders};
 use crate::store::{write_atomic, IdLock, Record};
-use crate::{term, Ctx, Status};
+use crate::{hooks, term, Ctx, Status};
 
 /// Everything `create` and `run` share: a checked bundle and a recorded,
 /// booted VM, its record saved under the id's lock.
@@ -23,15 +23,15 @@ struct Made {
     lock: IdLock,
 }
 
-/// Checks the bundle and the id, records the container, boots its VM. On any
-/// failure nothing is left.
-async fn make_vm(ctx: &Ctx, id: &str, bundle: &Bundle) -> Result<Made> {
+/// Checks the id and records the container, with no VM or holder yet; the
+/// record is saved under the id's lock, which `made` holds.
+async fn record_new(ctx: &Ctx, id: &str, bundle: &Bundle) -> Result<Made> {
     let lock = ctx.root.lock(id)?;
     if ctx.root.load(id)?.is_some() {
         return Err(Error::Exists(id.to_string()));
     }
     let client = ctx.client().await?;
-    let mut record = Record {
+    let record = Record {
         id: id.to_string(),
         bundle: bundle.dir.clone(),
         rootfs: bundle.rootfs.clone(),
@@ -41,47 +41,72 @@ async fn make_vm(ctx: &Ctx, id: &str, bundle: &Bundle) -> Result<Made> {
         annotations: bundle.annotations.clone(),
         owner: String::new(),
         terminal: bundle.terminal,
+        hooks: bundle.hooks.clone(),
     };
-    ctx.root.save(&record)?;
-    let req = ContainerVmRequest {
-        id: id.to_string(),
-        root: ctx.root.path().to_string_lossy().into_owned(),
-        bundle: bundle.dir.clone(),
-        spec: guest_spec(ctx, id, &bundle.spec),
-    };
-    ctx.log.debug(&format!("{id}: booting its VM"));
-    match client.container_vm_create(&req).await {
-        Ok(info) => record.vm = Some(info.id),
-        Err(e) => {
-            let _ = ctx.root.remove(id);
-            lock.release_and_remove();
-            return Err(e.into());
-        }
+    if let Err(e) = ctx.root.save(&record) {
+        lock.release_and_remove();
+        return Err(e);
     }
-    let made = Made {
+    Ok(Made {
         client,
         record,
         lock,
-    };
-    if let Err(e) = ctx.root.save(&made.record) {
-        return Err(undo(ctx, made, e).await);
-    }
-    // The lock is dropped with `made`; `undo` removes it.
-    Ok(made)
+    })
 }
 
-/// The spec the guest makes the container from: without its hooks. Hooks are
-/// host commands that runc runs in the runtime's namespaces (docker's
-/// `libnetwork-setkey` is dockerd's own binary, by /proc path); the guest can
-/// only fail them. This runtime does not run them on the host yet (docs/oci.md).
-fn guest_spec(ctx: &Ctx, id: &str, spec: &serde_json::Value) -> serde_json::Value {
-    let mut spec = spec.clone();
-    if let Some(hooks) = spec.as_object_mut().and_then(|o| o.remove("hooks")) {
-        ctx.log.debug(&format!(
-            "{id}: hooks not run (they are host commands): {hooks}"
-        ));
+/// Records the holder, runs the hooks that prepare the container (prestart,
+/// then createRuntime, with the holder's pid) and boots the VM, on the
+/// holder's network namespace when the spec asks for a new one. On failure the
+/// caller undoes `made`.
+async fn prepare_and_boot(
+    ctx: &Ctx,
+    made: &mut Made,
+    bundle: &Bundle,
+    holder: ProcId,
+) -> Result<()> {
+    let id = made.record.id.clone();
+    made.record.holder = Some(holder);
+    ctx.root.save(&made.record)?;
+    let state = hooks::State {
+        id: &id,
+        status: "creating",
+        pid: Some(holder.pid),
+        bundle: &bundle.dir,
+        annotations: &bundle.annotations,
+    };
+    hooks::run("prestart", &bundle.hooks.prestart, &state).await?;
+    hooks::run("createRuntime", &bundle.hooks.create_runtime, &state).await?;
+    let mut spec = bundle.spec.clone();
+    if let Some(o) = spec.as_object_mut() {
+        // Host commands: they ran here, the guest could only fail them.
+        o.remove("hooks");
     }
-    spec
+    if bundle.new_netns {
+        set_netns_path(&mut spec, &format!("/proc/{}/ns/net", holder.pid));
+    }
+    let req = ContainerVmRequest {
+        id: id.clone(),
+        root: ctx.root.path().to_string_lossy().into_owned(),
+        bundle: bundle.dir.clone(),
+        spec,
+    };
+    ctx.log.debug(&format!("{id}: booting its VM"));
+    let info = made.client.container_vm_create(&req).await?;
+    made.record.vm = Some(info.id);
+    ctx.root.save(&made.record)
+}
+
+/// Names `path` as the spec's network namespace (burrowd takes its interface
+/// over for the VM).
+fn set_netns_path(spec: &mut Value, path: &str) {
+    if let Some(list) = spec
+        .pointer_mut("/linux/namespaces")
+        .and_then(Value::as_array_mut)
+    {
+        for n in list.iter_mut().filter(|n| n["type"] == "network") {
+            n["path"] = Value::from(path);
+        }
+    }
 }
 
 /// Removes what a failed create made (holder, VM, record, lock); returns `e`.
@@ -108,6 +133,19 @@ async fn teardown(ctx: &Ctx, client: &Client, r: &Record) {
         match client.destroy(vm).await {
             Ok(_) | Err(ClientError::Api { status: 404, .. }) => {}
             Err(e) => ctx.log.error(&format!("{}: destroy VM {vm}: {e}", r.id)),
+        }
+    }
+    if !r.hooks.poststop.is_empty() {
+        let state = hooks::State {
+            id: &r.id,
+            status: "stopped",
+            pid: None,
+            bundle: &r.bundle,
+            annotations: &r.annotations,
+        };
+        // As runc: a failed poststop hook is a warning; the delete goes on.
+        if let Err(e) = hooks::run("poststop", &r.hooks.poststop, &state).await {
+            ctx.log.warn(&e.to_string());
         }
     }
     if let Err(e) = ctx.root.remove(&r.id) {
@@ -195,7 +233,14 @@ async fn create_detached(
             "required: the spec's process.terminal is true and the container runs detached",
         ));
     }
-    let made = make_vm(ctx, id, &bundle).await?;
+    let mut made = record_new(ctx, id, &bundle).await?;
+    let pending = match holder::start(ctx.globals(), bundle.terminal, bundle.new_netns) {
+        Ok(p) => p,
+        Err(e) => return Err(undo(ctx, made, e).await),
+    };
+    if let Err(e) = prepare_and_boot(ctx, &mut made, &bundle, pending.id).await {
+        return Err(undo(ctx, made, e).await);
+    }
     let orders = Orders {
         socket: made.client.socket().to_path_buf(),
         vm: made.record.vm.clone().unwrap_or_default(),
@@ -204,20 +249,8 @@ async fn create_detached(
         terminal: made.record.terminal,
         console_socket,
     };
-    let mut record = made.record.clone();
-    let root = ctx.root.clone();
-    let spawned = holder::spawn(&orders, ctx.globals(), |h| {
-        record.holder = Some(h);
-        root.save(&record)
-    })
-    .await;
-    let mut made = made;
-    match spawned {
-        Ok(h) => made.record.holder = Some(h),
-        Err(e) => {
-            made.record = ctx.root.load(id).ok().flatten().unwrap_or(made.record);
-            return Err(undo(ctx, made, e).await);
-        }
+    if let Err(e) = pending.give(&orders).await {
+        return Err(undo(ctx, made, e).await);
     }
     let holder = made.record.holder.map(|h| h.pid).unwrap_or_default();
     if let Err(e) = write_pid_file(pid_file, holder) {
@@ -245,7 +278,25 @@ pub async fn start(ctx: &Ctx, a: &liboci_cli::Start) -> Result<()> {
         }
     }
     op(&client, &r, ContainerOp::Start { id: id.clone() }).await?;
+    poststart(ctx, &r).await;
     Ok(())
+}
+
+/// Runs the poststart hooks; as runc, a failure is a warning.
+async fn poststart(ctx: &Ctx, r: &Record) {
+    if r.hooks.poststart.is_empty() {
+        return;
+    }
+    let state = hooks::State {
+        id: &r.id,
+        status: "running",
+        pid: r.holder.map(|h| h.pid),
+        bundle: &r.bundle,
+        annotations: &r.annotations,
+    };
+    if let Err(e) = hooks::run("poststart", &r.hooks.poststart, &state).await {
+        ctx.log.warn(&e.to_string());
+    }
 }
 
 /// One request on the container's VM.
@@ -286,10 +337,24 @@ pub async fn run(ctx: &Ctx, a: &liboci_cli::Run) -> Result<()> {
     // stdio and exits as the container's process does.
     check_id(id)?;
     let bundle = Bundle::load(&a.bundle)?;
-    let mut made = make_vm(ctx, id, &bundle).await?;
-    let me = ProcId::of(std::process::id() as i32);
-    made.record.holder = me;
-    if let Err(e) = ctx.root.save(&made.record) {
+    let mut made = record_new(ctx, id, &bundle).await?;
+    let Some(me) = ProcId::of(std::process::id() as i32) else {
+        return Err(undo(ctx, made, Error::Holder("own process identity".into())).await);
+    };
+    if bundle.new_netns {
+        // This thread is the process's first (block_on runs the call on it),
+        // so /proc/<pid>/ns/net is the namespace made here; burrowd is reached
+        // through a socket path, which no network namespace hides.
+        // SAFETY: unshare takes flags and changes only this thread's namespace.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            let e = Error::Holder(format!(
+                "new network namespace: {}",
+                std::io::Error::last_os_error()
+            ));
+            return Err(undo(ctx, made, e).await);
+        }
+    }
+    if let Err(e) = prepare_and_boot(ctx, &mut made, &bundle, me).await {
         return Err(undo(ctx, made, e).await);
     }
     let io = if bundle.terminal {
@@ -330,6 +395,7 @@ pub async fn run(ctx: &Ctx, a: &liboci_cli::Run) -> Result<()> {
     {
         return Err(undo(ctx, made, e).await);
     }
+    poststart(ctx, &made.record).await;
     let Made { client, lock, .. } = made;
     // Others (state, kill, exec) may act on it while it runs.
     drop(lock);

@@ -46,6 +46,13 @@ impl Log {
         self.line("error", msg);
     }
 
+    /// Something that failed without failing the call (a poststart or
+    /// poststop hook): in the log, and on stderr as runc writes it.
+    pub fn warn(&self, msg: &str) {
+        eprintln!("burrow-runtime: warning: {msg}");
+        self.line("warning", msg);
+    }
+
     /// Written only with `--debug`.
     pub fn debug(&self, msg: &str) {
         if self.debug {

@@ -17,6 +17,7 @@ macro_rules! say {
 mod bundle;
 mod error;
 mod holder;
+mod hooks;
 mod lifecycle;
 mod log;
 mod ops;

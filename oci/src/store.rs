@@ -49,6 +49,9 @@ pub struct Record {
     /// The container's process runs on a terminal.
     #[serde(default)]
     pub terminal: bool,
+    /// The spec's host hooks: poststart runs after `start`, poststop after `delete`.
+    #[serde(default)]
+    pub hooks: crate::hooks::Hooks,
 }
 
 impl Record {
@@ -232,6 +235,7 @@ mod tests {
             annotations: BTreeMap::new(),
             owner: String::new(),
             terminal: false,
+            hooks: Default::default(),
         }
     }
 

@@ -92,13 +92,23 @@ impl GuestClient {
         let input = match token {
             Some(token) => {
                 let mut c = self.connect().await?;
-                self.start_stream(&mut c, StreamOpen::Input { token })
-                    .await?;
-                let (_, wr) = c.stream.into_split();
-                Some(GuestStreamWriter {
-                    wr,
-                    client: self.clone(),
-                })
+                match self.start_stream(&mut c, StreamOpen::Input { token }).await {
+                    Ok(_) => {
+                        let (_, wr) = c.stream.into_split();
+                        Some(GuestStreamWriter {
+                            wr,
+                            client: self.clone(),
+                        })
+                    }
+                    // The exec ended before its input connection came (a
+                    // command that fails at once): its input is gone, its
+                    // output and exit are on the stream connection.
+                    Err(Error::Guest(e)) if e.kind == burrow_proto::ErrorKind::NotFound => {
+                        tracing::debug!(token, "exec ended before its input connection");
+                        None
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             None => None,
         };

@@ -15,6 +15,7 @@ use crate::{text, Burrow};
 const APPLETS: &[&str] = &[
     "sh", "cat", "echo", "uname", "id", "pwd", "sleep", "true", "false", "ls", "nproc", "env",
     "hostname", "stty", "ps", "kill", "touch", "mkdir", "head", "wc", "tr", "cp", "rm", "grep",
+    "httpd", "wget", "ip",
 ];
 
 /// A root file system holding only a static busybox and its applets.
@@ -296,6 +297,17 @@ impl Dockerd {
     /// `runc_is_burrow`: a `runc` on dockerd's PATH that is burrow-runtime (how
     /// BuildKit inside dockerd finds its runtime).
     pub fn start(b: &Burrow, runc_is_burrow: bool) -> Dockerd {
+        Dockerd::launch(b, runc_is_burrow, false)
+    }
+
+    /// A private dockerd with its default bridge network (docker0, in the
+    /// [`Burrow`]'s network namespace) and its userland proxy for `-p`; no
+    /// iptables rules.
+    pub fn start_bridged(b: &Burrow) -> Dockerd {
+        Dockerd::launch(b, false, true)
+    }
+
+    fn launch(b: &Burrow, runc_is_burrow: bool, bridge: bool) -> Dockerd {
         let dir = tempfile::Builder::new()
             .prefix("dk")
             .tempdir_in("/tmp")
@@ -350,12 +362,8 @@ impl Dockerd {
             .arg(d.join("dockerd.pid"))
             .arg("--config-file")
             .arg(&config)
-            .args([
-                "--bridge=none",
-                "--iptables=false",
-                "--ip6tables=false",
-                "--ip-masq=false",
-            ])
+            .args(if bridge { None } else { Some("--bridge=none") })
+            .args(["--iptables=false", "--ip6tables=false", "--ip-masq=false"])
             .env("PATH", path)
             .env("NOTIFY_SOCKET", &notify_path)
             .stdin(Stdio::null())

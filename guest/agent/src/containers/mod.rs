@@ -313,13 +313,11 @@ impl Containers {
         self.ensure_shared().await?;
         let bundle = self.paths.dir.join(&req.id);
         let config = bundle.join("config.json");
-        let spec = std::fs::read(&config)
-            .map_err(|e| AgentError::io("config.json", &e))
-            .and_then(|b| {
-                serde_json::from_slice::<Spec>(&b).map_err(|e| {
-                    AgentError::new(ErrorKind::InvalidArgument, format!("config.json: {e}"))
-                })
-            })?;
+        let bytes = std::fs::read(&config).map_err(|e| AgentError::io("config.json", &e))?;
+        let bytes = vm_network_sysctls(&config, bytes)?;
+        let spec = serde_json::from_slice::<Spec>(&bytes).map_err(|e| {
+            AgentError::new(ErrorKind::InvalidArgument, format!("config.json: {e}"))
+        })?;
         let terminal = spec
             .process()
             .as_ref()
@@ -607,3 +605,52 @@ impl Drop for RemoveOnDrop {
 
 /// Where the OCI state root is by default in a VM.
 pub const DEFAULT_OCI_ROOT: &str = "/run/burrow/oci";
+
+/// A container that shares the VM's network namespace (the host took its own
+/// namespace's interface over for the VM) has the VM's network as its own: the
+/// spec's `net.*` sysctls are set on the VM here, and taken out of the config
+/// libcontainer reads, which refuses them outside a namespace of their own.
+/// Returns the config as libcontainer is to read it.
+fn vm_network_sysctls(config: &std::path::Path, bytes: Vec<u8>) -> Result<Vec<u8>, AgentError> {
+    let invalid = |m: String| AgentError::new(ErrorKind::InvalidArgument, m);
+    let mut spec: Value =
+        serde_json::from_slice(&bytes).map_err(|e| invalid(format!("config.json: {e}")))?;
+    let own_netns = spec
+        .pointer("/linux/namespaces")
+        .and_then(Value::as_array)
+        .is_some_and(|l| l.iter().any(|n| n["type"] == "network"));
+    let Some(sysctl) = spec
+        .pointer_mut("/linux/sysctl")
+        .and_then(Value::as_object_mut)
+    else {
+        return Ok(bytes);
+    };
+    let net: Vec<String> = sysctl
+        .keys()
+        .filter(|k| k.starts_with("net."))
+        .cloned()
+        .collect();
+    if own_netns || net.is_empty() {
+        return Ok(bytes);
+    }
+    for key in &net {
+        let value = sysctl.remove(key).unwrap_or(Value::Null);
+        let value = value
+            .as_str()
+            .ok_or_else(|| invalid(format!("linux.sysctl.{key}: not a string")))?;
+        let ok = key.split('.').all(|p| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b))
+        });
+        if !ok {
+            return Err(invalid(format!("linux.sysctl.{key}: not a sysctl name")));
+        }
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        std::fs::write(&path, value)
+            .map_err(|e| invalid(format!("linux.sysctl.{key}: {path}: {e}")))?;
+    }
+    let out = serde_json::to_vec(&spec).map_err(|e| invalid(format!("config.json: {e}")))?;
+    std::fs::write(config, &out).map_err(|e| AgentError::io("config.json", &e))?;
+    Ok(out)
+}
