@@ -253,14 +253,25 @@ fn run_one(h: &Hook, input: &[u8]) -> std::result::Result<(), String> {
     Err(format!("{} failed ({how}): {said}", h.path.display()))
 }
 
-/// Reads up to [`OUTPUT_CAP`] bytes of a hook's output on a thread of its own.
+/// Reads a hook's output to its end on a thread of its own (a hook must never
+/// block on a full pipe), keeping the first [`OUTPUT_CAP`] bytes.
 fn drain<R: Read + Send + 'static>(p: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
     std::thread::spawn(move || {
-        let mut b = Vec::new();
-        if let Some(p) = p {
-            let _ = p.take(OUTPUT_CAP).read_to_end(&mut b);
+        let mut kept = Vec::new();
+        let Some(mut p) = p else { return kept };
+        let mut buf = [0u8; 8192];
+        loop {
+            match p.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    let room = (OUTPUT_CAP as usize).saturating_sub(kept.len());
+                    kept.extend_from_slice(&buf[..n.min(room)]);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
         }
-        b
+        kept
     })
 }
 
