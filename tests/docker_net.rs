@@ -3,7 +3,8 @@
 //! iptables rules). docker's `libnetwork-setkey` prestart hook moves each
 //! container's veth into the holder's network namespace; the container's VM
 //! takes that interface over. So a container gets docker's address, `-p`
-//! reaches it from the namespace, and containers reach each other.
+//! reaches it from the namespace, containers reach each other, and so do a
+//! build's RUN steps (BuildKit names a namespace it made by path).
 
 use std::time::Duration;
 
@@ -76,6 +77,45 @@ fn docker_bridge_network_and_published_ports_reach_container_vms() {
         &format!("http://{ip}/"),
     ]);
     assert_eq!(got, "hello-from-vm\n");
+
+    // A build's RUN step on the default network: BuildKit hands burrow-runtime
+    // (dockerd's `runc`) a namespace it made on the bridge, by path.
+    let ctx = d.dir.path().join("ctx");
+    std::fs::create_dir_all(&ctx).expect("context");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM bb\nRUN wget -qO- http://{ip}/ > /fetched\n"),
+    )
+    .expect("Dockerfile");
+    let out = d
+        .docker(&[
+            "build",
+            "--progress",
+            "plain",
+            "-t",
+            "built",
+            &ctx.to_string_lossy(),
+        ])
+        .env("DOCKER_BUILDKIT", "1")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("docker build");
+    assert!(
+        out.status.success(),
+        "docker build failed: {}\n{}",
+        text(&out.stderr),
+        burrow_tests::tail_of(&d.dir.path().join("dockerd.err"), 20)
+    );
+    let fetched = d.ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "built",
+        "cat",
+        "/fetched",
+    ]);
+    assert_eq!(fetched, "hello-from-vm\n");
 
     // `--network none`: only loopback, no route out.
     let none = d.ok(&[

@@ -302,9 +302,9 @@ impl Dockerd {
 
     /// A private dockerd with its default bridge network (docker0, in the
     /// [`Burrow`]'s network namespace) and its userland proxy for `-p`; no
-    /// iptables rules.
+    /// iptables rules. burrow-runtime is its `runc` too (BuildKit's RUN steps).
     pub fn start_bridged(b: &Burrow) -> Dockerd {
-        Dockerd::launch(b, false, true)
+        Dockerd::launch(b, true, true)
     }
 
     fn launch(b: &Burrow, runc_is_burrow: bool, bridge: bool) -> Dockerd {
