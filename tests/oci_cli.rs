@@ -113,6 +113,14 @@ fn bad_input_is_one_line_and_leaves_nothing() {
         &["create", "--bundle", &failing.to_string_lossy(), "c1"],
         "hooks.prestart[0]: /bin/sh failed (exit status 4): no network",
     );
+    // A host namespace other than the network's cannot be joined from a VM.
+    let mut s = spec(&["true"], false);
+    s["linux"]["namespaces"][0] = json!({"type": "pid", "path": "/proc/1/ns/pid"});
+    let hostpid = bundle(&tmp.path().join("hostpid"), &s);
+    rt.refused(
+        &["create", "--bundle", &hostpid.to_string_lossy(), "c1"],
+        "linux.namespaces[0].path: cannot join the pid namespace /proc/1/ns/pid",
+    );
     // A terminal with nowhere to send it.
     let tty = bundle(&tmp.path().join("tty"), &spec(&["sh"], true));
     rt.refused(
@@ -300,7 +308,8 @@ fn the_shim_sequence_with_a_console_socket() {
     s["hooks"] = json!({
         "prestart": [hook("prestart.json")],
         "createRuntime": [hook("createRuntime.json")],
-        "poststart": [hook("poststart.json")],
+        // A failing poststart hook is a warning: the next one still runs.
+        "poststart": [{"path": "/bin/false"}, hook("poststart.json")],
         "poststop": [hook("poststop.json")],
     });
     let bdir = bundle(&tmp.path().join("b"), &s);
@@ -349,7 +358,13 @@ fn the_shim_sequence_with_a_console_socket() {
     assert_ne!(netns(&holder.to_string()), netns("self"));
     assert!(!tmp.path().join("poststart.json").exists());
     resize(&master, 33, 101);
-    rt.ok(&["start", "t1"]);
+    let started = rt.run(&["start", "t1"]);
+    assert!(started.status.success(), "{}", text(&started.stderr));
+    assert!(
+        text(&started.stderr).contains("warning: hooks.poststart[0]: /bin/false failed"),
+        "{}",
+        text(&started.stderr)
+    );
     assert_eq!(hook_state("poststart.json")["status"], "running");
     let mut m = std::fs::File::from(master.try_clone().expect("dup"));
     m.write_all(b"stty size; echo mark-$((6*7))\r")

@@ -19,10 +19,9 @@ pub struct Bundle {
     pub annotations: BTreeMap<String, String>,
     /// The hooks that run on the host.
     pub hooks: Hooks,
-    /// The spec asks for a network namespace of its own (one with no path):
-    /// the holder makes it, so that hooks can set it up before the VM takes
-    /// its interface over.
-    pub new_netns: bool,
+    /// The network namespace the holder makes or joins, so that hooks can set
+    /// it up (with the holder's pid) before the VM takes its interface over.
+    pub netns: Netns,
 }
 
 impl Bundle {
@@ -103,7 +102,7 @@ impl Bundle {
             }
         }
         let hooks = Hooks::from_spec(&spec)?;
-        let new_netns = wants_new_netns(&spec)?;
+        let netns = namespaces(&spec)?;
         Ok(Bundle {
             dir,
             spec,
@@ -111,32 +110,69 @@ impl Bundle {
             terminal,
             annotations,
             hooks,
-            new_netns,
+            netns,
         })
     }
 }
 
-/// Whether `linux.namespaces` has a network namespace with no path (a new one).
-fn wants_new_netns(spec: &Value) -> Result<bool> {
+/// The container's network namespace, as `linux.namespaces` asks for it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Netns {
+    /// None named: the VM's own, with no interface.
+    None,
+    /// A new one: the holder makes it.
+    New,
+    /// An existing one by path (BuildKit's, CNI's): the holder joins it.
+    Join(PathBuf),
+}
+
+/// Reads `linux.namespaces`. A path is allowed for the network namespace only:
+/// the others are the guest kernel's, and a host namespace cannot be shared
+/// with a process inside a VM.
+fn namespaces(spec: &Value) -> Result<Netns> {
     let list = match spec.pointer("/linux/namespaces") {
-        None | Some(Value::Null) => return Ok(false),
+        None | Some(Value::Null) => return Ok(Netns::None),
         Some(Value::Array(l)) => l,
         Some(_) => return Err(Error::invalid("linux.namespaces", "not a list")),
     };
+    let mut net = Netns::None;
     for (i, n) in list.iter().enumerate() {
-        if n.get("type").and_then(Value::as_str) != Some("network") {
-            continue;
-        }
-        return match n.get("path") {
-            None | Some(Value::Null) => Ok(true),
-            Some(Value::String(p)) => Ok(p.is_empty()),
-            Some(_) => Err(Error::invalid(
-                format!("linux.namespaces[{i}].path"),
-                "not a string",
-            )),
+        let field = |f: &str| format!("linux.namespaces[{i}].{f}");
+        let kind = n
+            .get("type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::invalid(field("type"), "missing or not a string"))?;
+        let path = match n.get("path") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(p)) if p.is_empty() => None,
+            Some(Value::String(p)) => Some(PathBuf::from(p)),
+            Some(_) => return Err(Error::invalid(field("path"), "not a string")),
         };
+        match (kind, path) {
+            ("network", None) => net = Netns::New,
+            ("network", Some(p)) => {
+                if !p.is_absolute() || std::fs::metadata(&p).is_err() {
+                    return Err(Error::invalid(
+                        field("path"),
+                        format!("network namespace {} does not exist", p.display()),
+                    ));
+                }
+                net = Netns::Join(p);
+            }
+            (_, None) => {}
+            (kind, Some(p)) => {
+                return Err(Error::invalid(
+                    field("path"),
+                    format!(
+                        "cannot join the {kind} namespace {}: the container runs in its own VM, \
+                         which has its own kernel (only a network namespace can be taken over)",
+                        p.display()
+                    ),
+                ))
+            }
+        }
     }
-    Ok(false)
+    Ok(net)
 }
 
 /// Checks the fields of a runtime-spec Process that the guest cannot do without

@@ -36,6 +36,7 @@ use burrow_proto::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use crate::bundle::Netns;
 use crate::error::{Error, Result};
 use crate::log::Log;
 use crate::term;
@@ -102,7 +103,7 @@ pub async fn spawn(
     globals: Vec<OsString>,
     record: impl FnOnce(ProcId) -> Result<()>,
 ) -> Result<ProcId> {
-    let pending = start(globals, orders.terminal, false)?;
+    let pending = start(globals, orders.terminal, &Netns::None)?;
     if let Err(e) = record(pending.id) {
         pending.abandon().await;
         return Err(e);
@@ -119,11 +120,20 @@ pub struct Pending {
     ready: OwnedFd,
 }
 
-/// Starts a holder process, in a network namespace of its own when `new_netns`.
-/// `terminal`: the container's stdio is a pty, so the holder must not keep the
-/// caller's fds 0-2.
-pub fn start(globals: Vec<OsString>, terminal: bool, new_netns: bool) -> Result<Pending> {
+/// Starts a holder process in the container's network namespace (`netns`: a
+/// new one, one it joins, or this process's). `terminal`: the container's
+/// stdio is a pty, so the holder must not keep the caller's fds 0-2.
+pub fn start(globals: Vec<OsString>, terminal: bool, netns: &Netns) -> Result<Pending> {
     let exe = std::env::current_exe().map_err(|e| Error::Holder(format!("own binary: {e}")))?;
+    let join = match netns {
+        Netns::Join(p) => Some(
+            std::fs::File::open(p)
+                .map_err(|e| Error::Holder(format!("network namespace {}: {e}", p.display())))?,
+        ),
+        _ => None,
+    };
+    let join_fd = join.as_ref().map(|f| f.as_raw_fd());
+    let new_netns = *netns == Netns::New;
     let (orders_r, orders_w) = pipe()?;
     let (ready_r, ready_w) = pipe()?;
     let mut cmd = Command::new(&exe);
@@ -149,6 +159,11 @@ pub fn start(globals: Vec<OsString>, terminal: bool, new_netns: bool) -> Result<
             // interface over. It lives as long as the holder.
             if new_netns && libc::unshare(libc::CLONE_NEWNET) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(fd) = join_fd {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             // Moved out of the way first, so that neither dup2 below clobbers
             // the other's source.

@@ -185,20 +185,33 @@ impl State<'_> {
 }
 
 /// Runs `hooks` one after another; the first that fails ends the run, its
-/// error naming it (`what` is the hook kind and index, as the spec has it).
+/// error naming it (`hooks.<kind>[i]`, as the spec has it).
 pub async fn run(kind: &str, hooks: &[Hook], state: &State<'_>) -> Result<()> {
     let input = state.json();
     for (i, h) in hooks.iter().enumerate() {
-        let h = h.clone();
-        let input = input.clone();
-        let done = tokio::task::spawn_blocking(move || run_one(&h, &input))
-            .await
-            .map_err(|e| Error::Hook(format!("hooks.{kind}[{i}]: task: {e}")))?;
-        if let Err(m) = done {
-            return Err(Error::Hook(format!("hooks.{kind}[{i}]: {m}")));
-        }
+        run_named(kind, i, h, &input).await?;
     }
     Ok(())
+}
+
+/// Runs every one of `hooks`, whatever the others did (poststart, poststop:
+/// the runtime spec has a failure logged and the rest run); each failure is
+/// passed to `warn`.
+pub async fn run_all(kind: &str, hooks: &[Hook], state: &State<'_>, warn: impl Fn(&Error)) {
+    let input = state.json();
+    for (i, h) in hooks.iter().enumerate() {
+        if let Err(e) = run_named(kind, i, h, &input).await {
+            warn(&e);
+        }
+    }
+}
+
+async fn run_named(kind: &str, i: usize, h: &Hook, input: &[u8]) -> Result<()> {
+    let (h, input) = (h.clone(), input.to_vec());
+    tokio::task::spawn_blocking(move || run_one(&h, &input))
+        .await
+        .map_err(|e| Error::Hook(format!("hooks.{kind}[{i}]: task: {e}")))?
+        .map_err(|m| Error::Hook(format!("hooks.{kind}[{i}]: {m}")))
 }
 
 fn run_one(h: &Hook, input: &[u8]) -> std::result::Result<(), String> {

@@ -1,6 +1,7 @@
 //! create, start, run, exec and delete: the calls that make and unmake a
 //! container, its VM and its holder.
 
+use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use burrow::api::client::{Client, ClientError};
@@ -9,7 +10,7 @@ use burrow::db::ProcId;
 use burrow_proto::{ContainerCreate, ContainerExec, ContainerOp, StreamOpen};
 use serde_json::Value;
 
-use crate::bundle::{check_process, Bundle};
+use crate::bundle::{check_process, Bundle, Netns};
 use crate::error::{Error, Result};
 use crate::holder::{self, Ended, Io, Kill, Orders};
 use crate::store::{write_atomic, IdLock, Record};
@@ -81,7 +82,7 @@ async fn prepare_and_boot(
         // Host commands: they ran here, the guest could only fail them.
         o.remove("hooks");
     }
-    if bundle.new_netns {
+    if bundle.netns == Netns::New {
         set_netns_path(&mut spec, &format!("/proc/{}/ns/net", holder.pid));
     }
     let req = ContainerVmRequest {
@@ -143,10 +144,11 @@ async fn teardown(ctx: &Ctx, client: &Client, r: &Record) {
             bundle: &r.bundle,
             annotations: &r.annotations,
         };
-        // As runc: a failed poststop hook is a warning; the delete goes on.
-        if let Err(e) = hooks::run("poststop", &r.hooks.poststop, &state).await {
-            ctx.log.warn(&e.to_string());
-        }
+        // A failed poststop hook is a warning; the others and the delete go on.
+        hooks::run_all("poststop", &r.hooks.poststop, &state, |e| {
+            ctx.log.warn(&e.to_string())
+        })
+        .await;
     }
     if let Err(e) = ctx.root.remove(&r.id) {
         ctx.log.error(&e.to_string());
@@ -234,7 +236,7 @@ async fn create_detached(
         ));
     }
     let mut made = record_new(ctx, id, &bundle).await?;
-    let pending = match holder::start(ctx.globals(), bundle.terminal, bundle.new_netns) {
+    let pending = match holder::start(ctx.globals(), bundle.terminal, &bundle.netns) {
         Ok(p) => p,
         Err(e) => return Err(undo(ctx, made, e).await),
     };
@@ -282,7 +284,7 @@ pub async fn start(ctx: &Ctx, a: &liboci_cli::Start) -> Result<()> {
     Ok(())
 }
 
-/// Runs the poststart hooks; as runc, a failure is a warning.
+/// Runs the poststart hooks; a failure is a warning, the others still run.
 async fn poststart(ctx: &Ctx, r: &Record) {
     if r.hooks.poststart.is_empty() {
         return;
@@ -294,9 +296,10 @@ async fn poststart(ctx: &Ctx, r: &Record) {
         bundle: &r.bundle,
         annotations: &r.annotations,
     };
-    if let Err(e) = hooks::run("poststart", &r.hooks.poststart, &state).await {
-        ctx.log.warn(&e.to_string());
-    }
+    hooks::run_all("poststart", &r.hooks.poststart, &state, |e| {
+        ctx.log.warn(&e.to_string())
+    })
+    .await;
 }
 
 /// One request on the container's VM.
@@ -341,7 +344,27 @@ pub async fn run(ctx: &Ctx, a: &liboci_cli::Run) -> Result<()> {
     let Some(me) = ProcId::of(std::process::id() as i32) else {
         return Err(undo(ctx, made, Error::Holder("own process identity".into())).await);
     };
-    if bundle.new_netns {
+    let joined = match &bundle.netns {
+        Netns::Join(p) => Some(std::fs::File::open(p).map_err(Error::io(p))),
+        _ => None,
+    };
+    if let Some(f) = joined {
+        // As a holder does (see below for why this thread).
+        let joined = f.and_then(|f| {
+            // SAFETY: setns takes an open namespace fd and changes only this thread.
+            if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(Error::Holder(format!(
+                    "join the network namespace: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+            Ok(())
+        });
+        if let Err(e) = joined {
+            return Err(undo(ctx, made, e).await);
+        }
+    }
+    if bundle.netns == Netns::New {
         // This thread is the process's first (block_on runs the call on it),
         // so /proc/<pid>/ns/net is the namespace made here; burrowd is reached
         // through a socket path, which no network namespace hides.

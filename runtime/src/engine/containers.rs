@@ -143,6 +143,32 @@ pub fn plan(req: &ContainerVmRequest, host_cpus: u32, host_mib: u32) -> Result<P
 
     let mut guest_spec = req.spec.clone();
     guest_spec["root"]["path"] = Value::from("rootfs");
+    // The guest's CPUs are 0..vcpus and its memory one node: a host cpuset
+    // (`docker run --cpuset-cpus 3`) sized the VM, and inside it means all of it.
+    if let Some(cpu) = guest_spec
+        .pointer_mut("/linux/resources/cpu")
+        .and_then(Value::as_object_mut)
+    {
+        if cpu
+            .get("cpus")
+            .and_then(Value::as_str)
+            .is_some_and(|c| !c.is_empty())
+        {
+            let all = if vcpus == 1 {
+                "0".to_string()
+            } else {
+                format!("0-{}", vcpus - 1)
+            };
+            cpu.insert("cpus".into(), Value::from(all));
+        }
+        if cpu
+            .get("mems")
+            .and_then(Value::as_str)
+            .is_some_and(|m| !m.is_empty())
+        {
+            cpu.insert("mems".into(), Value::from("0"));
+        }
+    }
     if netns.is_some() {
         // The host's namespace has no meaning in the guest: the container shares
         // the VM's, whose interface is the one it was given.
@@ -864,6 +890,24 @@ mod tests {
             1
         );
         assert_eq!(size_of(json!({})), (1, DEFAULT_CONTAINER_MEMORY_MIB));
+        // The host's CPU list sized the VM; in the guest it is the VM's CPUs
+        // (a quota of half a CPU on host CPUs 0-1 is one vCPU: CPU 0).
+        let cpus_in_guest = |r: Value| {
+            let p = plan(&req(&b, spec(r)), 2, 4096).expect("plan");
+            p.guest_spec["linux"]["resources"]["cpu"].clone()
+        };
+        let g = cpus_in_guest(
+            json!({"cpu": {"cpus": "0-1", "quota": 50000, "period": 100000, "mems": "1"}}),
+        );
+        assert_eq!(
+            (g["cpus"].as_str(), g["mems"].as_str()),
+            (Some("0"), Some("0"))
+        );
+        assert_eq!(
+            cpus_in_guest(json!({"cpu": {"cpus": "3,5"}}))["cpus"],
+            "0-1"
+        );
+        assert!(cpus_in_guest(json!({"cpu": {"shares": 2}}))["cpus"].is_null());
         assert_eq!(
             size_of(json!({"memory": {"limit": -1}})).1,
             DEFAULT_CONTAINER_MEMORY_MIB
