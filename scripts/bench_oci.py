@@ -124,6 +124,41 @@ def rss_without_guest_ram(pid, guest_mib):
     return total - ram
 
 
+def smaps_split(pid, guest_mib=None):
+    """A process's memory as smaps shows it, in KiB: the guest's RAM (its largest
+    mapping of at least the guest's size), QEMU's TCG translation buffer (its
+    anonymous rwx mappings), file-backed pages (the binary, libraries, the
+    initramfs: page cache every VM shares), the rest, and the anonymous pages
+    (what one more such process adds; page cache is counted once per host)."""
+    out = {"ram": 0, "tcg": 0, "files": 0, "anon": 0, "unique": 0}
+    maps, cur = [], None
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if parts and "-" in parts[0] and len(parts) >= 5 and ":" in parts[3]:
+                cur = {"perm": parts[1], "path": parts[5] if len(parts) > 5 else "", "Size": 0, "Rss": 0,
+                       "Anonymous": 0}
+                maps.append(cur)
+            elif cur is not None and len(parts) >= 2 and parts[0][:-1] in cur:
+                cur[parts[0][:-1]] = int(parts[1])
+    ram = None
+    if guest_mib:
+        big = [m for m in maps if m["Size"] >= guest_mib * 1024]
+        ram = max(big, key=lambda m: m["Rss"], default=None)
+    for m in maps:
+        if m is ram:
+            out["ram"] += m["Rss"]
+            continue
+        out["unique"] += m["Anonymous"]
+        if m["perm"] == "rwxp" and not m["path"]:
+            out["tcg"] += m["Rss"]
+        elif m["path"].startswith("/") and not m["path"].startswith("/memfd"):
+            out["files"] += m["Rss"]
+        else:
+            out["anon"] += m["Rss"]
+    return out
+
+
 def build(env, context, runs):
     out = []
     for _ in range(runs):
@@ -205,6 +240,10 @@ def main():
                 "console writer": rss_kib(pids["console"]) if pids.get("console") else 0,
             }
             burrow_mib = sum(parts.values()) / 1024
+            qemu_split = smaps_split(pids["qemu"], vm["memory_mib"])
+            unique_mib = (qemu_split["unique"] + sum(
+                smaps_split(p)["unique"] for p in
+                (holder, pids["virtiofsd"], pids["vsock"], pids.get("console")) if p)) / 1024
             runc_pid = int(run([DOCKER, "inspect", "-f", "{{.State.Pid}}", "on-runc"], env=a).stdout)
             shim_pid = int(open(f"/proc/{runc_pid}/stat").read().rsplit(")", 1)[1].split()[1])
             shim_mib = rss_kib(shim_pid) / 1024
@@ -229,6 +268,9 @@ def main():
             "build_burrow_ms": med(builds_burrow),
             "memory_burrow_mib": burrow_mib,
             "memory_runc_shim_mib": shim_mib,
+            "memory_burrow_unique_mib": unique_mib,
+            "qemu_tcg_buffer_mib": qemu_split["tcg"] / 1024,
+            "qemu_file_pages_mib": qemu_split["files"] / 1024,
         }
         print(f"burrow OCI benchmark ({os.cpu_count()} host CPUs, medians)")
         print(f"  (a) floor: qemu boot to /init                 {med(floors):8.0f} ms")
@@ -245,6 +287,9 @@ def main():
               f"(target <= 40; runc's shim {shim_mib:.1f} MiB)")
         for k, v in parts.items():
             print(f"        {k:24} {v / 1024:6.1f} MiB")
+        print(f"        qemu: TCG translation buffer {qemu_split['tcg'] / 1024:.1f}, file pages shared by every VM "
+              f"(binary, libraries, initramfs) {qemu_split['files'] / 1024:.1f}, other {qemu_split['anon'] / 1024:.1f} MiB")
+        print(f"      anonymous memory of all five (what one more container adds) {unique_mib:6.1f} MiB")
         print("JSON " + json.dumps(results))
         if not args.smoke:
             failed = []
