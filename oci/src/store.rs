@@ -49,12 +49,28 @@ pub struct Record {
     /// The container's process runs on a terminal.
     #[serde(default)]
     pub terminal: bool,
+    /// The holders of the execs into it (a host process each, standing for
+    /// the exec's process in the guest): added before an exec's stream opens,
+    /// removed by the holder when its process ends, all killed by `delete`.
+    #[serde(default)]
+    pub execs: Vec<ProcId>,
 }
 
 impl Record {
     /// Whether the holder (and so the container's process) still runs.
     pub fn holder_alive(&self) -> bool {
         self.holder.is_some_and(|h| h.is_alive())
+    }
+
+    /// The host processes that stand for the container's processes: its holder
+    /// and each exec's, those still alive (what `ps --format json` answers).
+    pub fn host_pids(&self) -> Vec<i32> {
+        self.holder
+            .iter()
+            .chain(&self.execs)
+            .filter(|h| h.is_alive())
+            .map(|h| h.pid)
+            .collect()
     }
 }
 
@@ -159,6 +175,23 @@ impl Root {
         }
     }
 
+    /// Adds (`add`) or removes an exec's holder in `id`'s record, under the
+    /// id's lock; holders that are gone are dropped on the way. Nothing happens
+    /// when the container has no record (deleted): its lock file, made by this
+    /// call, goes again.
+    pub fn note_exec(&self, id: &str, holder: ProcId, add: bool) -> Result<()> {
+        let lock = self.lock(id)?;
+        let Some(mut r) = self.load(id)? else {
+            lock.release_and_remove();
+            return Ok(());
+        };
+        r.execs.retain(|h| *h != holder && h.is_alive());
+        if add {
+            r.execs.push(holder);
+        }
+        self.save(&r)
+    }
+
     /// Every id with a record, sorted.
     pub fn ids(&self) -> Result<Vec<String>> {
         let mut ids = Vec::new();
@@ -232,6 +265,7 @@ mod tests {
             annotations: BTreeMap::new(),
             owner: String::new(),
             terminal: false,
+            execs: Vec::new(),
         }
     }
 
