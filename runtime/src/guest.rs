@@ -92,13 +92,21 @@ impl GuestClient {
         let input = match token {
             Some(token) => {
                 let mut c = self.connect().await?;
-                self.start_stream(&mut c, StreamOpen::Input { token })
-                    .await?;
-                let (_, wr) = c.stream.into_split();
-                Some(GuestStreamWriter {
-                    wr,
-                    client: self.clone(),
-                })
+                match self.start_stream(&mut c, StreamOpen::Input { token }).await {
+                    Ok(_) => {
+                        let (_, wr) = c.stream.into_split();
+                        Some(GuestStreamWriter {
+                            wr,
+                            client: self.clone(),
+                        })
+                    }
+                    // The process ended, and its stream with it, before this
+                    // connection came (a quick `docker exec c hostname`): no
+                    // input can reach it any more, and its output and exit
+                    // wait on the stream connection.
+                    Err(Error::Guest(e)) if e.kind == burrow_proto::ErrorKind::NotFound => None,
+                    Err(e) => return Err(e),
+                }
             }
             None => None,
         };
