@@ -121,7 +121,8 @@ fn docker_drives_a_containers_lifecycle() {
 
     // exec -it on a terminal, under tmux.
     let mut tmux = Tmux::new();
-    tmux.start("ex", 90, 25, &d.shell_line(&["exec", "-it", "web", "sh"]));
+    let line = d.shell_line(&["exec", "-it", "web", "sh"]);
+    tmux.start("ex", 90, 25, &format!("{line}; echo exec-ended-$((1+1))"));
     tmux.type_text("ex", "stty size; echo mark-$((6*7))\r");
     let screen = tmux.wait_for("ex", "mark-42", LONG);
     assert!(
@@ -129,6 +130,8 @@ fn docker_drives_a_containers_lifecycle() {
         "the exec's terminal size: {screen}"
     );
     tmux.type_text("ex", "exit\r");
+    // docker exec returns once the exec's holder has exited.
+    tmux.wait_for("ex", "exec-ended-2", LONG);
     drop(tmux);
 
     // top: the host processes standing for the container's (the holders: the
@@ -195,10 +198,22 @@ fn docker_drives_a_containers_lifecycle() {
     });
 
     // restart: the container stops (its TERM trap), a new VM runs it again, and
-    // its log holds both runs.
+    // its log holds both runs. An exec still running then ends with the
+    // container, and its holder goes.
+    d.ok(&["exec", "-d", "web", "sleep", "1000"]);
+    wait_until("docker top to list the exec's holder", LONG, || {
+        top_pids(&d, "web").len() == 2
+    });
+    let before = top_pids(&d, "web");
     let first_vm = qemu_pid(&b);
     d.ok(&["restart", "web"]);
     followed.until("bye", LONG);
+    for p in before {
+        assert!(
+            burrow_tests::exits_within(p, LONG),
+            "holder {p} outlived the container's first run"
+        );
+    }
     let second_vm = qemu_pid(&b);
     assert_ne!(first_vm, second_vm, "restart kept the VM");
     std::fs::remove_file(data.join("count")).expect("reset the counter");
