@@ -268,7 +268,7 @@ fn docker_sizes_vms_and_reports_start_failures() {
         "bb",
         "sh",
         "-c",
-        "nproc; grep MemTotal /proc/meminfo",
+        "nproc; grep MemTotal /proc/meminfo; c=$(cat /proc/self/cgroup); cat /sys/fs/cgroup${c#0::}/memory.max",
     ]);
     let out = d.ok(&args);
     let mut lines = out.lines();
@@ -282,6 +282,9 @@ fn docker_sizes_vms_and_reports_start_failures() {
         (512 * 1024..=672 * 1024).contains(&kib),
         "the guest's MemTotal {kib} kB for --memory 512m"
     );
+    // And the limit itself is on the container's cgroup in the guest (read by
+    // its path: this dockerd gives the container no cgroup namespace).
+    assert_eq!(lines.next(), Some("536870912"), "{out}");
 
     // 127: no such file.
     let mut args = run.to_vec();
