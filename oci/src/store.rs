@@ -305,6 +305,34 @@ mod tests {
         assert!(ino > 0);
     }
 
+    /// An exec's holder is added and removed under the lock; a dead one is
+    /// never listed; a container without a record keeps no lock file.
+    #[test]
+    fn exec_holders_come_and_go() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = Root::new(Some(tmp.path())).expect("root");
+        let me = ProcId::of(std::process::id() as i32).expect("own ProcId");
+        let gone = ProcId {
+            pid: me.pid,
+            start_time: me.start_time + 1,
+        };
+        let mut r = record("c1");
+        r.holder = Some(me);
+        root.save(&r).expect("save");
+        root.note_exec("c1", gone, true).expect("add");
+        root.note_exec("c1", me, true).expect("add");
+        let r = root.load("c1").expect("load").expect("record");
+        assert_eq!(r.execs, vec![me], "a dead holder is dropped on the way");
+        assert_eq!(r.host_pids(), vec![me.pid, me.pid]);
+        root.note_exec("c1", me, false).expect("remove");
+        let r = root.load("c1").expect("load").expect("record");
+        assert!(r.execs.is_empty());
+        root.remove("c1").expect("remove");
+        root.lock("c1").expect("lock").release_and_remove();
+        root.note_exec("c1", me, false).expect("no record");
+        assert!(std::fs::read_dir(tmp.path()).expect("dir").next().is_none());
+    }
+
     fn tmp_lock(root: &Root) -> PathBuf {
         root.lock_file("c1")
     }
