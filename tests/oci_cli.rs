@@ -35,6 +35,14 @@ fn nothing_left(b: &Burrow, rt: &Runtime) {
     );
 }
 
+/// The exec holders the runtime's record of `id` holds.
+fn execs_recorded(rt: &Runtime, id: &str) -> serde_json::Value {
+    let path = rt.root.join(id).join("state.json");
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("state.json")).expect("JSON");
+    record["execs"].clone()
+}
+
 /// Each bad input of the command line is refused with one line naming what was
 /// wrong, exit 1 and the same message in the JSON log, before anything is made.
 #[test]
@@ -261,14 +269,44 @@ fn the_shim_sequence_with_pipes() {
         .parse()
         .expect("pid");
     assert_eq!(reap(epid), Reaped::Exited(7));
+    // The exec's holder took itself out of the record as its process ended.
+    assert_eq!(execs_recorded(&rt, "c1"), json!([]));
 
-    // ps, pause and resume.
-    let pids: serde_json::Value =
-        serde_json::from_str(&rt.ok(&["ps", "--format", "json", "c1"])).expect("ps json");
-    assert!(pids.as_array().is_some_and(|p| !p.is_empty()), "{pids}");
+    // ps --format json: the host pids that stand for the container's processes
+    // (what docker top looks up in the host's ps): the holder, and the holder of
+    // each exec that still runs.
+    let ps = |rt: &Runtime| -> serde_json::Value {
+        serde_json::from_str(&rt.ok(&["ps", "--format", "json", "c1"])).expect("ps json")
+    };
+    assert_eq!(ps(&rt), json!([holder]));
+    let long = json!({"args": ["sleep", "1000"], "cwd": "/", "env": ["PATH=/bin"],
+                      "user": {"uid": 0, "gid": 0}, "terminal": false});
+    std::fs::write(&pf, long.to_string()).expect("process.json");
+    let started = rt.run(&[
+        "exec",
+        "--process",
+        &pf.to_string_lossy(),
+        "--detach",
+        "--pid-file",
+        &epid_file.to_string_lossy(),
+        "c1",
+    ]);
+    assert!(started.status.success(), "exec: {}", text(&started.stderr));
+    let long_pid: i32 = std::fs::read_to_string(&epid_file)
+        .expect("exec pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    assert_eq!(ps(&rt), json!([holder, long_pid]));
+    // The table: the guest's pids.
+    let table = rt.ok(&["ps", "c1"]);
+    assert_eq!(table.lines().next(), Some("PID"), "{table}");
+
+    // pause and resume; no exec into a paused container (as runc).
     rt.ok(&["pause", "c1"]);
     assert_eq!(rt.state("c1")["status"], "paused");
     rt.refused(&["pause", "c1"], "is paused");
+    rt.refused(&["exec", "c1", "true"], "is paused");
     rt.ok(&["resume", "c1"]);
     assert_eq!(rt.state("c1")["status"], "running");
 
@@ -279,6 +317,14 @@ fn the_shim_sequence_with_pipes() {
     assert_eq!(unsafe { libc::kill(holder, libc::SIGTERM) }, 0);
     assert_eq!(out.next("stdout", Duration::from_secs(60)), "term");
     assert_eq!(reap(holder), Reaped::Exited(3));
+    // The exec's process went with the container's pid namespace, and its
+    // holder with it, out of the record.
+    assert!(
+        burrow_tests::exits_within(long_pid, Duration::from_secs(60)),
+        "the exec's holder outlived the container"
+    );
+    reap(long_pid);
+    assert_eq!(execs_recorded(&rt, "c1"), json!([]));
     let st = rt.state("c1");
     assert_eq!(st["status"], "stopped", "{st}");
     assert_eq!(st["pid"], 0);

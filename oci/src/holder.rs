@@ -74,6 +74,10 @@ pub struct Orders {
     pub terminal: bool,
     #[serde(default)]
     pub console_socket: Option<PathBuf>,
+    /// The runtime's `--root`, where an exec's holder takes itself out of the
+    /// container's record when its process ends.
+    #[serde(default)]
+    pub root: Option<PathBuf>,
 }
 
 impl Orders {
@@ -300,7 +304,22 @@ pub async fn main(log: &Log) -> ! {
         Some(_) => Kill::Stream,
     };
     let ended = relay(stream, io, kill).await;
+    if let (Some(_), Some(root)) = (&orders.exec, &orders.root) {
+        forget_exec(root, &orders.id, log);
+    }
     exit_as(ended, log)
+}
+
+/// Takes this process (an exec's holder whose process ended) out of the
+/// container's record under `root`.
+pub fn forget_exec(root: &std::path::Path, id: &str, log: &Log) {
+    let Some(me) = ProcId::of(std::process::id() as i32) else {
+        return;
+    };
+    let done = crate::store::Root::new(Some(root)).and_then(|r| r.note_exec(id, me, false));
+    if let Err(e) = done {
+        log.error(&format!("{id}: forget the exec's holder: {e}"));
+    }
 }
 
 fn fail_ready(mut ready: std::fs::File, log: &Log, msg: &str) -> ! {

@@ -43,6 +43,7 @@ async fn record_new(ctx: &Ctx, id: &str, bundle: &Bundle) -> Result<Made> {
         owner: String::new(),
         terminal: bundle.terminal,
         hooks: bundle.hooks.clone(),
+        execs: Vec::new(),
     };
     if let Err(e) = ctx.root.save(&record) {
         lock.release_and_remove();
@@ -119,10 +120,11 @@ async fn undo(ctx: &Ctx, made: Made, e: Error) -> Error {
     e
 }
 
-/// Kills the holder, destroys the VM and removes the record, whatever is left of
-/// them; errors are logged, not returned (a forced delete goes on).
+/// Kills the holders (the container's and its execs'), destroys the VM and
+/// removes the record, whatever is left of them; errors are logged, not
+/// returned (a forced delete goes on).
 async fn teardown(ctx: &Ctx, client: &Client, r: &Record) {
-    if let Some(h) = r.holder {
+    for h in r.holder.iter().chain(&r.execs) {
         // Not itself: a foreground `run` deleting after its container exited.
         if h.pid != std::process::id() as i32 && h.is_alive() {
             h.signal(libc::SIGKILL);
@@ -250,6 +252,7 @@ async fn create_detached(
         exec: None,
         terminal: made.record.terminal,
         console_socket,
+        root: None,
     };
     if let Err(e) = pending.give(&orders).await {
         return Err(undo(ctx, made, e).await);
@@ -449,10 +452,16 @@ pub async fn exec(ctx: &Ctx, a: &liboci_cli::Exec) -> Result<()> {
     let status = ctx.status(&client, &r).await?;
     let allowed = status == Status::Running || (status == Status::Paused && a.ignore_paused);
     if !allowed {
+        // As runc: a paused container takes an exec only with --ignore-paused,
+        // a created or stopped one none.
         return Err(Error::WrongState {
             id: id.clone(),
             status: status.as_str(),
-            why: "exec needs a running container",
+            why: if status == Status::Paused {
+                "exec needs a running container (or --ignore-paused)"
+            } else {
+                "exec needs a running container"
+            },
         });
     }
     let terminal = process
@@ -479,8 +488,10 @@ pub async fn exec(ctx: &Ctx, a: &liboci_cli::Exec) -> Result<()> {
             exec: Some(process),
             terminal,
             console_socket,
+            root: Some(ctx.root.path().to_path_buf()),
         };
-        let h = holder::spawn(&orders, ctx.globals(), |_| Ok(())).await?;
+        // Recorded before its stream opens, so that `ps` and `delete` know it.
+        let h = holder::spawn(&orders, ctx.globals(), |h| ctx.root.note_exec(id, h, true)).await?;
         return write_pid_file(a.pid_file.as_deref(), h.pid);
     }
     if console_socket.is_some() {
@@ -505,9 +516,23 @@ pub async fn exec(ctx: &Ctx, a: &liboci_cli::Exec) -> Result<()> {
         stdin: true,
         size: io.window_size(),
     });
-    let stream = client.open_stream(&vm, &open).await?;
-    write_pid_file(a.pid_file.as_deref(), std::process::id() as i32)?;
+    // This process is the exec's holder: recorded while it relays.
+    let me = ProcId::of(std::process::id() as i32)
+        .ok_or_else(|| Error::Holder("cannot read this process's start time".into()))?;
+    ctx.root.note_exec(id, me, true)?;
+    let opened = client.open_stream(&vm, &open).await.map_err(Error::from);
+    let opened = opened.and_then(|stream| {
+        write_pid_file(a.pid_file.as_deref(), std::process::id() as i32).map(|()| stream)
+    });
+    let stream = match opened {
+        Ok(s) => s,
+        Err(e) => {
+            holder::forget_exec(ctx.root.path(), id, &ctx.log);
+            return Err(e);
+        }
+    };
     let ended: Ended = holder::relay(stream, io, Kill::Stream).await;
+    holder::forget_exec(ctx.root.path(), id, &ctx.log);
     holder::exit_as(ended, &ctx.log)
 }
 

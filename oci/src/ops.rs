@@ -147,10 +147,15 @@ pub async fn ps(ctx: &Ctx, a: &liboci_cli::Ps) -> Result<()> {
             "not supported: the processes are in the VM, out of the host ps's reach",
         ));
     }
-    let pids = pids(ctx, &a.container_id).await?;
     if a.format == "json" {
-        crate::say!("{}", Value::from(pids));
+        // The host processes that stand for the container's: `docker top`
+        // looks these pids up in the host's `ps -ef`, which cannot see the
+        // guest's processes.
+        let (_, r, _) = live(ctx, &a.container_id, "it has no processes").await?;
+        crate::say!("{}", Value::from(r.host_pids()));
     } else {
+        // The guest's own pids (in the VM's kernel, not the host's).
+        let pids = pids(ctx, &a.container_id).await?;
         crate::say!("PID");
         for p in pids {
             crate::say!("{p}");

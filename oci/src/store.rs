@@ -52,12 +52,28 @@ pub struct Record {
     /// The spec's host hooks: poststart runs after `start`, poststop after `delete`.
     #[serde(default)]
     pub hooks: crate::hooks::Hooks,
+    /// The holders of the execs into it (a host process each, standing for
+    /// the exec's process in the guest): added before an exec's stream opens,
+    /// removed by the holder when its process ends, all killed by `delete`.
+    #[serde(default)]
+    pub execs: Vec<ProcId>,
 }
 
 impl Record {
     /// Whether the holder (and so the container's process) still runs.
     pub fn holder_alive(&self) -> bool {
         self.holder.is_some_and(|h| h.is_alive())
+    }
+
+    /// The host processes that stand for the container's processes: its holder
+    /// and each exec's, those still alive (what `ps --format json` answers).
+    pub fn host_pids(&self) -> Vec<i32> {
+        self.holder
+            .iter()
+            .chain(&self.execs)
+            .filter(|h| h.is_alive())
+            .map(|h| h.pid)
+            .collect()
     }
 }
 
@@ -162,6 +178,23 @@ impl Root {
         }
     }
 
+    /// Adds (`add`) or removes an exec's holder in `id`'s record, under the
+    /// id's lock; holders that are gone are dropped on the way. Nothing happens
+    /// when the container has no record (deleted): its lock file, made by this
+    /// call, goes again.
+    pub fn note_exec(&self, id: &str, holder: ProcId, add: bool) -> Result<()> {
+        let lock = self.lock(id)?;
+        let Some(mut r) = self.load(id)? else {
+            lock.release_and_remove();
+            return Ok(());
+        };
+        r.execs.retain(|h| *h != holder && h.is_alive());
+        if add {
+            r.execs.push(holder);
+        }
+        self.save(&r)
+    }
+
     /// Every id with a record, sorted.
     pub fn ids(&self) -> Result<Vec<String>> {
         let mut ids = Vec::new();
@@ -236,6 +269,7 @@ mod tests {
             owner: String::new(),
             terminal: false,
             hooks: Default::default(),
+            execs: Vec::new(),
         }
     }
 
@@ -273,6 +307,34 @@ mod tests {
         first.release_and_remove();
         let ino = waiter.join().expect("waiter");
         assert!(ino > 0);
+    }
+
+    /// An exec's holder is added and removed under the lock; a dead one is
+    /// never listed; a container without a record keeps no lock file.
+    #[test]
+    fn exec_holders_come_and_go() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = Root::new(Some(tmp.path())).expect("root");
+        let me = ProcId::of(std::process::id() as i32).expect("own ProcId");
+        let gone = ProcId {
+            pid: me.pid,
+            start_time: me.start_time + 1,
+        };
+        let mut r = record("c1");
+        r.holder = Some(me);
+        root.save(&r).expect("save");
+        root.note_exec("c1", gone, true).expect("add");
+        root.note_exec("c1", me, true).expect("add");
+        let r = root.load("c1").expect("load").expect("record");
+        assert_eq!(r.execs, vec![me], "a dead holder is dropped on the way");
+        assert_eq!(r.host_pids(), vec![me.pid, me.pid]);
+        root.note_exec("c1", me, false).expect("remove");
+        let r = root.load("c1").expect("load").expect("record");
+        assert!(r.execs.is_empty());
+        root.remove("c1").expect("remove");
+        root.lock("c1").expect("lock").release_and_remove();
+        root.note_exec("c1", me, false).expect("no record");
+        assert!(std::fs::read_dir(tmp.path()).expect("dir").next().is_none());
     }
 
     fn tmp_lock(root: &Root) -> PathBuf {

@@ -100,13 +100,11 @@ impl GuestClient {
                             client: self.clone(),
                         })
                     }
-                    // The exec ended before its input connection came (a
-                    // command that fails at once): its input is gone, its
-                    // output and exit are on the stream connection.
-                    Err(Error::Guest(e)) if e.kind == burrow_proto::ErrorKind::NotFound => {
-                        tracing::debug!(token, "exec ended before its input connection");
-                        None
-                    }
+                    // The process ended, and its stream with it, before this
+                    // connection came (a quick `docker exec c hostname`): no
+                    // input can reach it any more, and its output and exit
+                    // wait on the stream connection.
+                    Err(Error::Guest(e)) if e.kind == burrow_proto::ErrorKind::NotFound => None,
                     Err(e) => return Err(e),
                 }
             }

@@ -403,9 +403,35 @@ fn lc_error(id: &str, e: LibcontainerError) -> Failure {
             ErrorKind::InvalidArgument,
             format!("config.json: {}", chain(&e)),
         ),
-        _ => (ErrorKind::Io, chain(&e)),
+        _ => {
+            let m = chain(&e);
+            match runc_wording(&m) {
+                Some(runc) => (ErrorKind::InvalidArgument, format!("{m}: {runc}")),
+                None => (ErrorKind::Io, m),
+            }
+        }
     };
     Failure::new(kind, message)
+}
+
+/// runc's words for a process that cannot be executed, which docker reads to
+/// exit 127 ("no such file or directory", "executable file not found") or 126
+/// ("permission denied"); libcontainer says it in words of its own
+/// ("executable 'X' not found in $PATH", "... does not have correct permissions").
+fn runc_wording(m: &str) -> Option<String> {
+    let (_, rest) = m.split_once("executable '")?;
+    let (name, rest) = rest.split_once('\'')?;
+    if rest.starts_with(" not found in $PATH") {
+        Some(if name.contains('/') {
+            format!("exec: {name:?}: stat {name}: no such file or directory")
+        } else {
+            format!("exec: {name:?}: executable file not found in $PATH")
+        })
+    } else if rest.contains("does not have correct permissions") {
+        Some(format!("exec: {name:?}: permission denied"))
+    } else {
+        None
+    }
 }
 
 /// An error and its sources on one line.
@@ -454,6 +480,28 @@ mod tests {
                 all: true
             }
         );
+    }
+
+    #[test]
+    fn unexecutable_processes_are_said_in_runcs_words() {
+        let m = "exec process failed with error error in executing process : \
+                 executable '/nonexistent' not found in $PATH";
+        assert_eq!(
+            runc_wording(m).as_deref(),
+            Some("exec: \"/nonexistent\": stat /nonexistent: no such file or directory")
+        );
+        let m = "executable 'nosuch' not found in $PATH";
+        assert_eq!(
+            runc_wording(m).as_deref(),
+            Some("exec: \"nosuch\": executable file not found in $PATH")
+        );
+        let m =
+            "executable '/etc/passwd' at path '\"/etc/passwd\"' does not have correct permissions";
+        assert_eq!(
+            runc_wording(m).as_deref(),
+            Some("exec: \"/etc/passwd\": permission denied")
+        );
+        assert_eq!(runc_wording("cgroup: no such file or directory"), None);
     }
 
     #[test]
