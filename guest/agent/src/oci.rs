@@ -95,6 +95,12 @@ pub fn main(args: &[String]) -> ExitCode {
     // libcontainer reads the current directory (and would panic on a deleted
     // one): make it one that always exists.
     let _ = std::env::set_current_dir("/");
+    if std::env::var_os("BURROW_OCI_TRACE").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_max_level(tracing::Level::DEBUG)
+            .try_init();
+    }
     let result = parse(args).and_then(run);
     match result {
         Ok(()) => ExitCode::SUCCESS,
