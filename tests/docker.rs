@@ -182,11 +182,7 @@ fn docker_runs_containers_in_microvms() {
     drop(tmux);
 
     // Nothing left in burrow once docker removed them all.
-    burrow_tests::wait_until("burrow to have no VMs", Duration::from_secs(60), || {
-        b.json(&["ls", "--json"])
-            .as_array()
-            .is_some_and(|a| a.is_empty())
-    });
+    b.wait_no_vms(Duration::from_secs(60));
 }
 
 /// `DOCKER_BUILDKIT=1 docker build`: BuildKit inside dockerd runs the `runc` on

@@ -239,11 +239,7 @@ fn docker_drives_a_containers_lifecycle() {
     assert!(out.status.success());
     assert_eq!(text(&out.stdout).trim(), "7");
     d.ok(&["rm", "web"]);
-    wait_until("burrow to have no VMs", LONG, || {
-        b.json(&["ls", "--json"])
-            .as_array()
-            .is_some_and(|a| a.is_empty())
-    });
+    b.wait_no_vms(LONG);
 }
 
 /// A VM sized by `--memory` and `--cpus`, and docker's exit codes for a
@@ -322,9 +318,5 @@ fn docker_sizes_vms_and_reports_start_failures() {
         text(&out.stderr)
     );
 
-    wait_until("burrow to have no VMs", LONG, || {
-        b.json(&["ls", "--json"])
-            .as_array()
-            .is_some_and(|a| a.is_empty())
-    });
+    b.wait_no_vms(LONG);
 }

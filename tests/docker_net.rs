@@ -136,9 +136,5 @@ fn docker_bridge_network_and_published_ports_reach_container_vms() {
 
     d.ok(&["rm", "-f", "web"]);
     // Nothing left in burrow once docker removed them all.
-    burrow_tests::wait_until("burrow to have no VMs", Duration::from_secs(60), || {
-        b.json(&["ls", "--json"])
-            .as_array()
-            .is_some_and(|a| a.is_empty())
-    });
+    b.wait_no_vms(Duration::from_secs(60));
 }

@@ -81,52 +81,52 @@ fn bad_input_is_one_line_and_leaves_nothing() {
         &["create", "--bundle", &norootfs.to_string_lossy(), "c1"],
         "root.path:",
     );
-    let mut s = spec(&["true"], false);
-    s["mounts"]
-        .as_array_mut()
-        .expect("mounts")
-        .push(json!({"destination": "/data", "type": "bind", "source": "/nonexistent/src", "options": ["rbind"]}));
-    let nomount = bundle(&tmp.path().join("nomount"), &s);
-    rt.refused(
-        &["create", "--bundle", &nomount.to_string_lossy(), "c1"],
+    // A spec of `true` changed by `edit`, written as bundle `name`: refused
+    // with `want`.
+    let refused_spec = |name: &str, edit: &dyn Fn(&mut serde_json::Value), want: &str| {
+        let mut s = spec(&["true"], false);
+        edit(&mut s);
+        let dir = bundle(&tmp.path().join(name), &s);
+        rt.refused(&["create", "--bundle", &dir.to_string_lossy(), "c1"], want);
+    };
+    refused_spec(
+        "nomount",
+        &|s| {
+            s["mounts"].as_array_mut().expect("mounts").push(
+                json!({"destination": "/data", "type": "bind", "source": "/nonexistent/src", "options": ["rbind"]}),
+            )
+        },
         "mounts[3].source: /nonexistent/src does not exist",
     );
-    let mut s = spec(&["true"], false);
-    s["process"]["args"] = json!([]);
-    let noargs = bundle(&tmp.path().join("noargs"), &s);
-    rt.refused(
-        &["create", "--bundle", &noargs.to_string_lossy(), "c1"],
+    refused_spec(
+        "noargs",
+        &|s| s["process"]["args"] = json!([]),
         "process.args: missing or empty",
     );
     // Hooks: a malformed one, one that cannot run on the host, and a prestart
     // hook that fails (after the holder exists: it is taken down with the rest).
-    let mut s = spec(&["true"], false);
-    s["hooks"] = json!({"prestart": [{"path": "rel/hook"}]});
-    let relhook = bundle(&tmp.path().join("relhook"), &s);
-    rt.refused(
-        &["create", "--bundle", &relhook.to_string_lossy(), "c1"],
+    refused_spec(
+        "relhook",
+        &|s| s["hooks"] = json!({"prestart": [{"path": "rel/hook"}]}),
         "hooks.prestart[0].path: \"rel/hook\" is not an absolute path",
     );
-    let mut s = spec(&["true"], false);
-    s["hooks"] = json!({"createContainer": [{"path": "/bin/true"}]});
-    let inside = bundle(&tmp.path().join("inside"), &s);
-    rt.refused(
-        &["create", "--bundle", &inside.to_string_lossy(), "c1"],
+    refused_spec(
+        "inside",
+        &|s| s["hooks"] = json!({"createContainer": [{"path": "/bin/true"}]}),
         "hooks.createContainer: not supported",
     );
-    let mut s = spec(&["true"], false);
-    s["hooks"] = json!({"prestart": [{"path": "/bin/sh", "args": ["sh", "-c", "echo no network >&2; exit 4"]}]});
-    let failing = bundle(&tmp.path().join("failing"), &s);
-    rt.refused(
-        &["create", "--bundle", &failing.to_string_lossy(), "c1"],
+    refused_spec(
+        "failing",
+        &|s| {
+            s["hooks"] = json!({"prestart": [{"path": "/bin/sh",
+                "args": ["sh", "-c", "echo no network >&2; exit 4"]}]})
+        },
         "hooks.prestart[0]: /bin/sh failed (exit status 4): no network",
     );
     // A host namespace other than the network's cannot be joined from a VM.
-    let mut s = spec(&["true"], false);
-    s["linux"]["namespaces"][0] = json!({"type": "pid", "path": "/proc/1/ns/pid"});
-    let hostpid = bundle(&tmp.path().join("hostpid"), &s);
-    rt.refused(
-        &["create", "--bundle", &hostpid.to_string_lossy(), "c1"],
+    refused_spec(
+        "hostpid",
+        &|s| s["linux"]["namespaces"][0] = json!({"type": "pid", "path": "/proc/1/ns/pid"}),
         "linux.namespaces[0].path: cannot join the pid namespace /proc/1/ns/pid",
     );
     // A terminal with nowhere to send it.

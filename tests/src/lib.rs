@@ -321,6 +321,16 @@ impl Burrow {
         out
     }
 
+    /// Waits until this daemon lists no VM (the workspaces and container VMs
+    /// its callers removed are gone).
+    pub fn wait_no_vms(&self, timeout: Duration) {
+        wait_until("burrow to have no VMs", timeout, || {
+            self.json(&["ls", "--json"])
+                .as_array()
+                .is_some_and(|a| a.is_empty())
+        });
+    }
+
     /// Asserts that nothing of workspace `id` is left: no process, run dir, socket,
     /// volume or logs.
     pub fn assert_gone(&self, id: &str) {
