@@ -53,11 +53,7 @@ fn a_private_dockerd_runs_runc_containers() {
 #[test]
 fn docker_runs_containers_in_microvms() {
     require_root!();
-    let b = Burrow::new();
-    // burrowd is the harness's, not a child of the first runtime call.
-    b.ok(&["ls"]);
-    let d = Dockerd::start(&b, false);
-    d.import_busybox("bb");
+    let (b, d) = Dockerd::with_busybox(false);
     let burrow = ["run", "--rm", "--runtime", "burrow"];
 
     // The guest's kernel, not the host's; `--network none` brings docker's
@@ -191,10 +187,7 @@ fn docker_runs_containers_in_microvms() {
 #[test]
 fn buildkit_runs_dockerfile_steps_through_burrow_runtime() {
     require_root!();
-    let b = Burrow::new();
-    b.ok(&["ls"]);
-    let d = Dockerd::start(&b, true);
-    d.import_busybox("bb");
+    let (_b, d) = Dockerd::with_busybox(true);
     let ctx = d.dir.path().join("ctx");
     std::fs::create_dir_all(&ctx).expect("context");
     std::fs::write(

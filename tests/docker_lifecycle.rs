@@ -72,10 +72,7 @@ fn qemu_pid(b: &Burrow) -> i64 {
 #[test]
 fn docker_drives_a_containers_lifecycle() {
     require_root!();
-    let b = Burrow::new();
-    b.ok(&["ls"]);
-    let d = Dockerd::start(&b, false);
-    d.import_busybox("bb");
+    let (b, d) = Dockerd::with_busybox(false);
     let data = d.dir.path().join("web-data");
     std::fs::create_dir_all(&data).expect("data dir");
     let vdata = format!("{}:/data", data.display());
@@ -248,10 +245,7 @@ fn docker_drives_a_containers_lifecycle() {
 #[test]
 fn docker_sizes_vms_and_reports_start_failures() {
     require_root!();
-    let b = Burrow::new();
-    b.ok(&["ls"]);
-    let d = Dockerd::start(&b, false);
-    d.import_busybox("bb");
+    let (b, d) = Dockerd::with_busybox(false);
     let run = ["run", "--rm", "--runtime", "burrow", "--network", "none"];
 
     // 2 vCPUs; 512 MiB for the container, a little more for the VM's kernel.

@@ -428,6 +428,16 @@ impl Dockerd {
         dockerd
     }
 
+    /// A fresh [`Burrow`] (its burrowd started by the harness, not by a runtime
+    /// call) and a private dockerd on it with image `bb` (busybox) imported.
+    pub fn with_busybox(runc_is_burrow: bool) -> (Burrow, Dockerd) {
+        let b = Burrow::new();
+        b.ok(&["ls"]);
+        let d = Dockerd::start(&b, runc_is_burrow);
+        d.import_busybox("bb");
+        (b, d)
+    }
+
     /// The docker client on this daemon's socket.
     pub fn docker(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.client);
