@@ -426,6 +426,33 @@ async fn container_vm_shares_the_bundle_and_leaves_nothing() {
         "hello from the rootfs\n"
     );
 
+    // The guest is root and the shared dir is its to write: it plants links to
+    // host paths where the host's clean-up walks (in the container's dir, at
+    // the top of the shared dir, deeper down, and in place of config.json).
+    // Destroy removes the links, never what they name.
+    let canary = h.bundle.parent().expect("tmp").join("canary");
+    std::fs::create_dir(&canary).expect("canary");
+    std::fs::write(canary.join("keep"), "host file\n").expect("w");
+    std::fs::copy("/bin/busybox", h.rw_dir.join("busybox")).expect("busybox");
+    let bb = format!("{c}/mounts/2/busybox");
+    let in_guest = |args: &[&str]| {
+        let mut argv = vec!["exec", vm.as_str(), "--", bb.as_str()];
+        argv.extend(args);
+        b.ok(&argv);
+    };
+    let (dir, file) = (canary.to_string_lossy(), canary.join("keep"));
+    let file = file.to_string_lossy();
+    in_guest(&["ln", "-s", &dir, &format!("{c}/evil-dir")]);
+    in_guest(&["ln", "-s", &file, &format!("{SHARED}/evil-file")]);
+    in_guest(&["mkdir", "-p", &format!("{c}/deep/a")]);
+    in_guest(&["ln", "-s", &dir, &format!("{c}/deep/a/link")]);
+    in_guest(&["rm", "-f", &format!("{c}/config.json")]);
+    in_guest(&["ln", "-s", &file, &format!("{c}/config.json")]);
+    assert!(std::fs::symlink_metadata(shared.join("c1/config.json"))
+        .expect("planted")
+        .file_type()
+        .is_symlink());
+
     // Destroy: no mount, dir, record or process.
     b.ok(&["destroy", &vm]);
     assert!(!process_exists(qemu) || burrow_tests::is_zombie(qemu));
@@ -448,6 +475,11 @@ async fn container_vm_shares_the_bundle_and_leaves_nothing() {
     );
     assert!(h.bundle.join("rootfs/etc/greeting").exists());
     assert!(late_src.join("x").exists());
+    assert!(h.rw_dir.join("busybox").exists());
+    assert_eq!(
+        std::fs::read_to_string(canary.join("keep")).expect("the canary file"),
+        "host file\n"
+    );
 }
 
 /// A container VM whose boot fails (an agent that cannot run in it) leaves
