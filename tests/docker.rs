@@ -156,6 +156,29 @@ fn docker_runs_containers_in_microvms() {
     assert_eq!(status.trim(), "0");
     d.ok(&["rm", "-f", "web"]);
 
+    // docker stop of a container that ignores SIGTERM: SIGKILL after the
+    // grace period, 137.
+    let out = d.ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        "burrow",
+        "bb",
+        "sh",
+        "-c",
+        "trap '' TERM; echo ready; sleep 1000",
+    ]);
+    let stubborn = out.trim();
+    burrow_tests::wait_until(
+        "the container's first line",
+        Duration::from_secs(60),
+        || d.ok(&["logs", stubborn]).contains("ready"),
+    );
+    d.ok(&["stop", "-t", "1", stubborn]);
+    let code = d.ok(&["inspect", "-f", "{{.State.ExitCode}}", stubborn]);
+    assert_eq!(code.trim(), "137");
+    d.ok(&["rm", "-f", stubborn]);
+
     // Killed: 137.
     let out = d.ok(&["run", "-d", "--runtime", "burrow", "bb", "sleep", "1000"]);
     let id = out.trim();
@@ -170,10 +193,36 @@ fn docker_runs_containers_in_microvms() {
         "it",
         100,
         30,
-        &d.shell_line(&["run", "--rm", "-it", "--runtime", "burrow", "bb", "sh"]),
+        &d.shell_line(&[
+            "run",
+            "--rm",
+            "-it",
+            "--name",
+            "it",
+            "--runtime",
+            "burrow",
+            "bb",
+            "sh",
+        ]),
     );
     tmux.type_text("it", "stty size; echo mark-$((6*7))\r");
     tmux.wait_for("it", "mark-42", Duration::from_secs(120));
+    // Ctrl-C reaches the foreground program in the guest, not the shell.
+    tmux.type_text("it", "sleep 1000\r");
+    // Once `sleep` runs (its shell made it the terminal's foreground first).
+    burrow_tests::wait_until(
+        "sleep to run in the container",
+        Duration::from_secs(60),
+        || {
+            d.run(&["exec", "it", "ps"])
+                .stdout
+                .windows(10)
+                .any(|w| w == b"sleep 1000")
+        },
+    );
+    tmux.send_keys("it", &["C-c"]);
+    tmux.type_text("it", "echo after-$((1+1))\r");
+    tmux.wait_for("it", "after-2", Duration::from_secs(120));
     tmux.type_text("it", "exit\r");
     drop(tmux);
 
