@@ -190,9 +190,27 @@ fn docker_drives_a_containers_lifecycle() {
     );
     d.ok(&["unpause", "web"]);
     let after = count(&data);
-    wait_until("the counter to go on after unpause", LONG, || {
-        count(&data) > after
-    });
+    burrow_tests::wait_until_explained(
+        "the counter to go on after unpause",
+        LONG,
+        || count(&data) > after,
+        || {
+            // What the container, docker and the guest say, for a recurrence.
+            let inspect = d.run(&["inspect", "-f", "{{.State.Status}}", "web"]);
+            let ps = d.run(&["exec", "web", "ps"]);
+            let vms = b.json(&["ls", "--json"]);
+            let vm = vms[0]["id"].as_str().unwrap_or_default().to_string();
+            format!(
+                "count {} (was {after}); docker: {} {}; ps in the container: {} {}\nconsole:\n{}",
+                count(&data),
+                text(&inspect.stdout).trim(),
+                text(&inspect.stderr).trim(),
+                text(&ps.stdout),
+                text(&ps.stderr).trim(),
+                text(&b.run(&["logs", &vm, "--lines", "30"]).stdout),
+            )
+        },
+    );
 
     // restart: the container stops (its TERM trap), a new VM runs it again, and
     // its log holds both runs. An exec still running then ends with the
