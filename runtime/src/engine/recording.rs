@@ -188,6 +188,11 @@ impl Recorder {
             file.write_all(line.as_bytes()).await?;
             size += line.len() as u64;
             if let Some(next) = next_offset {
+                // tokio's File writes on a blocking thread after write_all has
+                // returned: the line must be in the file before the offset says
+                // so, or a kill -9 between them loses it for good (the next
+                // daemon resumes past it).
+                file.flush().await?;
                 tokio::fs::write(&offset_file, next.to_string()).await?;
             }
             if size > self.max {
