@@ -9,14 +9,15 @@
 //! program cannot run: a spec that has them is refused.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
 
 use crate::error::{Error, Result};
 
@@ -207,14 +208,12 @@ pub async fn run_all(kind: &str, hooks: &[Hook], state: &State<'_>, warn: impl F
 }
 
 async fn run_named(kind: &str, i: usize, h: &Hook, input: &[u8]) -> Result<()> {
-    let (h, input) = (h.clone(), input.to_vec());
-    tokio::task::spawn_blocking(move || run_one(&h, &input))
+    run_one(h, input)
         .await
-        .map_err(|e| Error::Hook(format!("hooks.{kind}[{i}]: task: {e}")))?
         .map_err(|m| Error::Hook(format!("hooks.{kind}[{i}]: {m}")))
 }
 
-fn run_one(h: &Hook, input: &[u8]) -> std::result::Result<(), String> {
+async fn run_one(h: &Hook, input: &[u8]) -> std::result::Result<(), String> {
     let mut cmd = Command::new(&h.path);
     if let Some((arg0, rest)) = h.args.split_first() {
         cmd.arg0(arg0).args(rest);
@@ -223,27 +222,25 @@ fn run_one(h: &Hook, input: &[u8]) -> std::result::Result<(), String> {
         .envs(h.env.iter().filter_map(|e| e.split_once('=')))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot run {}: {e}", h.path.display()))?;
     // A hook may exit without reading its state: a closed pipe is not its failure.
     if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(input);
+        let _ = stdin.write_all(input).await;
     }
-    let out = child.stdout.take();
-    let err = child.stderr.take();
-    let out = drain(out);
-    let err = drain(err);
+    let out = tokio::spawn(drain(child.stdout.take()));
+    let err = tokio::spawn(drain(child.stderr.take()));
     let limit = h
         .timeout
         .map(Duration::from_secs)
         .unwrap_or(DEFAULT_TIMEOUT);
-    let status = match wait_timeout(&mut child, limit) {
-        Some(s) => s,
-        None => {
-            let _ = child.kill();
-            let _ = child.wait();
+    let status = match tokio::time::timeout(limit, child.wait()).await {
+        Ok(s) => s.map_err(|e| format!("wait for {}: {e}", h.path.display()))?,
+        Err(_) => {
+            let _ = child.kill().await;
             return Err(format!(
                 "{} did not finish within {} s",
                 h.path.display(),
@@ -251,8 +248,8 @@ fn run_one(h: &Hook, input: &[u8]) -> std::result::Result<(), String> {
             ));
         }
     };
-    let out = out.join().unwrap_or_default();
-    let err = err.join().unwrap_or_default();
+    let out = out.await.unwrap_or_default();
+    let err = err.await.unwrap_or_default();
     if status.success() {
         return Ok(());
     }
@@ -266,52 +263,24 @@ fn run_one(h: &Hook, input: &[u8]) -> std::result::Result<(), String> {
     Err(format!("{} failed ({how}): {said}", h.path.display()))
 }
 
-/// Reads a hook's output to its end on a thread of its own (a hook must never
-/// block on a full pipe), keeping the first [`OUTPUT_CAP`] bytes.
-fn drain<R: Read + Send + 'static>(p: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || {
-        let mut kept = Vec::new();
-        let Some(mut p) = p else { return kept };
-        let mut buf = [0u8; 8192];
-        loop {
-            match p.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    let room = (OUTPUT_CAP as usize).saturating_sub(kept.len());
-                    kept.extend_from_slice(&buf[..n.min(room)]);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => break,
+/// Reads a hook's output to its end (a hook must never block on a full pipe),
+/// keeping the first [`OUTPUT_CAP`] bytes.
+async fn drain<R: AsyncRead + Unpin>(p: Option<R>) -> Vec<u8> {
+    let mut kept = Vec::new();
+    let Some(mut p) = p else { return kept };
+    let mut buf = [0u8; 8192];
+    loop {
+        match p.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => {
+                let room = (OUTPUT_CAP as usize).saturating_sub(kept.len());
+                kept.extend_from_slice(&buf[..n.min(room)]);
             }
-        }
-        kept
-    })
-}
-
-/// Waits for `child` at most `limit`, on its pidfd.
-fn wait_timeout(
-    child: &mut std::process::Child,
-    limit: Duration,
-) -> Option<std::process::ExitStatus> {
-    let pid = child.id() as i32;
-    // SAFETY: pidfd_open takes a pid and flags; the child is ours and unreaped.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-    if fd >= 0 {
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = limit.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: one pollfd that lives across the call; then we close our fd.
-        let n = unsafe { libc::poll(&mut p, 1, ms) };
-        // SAFETY: closes the pidfd we opened.
-        unsafe { libc::close(fd) };
-        if n == 0 {
-            return None;
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
         }
     }
-    child.wait().ok()
+    kept
 }
 
 #[cfg(test)]
