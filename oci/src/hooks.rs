@@ -227,10 +227,16 @@ async fn run_one(h: &Hook, input: &[u8]) -> std::result::Result<(), String> {
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot run {}: {e}", h.path.display()))?;
-    // A hook may exit without reading its state: a closed pipe is not its failure.
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(input).await;
-    }
+    // Fed by a task, so that a hook that never reads a state larger than the
+    // pipe holds (annotations have no bound) meets its timeout instead of
+    // stalling the call. A hook may exit without reading its state: a closed
+    // pipe is not its failure.
+    let feed = child.stdin.take().map(|mut stdin| {
+        let input = input.to_vec();
+        tokio::spawn(async move {
+            let _ = stdin.write_all(&input).await;
+        })
+    });
     let out = tokio::spawn(drain(child.stdout.take()));
     let err = tokio::spawn(drain(child.stderr.take()));
     let limit = h
@@ -240,6 +246,9 @@ async fn run_one(h: &Hook, input: &[u8]) -> std::result::Result<(), String> {
     let status = match tokio::time::timeout(limit, child.wait()).await {
         Ok(s) => s.map_err(|e| format!("wait for {}: {e}", h.path.display()))?,
         Err(_) => {
+            if let Some(f) = feed {
+                f.abort();
+            }
             let _ = child.kill().await;
             return Err(format!(
                 "{} did not finish within {} s",
@@ -368,6 +377,17 @@ mod tests {
             args: vec!["sleep".into(), "30".into()],
             env: vec![],
             timeout: Some(1),
+        };
+        let e = run("poststart", std::slice::from_ref(&slow), &state)
+            .await
+            .expect_err("times out");
+        assert!(e.to_string().contains("within 1 s"), "{e}");
+        // A hook that never reads a state larger than a pipe holds still meets
+        // its timeout.
+        let big: BTreeMap<String, String> = [("a".to_string(), "x".repeat(1 << 20))].into();
+        let state = State {
+            annotations: &big,
+            ..state
         };
         let e = run("poststart", &[slow], &state)
             .await
