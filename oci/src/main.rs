@@ -14,14 +14,11 @@ macro_rules! say {
     }};
 }
 
-mod bundle;
-mod error;
+use burrow_oci::{bundle, error, hooks, log, signal};
+
 mod holder;
-mod hooks;
 mod lifecycle;
-mod log;
 mod ops;
-mod signal;
 mod store;
 mod term;
 

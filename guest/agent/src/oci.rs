@@ -28,8 +28,11 @@ use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::error::LibcontainerError;
 use libcontainer::oci_spec::runtime::LinuxResources;
+use libcontainer::oci_spec::runtime::Spec;
 use libcontainer::signal::Signal;
 use libcontainer::syscall::syscall::SyscallType;
+use libcontainer::workload::default::DefaultExecutor;
+use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
 use serde_json::{json, Value};
 
 /// The file descriptors a container's standard I/O arrives on when the agent
@@ -293,6 +296,7 @@ fn builder(
     let mut b = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_root_path(root)
         .map_err(|e| lc_error(id, e))?
+        .with_executor(RuncExecutor)
         .with_console_socket(console);
     if stdio {
         let [i, o, e] = stdio_fds();
@@ -418,6 +422,45 @@ fn lc_error(id: &str, e: LibcontainerError) -> Failure {
         }
     };
     Failure::new(kind, message)
+}
+
+/// libcontainer's executor, except that a program named by a path runs
+/// without PATH in the process's environment, as under runc (containerd's `ctr
+/// run --rootfs DIR ID /bin/true` gives no environment at all); a bare name
+/// still needs PATH to be found.
+#[derive(Clone)]
+struct RuncExecutor;
+
+impl Executor for RuncExecutor {
+    fn exec(&self, spec: &Spec) -> std::result::Result<(), ExecutorError> {
+        DefaultExecutor {}.exec(spec)
+    }
+
+    fn validate(&self, spec: &Spec) -> std::result::Result<(), ExecutorValidationError> {
+        let process = spec.process().as_ref();
+        let has_path = process
+            .and_then(|p| p.env().as_ref())
+            .is_some_and(|env| env.iter().any(|e| e.starts_with("PATH=")));
+        let program = process
+            .and_then(|p| p.args().as_ref())
+            .and_then(|a| a.first())
+            .filter(|a| a.contains('/'));
+        match program {
+            Some(path) if !has_path => {
+                use std::os::unix::fs::PermissionsExt;
+                match std::fs::metadata(path) {
+                    Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
+                    Ok(_) => Err(ExecutorValidationError::ArgValidationError(format!(
+                        "executable '{path}' at path '{path:?}' does not have correct permissions"
+                    ))),
+                    Err(_) => Err(ExecutorValidationError::ArgValidationError(format!(
+                        "executable '{path}' not found in $PATH"
+                    ))),
+                }
+            }
+            _ => DefaultExecutor {}.validate(spec),
+        }
+    }
 }
 
 /// runc's words for a process that cannot be executed, which docker reads to

@@ -1,0 +1,239 @@
+//! A task process's standard I/O: what containerd hands the shim (FIFOs it
+//! reads and writes, or `file://` paths), relayed to and from the process's
+//! stream on burrowd.
+
+use std::path::PathBuf;
+
+use burrow::api::stream::{ClientStream, ServerEvent, StreamMessage, StreamSender};
+use burrow_proto::{ExitInfo, StreamControl};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::sync::mpsc;
+
+/// The stdio a Create or an Exec names: each path may be empty (none).
+#[derive(Debug, Clone, Default)]
+pub struct Stdio {
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub terminal: bool,
+}
+
+/// What goes up the stream besides input: end of input, a window size, a signal.
+#[derive(Debug)]
+pub enum Up {
+    Data(Vec<u8>),
+    Eof,
+    Control(StreamControl),
+}
+
+/// How a relay ended.
+#[derive(Debug, Clone)]
+pub enum Ended {
+    Exit(ExitInfo),
+    /// The stream broke before the process's exit (the VM or burrowd went away).
+    Lost(String),
+}
+
+/// An output the process's bytes go to.
+type Sink = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// The host ends of a process's stdio, opened before its stream is, so that a
+/// bad path fails the Create or Exec before anything runs.
+pub struct Opened {
+    stdin: Option<pipe::Receiver>,
+    stdout: Option<Sink>,
+    stderr: Option<Sink>,
+}
+
+impl Opened {
+    pub fn has_stdin(&self) -> bool {
+        self.stdin.is_some()
+    }
+}
+
+/// Where a stdio string points: a FIFO or file path, or a `file://` URI.
+/// `binary://` (a logging program containerd would have the shim start) is
+/// refused by name.
+fn target(field: &str, uri: &str) -> Result<PathBuf, String> {
+    if let Some(rest) = uri.strip_prefix("file://") {
+        return Ok(PathBuf::from(rest));
+    }
+    if uri.starts_with("binary://") {
+        return Err(format!(
+            "{field}: {uri:?}: logging binaries (binary://) are not supported by burrow's shim"
+        ));
+    }
+    if uri.contains("://") {
+        return Err(format!("{field}: {uri:?}: unknown URI scheme"));
+    }
+    Ok(PathBuf::from(uri))
+}
+
+async fn open_sink(field: &str, uri: &str) -> Result<Option<Sink>, String> {
+    if uri.is_empty() {
+        return Ok(None);
+    }
+    let path = target(field, uri)?;
+    let meta = tokio::fs::metadata(&path).await;
+    let is_fifo = meta.as_ref().is_ok_and(|m| {
+        use std::os::unix::fs::FileTypeExt;
+        m.file_type().is_fifo()
+    });
+    if is_fifo {
+        // Read-write: the open never waits for a reader, and a reader that comes
+        // and goes does not end the relay with EPIPE.
+        let s = pipe::OpenOptions::new()
+            .read_write(true)
+            .open_sender(&path)
+            .map_err(|e| format!("{field}: open {}: {e}", path.display()))?;
+        return Ok(Some(Box::new(s)));
+    }
+    let f = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .await
+        .map_err(|e| format!("{field}: open {}: {e}", path.display()))?;
+    Ok(Some(Box::new(f)))
+}
+
+/// Opens what `stdio` names.
+pub async fn open(stdio: &Stdio) -> Result<Opened, String> {
+    let stdin = if stdio.stdin.is_empty() {
+        None
+    } else {
+        let path = target("stdin", &stdio.stdin)?;
+        // Read-write: the FIFO never reads end of file when containerd's writer
+        // closes it; the end of input is CloseIO's to say.
+        Some(
+            pipe::OpenOptions::new()
+                .read_write(true)
+                .open_receiver(&path)
+                .map_err(|e| format!("stdin: open {}: {e}", path.display()))?,
+        )
+    };
+    let stdout = open_sink("stdout", &stdio.stdout).await?;
+    // On a terminal there is one output, the terminal's.
+    let stderr = if stdio.terminal {
+        None
+    } else {
+        open_sink("stderr", &stdio.stderr).await?
+    };
+    Ok(Opened {
+        stdin,
+        stdout,
+        stderr,
+    })
+}
+
+/// Relays `io` and the stream until the process's exit; `up` carries what the
+/// task service sends the process (end of input, window sizes, signals).
+pub async fn relay(
+    stream: ClientStream,
+    io: Opened,
+    up: mpsc::Receiver<Up>,
+    up_tx: mpsc::Sender<Up>,
+) -> Ended {
+    let ClientStream {
+        sender,
+        mut receiver,
+        ..
+    } = stream;
+    let Opened {
+        stdin,
+        mut stdout,
+        mut stderr,
+    } = io;
+    let sending = AbortOnDrop(tokio::spawn(send_loop(sender, up)));
+    let reading = stdin.map(|r| AbortOnDrop(tokio::spawn(read_input(r, up_tx))));
+    let ended = loop {
+        match receiver.next().await {
+            Ok(Some(StreamMessage::Stdout(d)))
+            | Ok(Some(StreamMessage::Record { data: d, .. })) => write(&mut stdout, &d).await,
+            Ok(Some(StreamMessage::Stderr(d))) => write(&mut stderr, &d).await,
+            Ok(Some(StreamMessage::Event(e))) => match e {
+                ServerEvent::Exit(x) => break Ended::Exit(x),
+                ServerEvent::Dropped { reason } => break Ended::Lost(reason),
+                ServerEvent::Error { message, .. } => break Ended::Lost(message),
+                _ => {}
+            },
+            Ok(None) => {
+                break Ended::Lost("burrowd closed the stream before the process exited".into())
+            }
+            Err(e) => break Ended::Lost(format!("lost the stream: {e}")),
+        }
+    };
+    for s in [&mut stdout, &mut stderr].into_iter().flatten() {
+        let _ = s.flush().await;
+    }
+    drop((sending, reading));
+    ended
+}
+
+/// Writes to an output; once a write fails (a file system full, a reader that
+/// cannot be written to) later output is dropped and the process goes on.
+async fn write(sink: &mut Option<Sink>, d: &[u8]) {
+    if let Some(s) = sink.as_mut() {
+        if s.write_all(d).await.is_err() {
+            *sink = None;
+        }
+    }
+}
+
+async fn read_input(mut r: pipe::Receiver, tx: mpsc::Sender<Up>) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(n) if n > 0 => {
+                if tx.send(Up::Data(buf[..n].to_vec())).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            _ => return,
+        }
+    }
+}
+
+async fn send_loop(mut sender: StreamSender, mut rx: mpsc::Receiver<Up>) {
+    while let Some(up) = rx.recv().await {
+        let sent = match up {
+            Up::Data(d) => sender.stdin(d).await,
+            Up::Eof => sender.control(&StreamControl::CloseStdin).await,
+            Up::Control(c) => sender.control(&c).await,
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stdio_uris_are_read_or_refused_by_name() {
+        assert_eq!(
+            target("stdout", "/run/x/c-stdout"),
+            Ok(PathBuf::from("/run/x/c-stdout"))
+        );
+        assert_eq!(
+            target("stdout", "file:///var/log/c.log"),
+            Ok(PathBuf::from("/var/log/c.log"))
+        );
+        let e = target("stderr", "binary:///usr/bin/logger?x=1").unwrap_err();
+        assert!(e.starts_with("stderr: ") && e.contains("binary://"), "{e}");
+        let e = target("stdin", "http://x").unwrap_err();
+        assert!(e.contains("unknown URI scheme"), "{e}");
+    }
+}
