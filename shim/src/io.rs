@@ -41,7 +41,7 @@ type Sink = Box<dyn AsyncWrite + Send + Unpin>;
 /// The host ends of a process's stdio, opened before its stream is, so that a
 /// bad path fails the Create or Exec before anything runs.
 pub struct Opened {
-    stdin: Option<pipe::Receiver>,
+    stdin: Option<PathBuf>,
     stdout: Option<Sink>,
     stderr: Option<Sink>,
 }
@@ -104,14 +104,10 @@ pub async fn open(stdio: &Stdio) -> Result<Opened, String> {
         None
     } else {
         let path = target("stdin", &stdio.stdin)?;
-        // Read-write: the FIFO never reads end of file when containerd's writer
-        // closes it; the end of input is CloseIO's to say.
-        Some(
-            pipe::OpenOptions::new()
-                .read_write(true)
-                .open_receiver(&path)
-                .map_err(|e| format!("stdin: open {}: {e}", path.display()))?,
-        )
+        tokio::fs::metadata(&path)
+            .await
+            .map_err(|e| format!("stdin: {}: {e}", path.display()))?;
+        Some(path)
     };
     let stdout = open_sink("stdout", &stdio.stdout).await?;
     // On a terminal there is one output, the terminal's.
@@ -146,7 +142,7 @@ pub async fn relay(
         mut stderr,
     } = io;
     let sending = AbortOnDrop(tokio::spawn(send_loop(sender, up)));
-    let reading = stdin.map(|r| AbortOnDrop(tokio::spawn(read_input(r, up_tx))));
+    let reading = stdin.map(|path| Input::start(path, up_tx));
     let ended = loop {
         match receiver.next().await {
             Ok(Some(StreamMessage::Stdout(d)))
@@ -181,17 +177,67 @@ async fn write(sink: &mut Option<Sink>, d: &[u8]) {
     }
 }
 
-async fn read_input(mut r: pipe::Receiver, tx: mpsc::Sender<Up>) {
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        match r.read(&mut buf).await {
-            Ok(n) if n > 0 => {
-                if tx.send(Up::Data(buf[..n].to_vec())).await.is_err() {
-                    return;
+/// The process's input: containerd's FIFO, opened for reading when its writer
+/// comes (the open waits for it, on a thread), read to its end, which is the
+/// process's end of input, as under runc's shim.
+struct Input {
+    path: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+    opened: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Input {
+    fn start(path: PathBuf, tx: mpsc::Sender<Up>) -> Input {
+        let opened = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (p, flag) = (path.clone(), opened.clone());
+        let task = tokio::spawn(async move {
+            let file = tokio::task::spawn_blocking(move || std::fs::File::open(p)).await;
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            let Ok(Ok(file)) = file else { return };
+            let is_fifo = file.metadata().is_ok_and(|m| {
+                use std::os::unix::fs::FileTypeExt;
+                m.file_type().is_fifo()
+            });
+            let mut r: Box<dyn tokio::io::AsyncRead + Send + Unpin> = if is_fifo {
+                match pipe::Receiver::from_file(file) {
+                    Ok(r) => Box::new(r),
+                    Err(_) => return,
+                }
+            } else {
+                Box::new(tokio::fs::File::from_std(file))
+            };
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                match r.read(&mut buf).await {
+                    Ok(n) if n > 0 => {
+                        if tx.send(Up::Data(buf[..n].to_vec())).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    _ => {
+                        let _ = tx.send(Up::Eof).await;
+                        return;
+                    }
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            _ => return,
+        });
+        Input { path, task, opened }
+    }
+}
+
+impl Drop for Input {
+    fn drop(&mut self) {
+        self.task.abort();
+        // An open still waiting for a writer holds a thread: be that writer
+        // for a moment (a non-blocking open for writing succeeds only while a
+        // reader waits), so that the open returns and the thread ends.
+        if !self.opened.load(std::sync::atomic::Ordering::SeqCst) {
+            use std::os::unix::fs::OpenOptionsExt;
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&self.path);
         }
     }
 }

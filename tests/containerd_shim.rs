@@ -1,0 +1,210 @@
+//! burrow's containerd shim (`containerd-shim-burrow-v2`, runtime
+//! `io.containerd.burrow.v2`) driven by a private containerd through `ctr`, as
+//! users drive it: every task is a microVM whose kernel is the guest's.
+
+use std::time::Duration;
+
+use burrow_tests::containerd::Containerd;
+use burrow_tests::oci::busybox_rootfs;
+use burrow_tests::{guest_kernel_release, kill9, text, wait_until, Burrow, Tmux};
+
+const RUNTIME: &str = "io.containerd.burrow.v2";
+const LONG: Duration = Duration::from_secs(120);
+
+/// `ctr run --runtime burrow FLAGS REST`.
+fn run<'a>(flags: &[&'a str], rest: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["run", "--runtime", RUNTIME];
+    args.extend(flags);
+    args.extend(rest);
+    args
+}
+
+/// The STATUS column of `ctr task ls` for task `id` (None when it is not listed).
+fn task_status(c: &Containerd, id: &str) -> Option<String> {
+    c.ok(&["task", "ls"]).lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.first() == Some(&id)).then(|| f.get(2).unwrap_or(&"").to_string())
+    })
+}
+
+fn no_shims_left(c: &Containerd) {
+    wait_until("the burrow shims to exit", LONG, || {
+        c.shim_processes().is_empty()
+    });
+}
+
+/// The task's own process, its stdio, its exit; one from an image and one from a
+/// plain root file system.
+#[test]
+fn ctr_runs_tasks_in_microvms() {
+    let b = Burrow::new();
+    let rootfs = tempfile::tempdir().expect("tempdir");
+    busybox_rootfs(rootfs.path());
+    let rootfs = rootfs.path().to_string_lossy().into_owned();
+    let Some(c) = Containerd::start(&b) else {
+        return;
+    };
+    let image = c.import_busybox("burrow-test", &["id", "uname", "pwd"]);
+
+    // The guest's kernel; the spec's environment, user and directory; both
+    // outputs; the exit status.
+    let out = c.ctr(&run(
+        &["--rm", "--env", "A=1", "--cwd", "/tmp"],
+        &[
+            &image,
+            "c1",
+            "sh",
+            "-c",
+            "uname -r; echo $A; id -u; pwd; echo to-stderr >&2; exit 3",
+        ],
+    ));
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let lines: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
+    assert_eq!(
+        lines,
+        [guest_kernel_release().as_str(), "1", "0", "/tmp"],
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    let host = std::process::Command::new("uname")
+        .arg("-r")
+        .output()
+        .expect("uname -r");
+    assert_ne!(lines[0], text(&host.stdout).trim(), "the host's kernel");
+    assert!(
+        text(&out.stderr).contains("to-stderr"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A plain root file system, no image: a program by its path with no PATH
+    // (ctr gives none), and standard input to its end.
+    let mut child = std::process::Command::new("ctr")
+        .arg("--address")
+        .arg(&c.address)
+        .args(["--namespace", burrow_tests::containerd::NAMESPACE])
+        .args(run(&["--rm", "--rootfs", &rootfs], &["c2", "/bin/cat"]))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ctr run");
+    {
+        use std::io::Write;
+        let mut input = child.stdin.take().expect("stdin");
+        input.write_all(b"through-stdin\n").expect("write stdin");
+    }
+    let out = child.wait_with_output().expect("ctr run");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "through-stdin\n");
+
+    // A program that cannot run: the error names it; nothing stays.
+    let (code, err) = c.fails(&run(&["--rm"], &[&image, "c3", "no-such-program"]));
+    assert_ne!(code, 0);
+    assert!(err.contains("no-such-program"), "{err}");
+    assert!(c.ok(&["container", "ls", "-q"]).trim().is_empty());
+
+    b.wait_no_vms(LONG);
+    no_shims_left(&c);
+}
+
+/// A detached task: exec (with and without a terminal), ps, pause and resume,
+/// kill, delete; then nothing of it stays.
+#[test]
+fn ctr_drives_a_detached_task() {
+    let b = Burrow::new();
+    let Some(c) = Containerd::start(&b) else {
+        return;
+    };
+    let image = c.import_busybox("burrow-test", &["ps", "stty"]);
+    c.ok(&run(&["-d"], &[&image, "d1", "sleep", "1000"]));
+    assert_eq!(task_status(&c, "d1").as_deref(), Some("RUNNING"));
+
+    let out = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        "d1",
+        "sh",
+        "-c",
+        "echo in-exec; exit 5",
+    ]);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "in-exec\n");
+
+    // ps lists the container's processes (guest pids): the sleep is one.
+    let ps = c.ok(&["task", "ps", "d1"]);
+    assert!(ps.lines().count() >= 2, "{ps}");
+
+    c.ok(&["task", "pause", "d1"]);
+    assert_eq!(task_status(&c, "d1").as_deref(), Some("PAUSED"));
+    c.ok(&["task", "resume", "d1"]);
+    assert_eq!(task_status(&c, "d1").as_deref(), Some("RUNNING"));
+
+    // A terminal: an exec with -t under tmux, sized from the pane, then resized.
+    let mut tmux = Tmux::new();
+    let line = format!(
+        "ctr --address {} --namespace {} task exec -t --exec-id t1 d1 sh; echo exec-exit-$?",
+        c.address.display(),
+        burrow_tests::containerd::NAMESPACE
+    );
+    tmux.start("t", 100, 30, &line);
+    tmux.type_text("t", "stty size; echo mark-$((6*7))\r");
+    let screen = tmux.wait_for("t", "mark-42", LONG);
+    assert!(screen.contains("30 100"), "{screen}");
+    tmux.resize("t", 90, 20);
+    tmux.type_text("t", "stty size; echo mark-$((7*7))\r");
+    let screen = tmux.wait_for("t", "mark-49", LONG);
+    assert!(screen.contains("20 90"), "{screen}");
+    tmux.type_text("t", "exit 4\r");
+    tmux.wait_for("t", "exec-exit-4", LONG);
+    drop(tmux);
+
+    // sleep is PID 1 of its namespace: TERM has no handler there and is ignored
+    // (as under runc); KILL ends it.
+    c.ok(&["task", "kill", "-s", "KILL", "d1"]);
+    wait_until("d1 to stop", LONG, || {
+        task_status(&c, "d1").as_deref() == Some("STOPPED")
+    });
+    // A stopped task cannot be killed again: containerd's NotFound.
+    let (_, err) = c.fails(&["task", "kill", "-s", "KILL", "d1"]);
+    assert!(
+        err.contains("not found") || err.contains("finished"),
+        "{err}"
+    );
+    c.ok(&["task", "delete", "d1"]);
+    c.ok(&["container", "rm", "d1"]);
+    b.wait_no_vms(LONG);
+    no_shims_left(&c);
+}
+
+/// The shim killed with -9 while its task runs: containerd's `task delete`
+/// runs the shim's delete action, which destroys the VM and unmounts the
+/// task's root file system; nothing stays.
+#[test]
+fn a_killed_shim_leaves_nothing_behind() {
+    let b = Burrow::new();
+    let Some(c) = Containerd::start(&b) else {
+        return;
+    };
+    let image = c.import_busybox("burrow-test", &[]);
+    c.ok(&run(&["-d"], &[&image, "k1", "sleep", "1000"]));
+    let shims = c.shim_processes();
+    assert_eq!(shims.len(), 1, "{shims:?}");
+    assert!(!b.vm_processes().is_empty(), "the task's VM runs");
+    kill9(shims[0]);
+    wait_until("containerd to see the shim go", LONG, || {
+        task_status(&c, "k1").as_deref() != Some("RUNNING")
+    });
+    let _ = c.ctr(&["task", "delete", "-f", "k1"]);
+    c.ok(&["container", "rm", "k1"]);
+    b.wait_no_vms(LONG);
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let dir = c.dir.path().to_string_lossy().into_owned();
+    assert!(
+        !mounts.lines().any(|l| l.contains(&dir) && l.contains("k1")),
+        "the task's rootfs is still mounted:\n{mounts}"
+    );
+    no_shims_left(&c);
+}
