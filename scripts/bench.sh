@@ -18,3 +18,4 @@ step python3 scripts/bench_volumes.py "$bin" --store fuse $mode
 step python3 scripts/bench_network.py "$bin" $mode
 step python3 scripts/bench_streams.py "$bin" $mode
 step python3 scripts/bench_oci.py "$bin" $mode
+step python3 scripts/bench_shim.py "$bin" $mode

@@ -137,6 +137,18 @@ fn ctr_drives_a_detached_task() {
     let ps = c.ok(&["task", "ps", "d1"]);
     assert!(ps.lines().count() >= 2, "{ps}");
 
+    // metrics: the guest cgroup's figures, in containerd's cgroups v2 types.
+    let metrics = c.ok(&["task", "metrics", "d1"]);
+    let figure = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().parse().unwrap_or(0)))
+            .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
+    };
+    assert!(figure("pids.current ") >= 1, "{metrics}");
+    assert!(figure("memory.usage ") > 0, "{metrics}");
+    assert!(figure("cpu.usage_usec ") > 0, "{metrics}");
+
     c.ok(&["task", "pause", "d1"]);
     assert_eq!(task_status(&c, "d1").as_deref(), Some("PAUSED"));
     c.ok(&["task", "resume", "d1"]);

@@ -126,8 +126,10 @@ impl Ctx {
                 ContainerStatusKind::Paused => Status::Paused,
                 ContainerStatusKind::Stopped => Status::Stopped,
             },
-            ContainerAnswer::Pids { .. } => {
-                return Err(Error::Holder("burrowd answered state with pids".into()))
+            _ => {
+                return Err(Error::Holder(
+                    "burrowd answered state with something else".into(),
+                ))
             }
         })
     }

@@ -125,9 +125,9 @@ async fn pids(ctx: &Ctx, id: &str) -> Result<Vec<i32>> {
     let (client, r, _) = live(ctx, id, "it has no processes").await?;
     match op(&client, &r, ContainerOp::Ps { id: r.id.clone() }).await? {
         ContainerAnswer::Pids { pids } => Ok(pids),
-        ContainerAnswer::Status(_) => {
-            Err(Error::Holder("burrowd answered ps with a status".into()))
-        }
+        _ => Err(Error::Holder(
+            "burrowd answered ps with something else".into(),
+        )),
     }
 }
 

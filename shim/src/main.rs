@@ -4,6 +4,7 @@
 //! docs/kubernetes.md.
 
 mod io;
+mod metrics;
 mod rootfs;
 mod task;
 

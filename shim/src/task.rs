@@ -678,7 +678,7 @@ impl Task for Service {
         let c = self.task(&req.id)?;
         let pids = match self.op(&c, ContainerOp::Ps { id: c.id.clone() }).await? {
             ContainerAnswer::Pids { pids } => pids,
-            ContainerAnswer::Status(_) => Vec::new(),
+            _ => Vec::new(),
         };
         Ok(api::PidsResponse {
             processes: pids
@@ -895,6 +895,28 @@ impl Task for Service {
         Ok(api::WaitResponse {
             exit_status: exit.code,
             exited_at: timestamp(exit.at),
+            ..Default::default()
+        })
+    }
+
+    async fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        let c = self.task(&req.id)?;
+        let stats = match self.op(&c, ContainerOp::Stats { id: c.id.clone() }).await? {
+            ContainerAnswer::Stats { stats } => stats,
+            _ => {
+                return Err(status(
+                    Code::INTERNAL,
+                    "burrowd answered stats with something else",
+                ))
+            }
+        };
+        let any = crate::metrics::to_any(&stats).map_err(|e| status(Code::INTERNAL, e))?;
+        Ok(api::StatsResponse {
+            stats: MessageField::some(any),
             ..Default::default()
         })
     }

@@ -85,6 +85,7 @@ enum Action {
     Pause,
     Resume,
     Ps,
+    Stats,
     /// Resources are read from the helper's stdin (a runtime-spec object).
     Update,
     Delete {
@@ -181,6 +182,7 @@ fn parse(args: &[String]) -> Result<Command> {
         "pause" => Action::Pause,
         "resume" => Action::Resume,
         "ps" => Action::Ps,
+        "stats" => Action::Stats,
         "update" => Action::Update,
         "delete" => Action::Delete { force },
         other => return Err(bad(format!("oci: unknown command {other:?}"))),
@@ -230,6 +232,13 @@ fn run(cmd: Command) -> Result<()> {
                 .get_all_pids()
                 .map_err(|e| Failure::new(ErrorKind::Io, format!("cgroup: {e}")))?;
             ok(json!(pids.iter().map(|p| p.as_raw()).collect::<Vec<_>>()))
+        }
+        Action::Stats => {
+            let stats = cgroup(&load(&root, &id)?, &id)?
+                .stats()
+                .map_err(|e| Failure::new(ErrorKind::Io, format!("cgroup: {e}")))?;
+            ok(serde_json::to_value(stats)
+                .map_err(|e| Failure::new(ErrorKind::Io, e.to_string()))?)
         }
         Action::Update => {
             let resources: LinuxResources = serde_json::from_reader(std::io::stdin().lock())

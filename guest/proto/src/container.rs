@@ -96,7 +96,8 @@ pub struct ContainerExec {
 /// wire (a request's `id` is the request's own, in the same JSON object). Each is
 /// answered with
 /// [`Reply::Container`](crate::Reply) (its status after the request), except
-/// `Ps`, answered with [`Reply::Pids`](crate::Reply).
+/// `Ps`, answered with [`Reply::Pids`](crate::Reply), and `Stats`, answered
+/// with [`Reply::ContainerStats`](crate::Reply).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum ContainerOp {
@@ -131,6 +132,11 @@ pub enum ContainerOp {
         #[serde(rename = "container")]
         id: String,
     },
+    /// Its cgroup's figures (CPU, memory, pids, I/O), as libcgroups reads them.
+    Stats {
+        #[serde(rename = "container")]
+        id: String,
+    },
     /// New cgroup limits: an OCI runtime-spec `LinuxResources` object.
     Update {
         #[serde(rename = "container")]
@@ -156,6 +162,7 @@ impl ContainerOp {
             | ContainerOp::Pause { id }
             | ContainerOp::Resume { id }
             | ContainerOp::Ps { id }
+            | ContainerOp::Stats { id }
             | ContainerOp::Update { id, .. }
             | ContainerOp::Delete { id, .. } => id,
         }

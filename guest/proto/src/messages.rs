@@ -338,6 +338,10 @@ pub enum Reply {
     Pids {
         pids: Vec<i32>,
     },
+    /// A container's cgroup figures (libcgroups' `Stats`, as JSON).
+    ContainerStats {
+        stats: serde_json::Value,
+    },
     Done,
 }
 

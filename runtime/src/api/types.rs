@@ -320,4 +320,5 @@ pub struct ContainerVmRequest {
 pub enum ContainerAnswer {
     Status(ContainerStatus),
     Pids { pids: Vec<i32> },
+    Stats { stats: serde_json::Value },
 }

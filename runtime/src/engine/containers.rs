@@ -515,6 +515,7 @@ impl Engine {
         match guest.call(Op::Container(op), None).await? {
             Reply::Container(s) => Ok(ContainerAnswer::Status(s)),
             Reply::Pids { pids } => Ok(ContainerAnswer::Pids { pids }),
+            Reply::ContainerStats { stats } => Ok(ContainerAnswer::Stats { stats }),
             r => Err(super::guest_ops::unexpected("container", r)),
         }
     }

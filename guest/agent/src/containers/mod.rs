@@ -240,6 +240,13 @@ impl Containers {
                 let pids: Vec<i32> = serde_json::from_value(v).map_err(helper_garbled)?;
                 return Ok(Reply::Pids { pids });
             }
+            ContainerOp::Stats { .. } => {
+                if matches!(entry.phase(), Phase::Creating | Phase::Stopped) {
+                    return Err(entry.refuse("report figures"));
+                }
+                let stats = self.run(table, self.base_args("stats", id), None).await?;
+                return Ok(Reply::ContainerStats { stats });
+            }
             ContainerOp::Update { resources, .. } => {
                 if matches!(entry.phase(), Phase::Creating | Phase::Stopped) {
                     return Err(entry.refuse("update"));
