@@ -32,7 +32,7 @@ agent-debug: deps
 # burrowd finds its companions next to itself and the agent in $(PREFIX)/lib/burrow.
 install: build
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/burrow
-	for b in burrow burrowd burrow-console burrow-netd burrow-cowfs burrow-runtime; do \
+	for b in burrow burrowd burrow-console burrow-netd burrow-cowfs burrow-runtime containerd-shim-burrow-v2; do \
 	  install -m 0755 target/release/$$b $(DESTDIR)$(PREFIX)/bin/$$b; done
 	install -m 0755 target/$(AGENT_TARGET)/release/burrow-agent $(DESTDIR)$(PREFIX)/lib/burrow/burrow-agent
 
