@@ -220,3 +220,102 @@ fn a_killed_shim_leaves_nothing_behind() {
     );
     no_shims_left(&c);
 }
+
+/// The namespace inodes (`net:[4026532023]`) a task's exec sees, by kind.
+fn namespaces(c: &Containerd, task: &str, exec_id: &str) -> Vec<String> {
+    c.ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        exec_id,
+        task,
+        "sh",
+        "-c",
+        "for n in net uts ipc pid mnt; do readlink /proc/self/ns/$n; done",
+    ])
+    .lines()
+    .map(str::to_string)
+    .collect()
+}
+
+/// A pod as CRI makes one (its annotations, its members naming the sandbox's
+/// namespaces by host paths): one shim and one VM; a member joins the
+/// namespaces it names, inside the VM, and keeps its own others; deleting it
+/// leaves the pod; deleting the sandbox ends the VM. A member whose sandbox is
+/// not there is refused by name.
+#[test]
+fn a_pod_is_one_vm() {
+    let b = Burrow::new();
+    let Some(c) = Containerd::start(&b) else {
+        return;
+    };
+    let image = c.import_busybox("burrow-test", &["readlink"]);
+    let sandbox = [
+        "--annotation",
+        "io.kubernetes.cri.container-type=sandbox",
+        "--annotation",
+        "io.kubernetes.cri.sandbox-id=pod1",
+        "-d",
+    ];
+    c.ok(&run(&sandbox, &[&image, "pod1", "sleep", "1000"]));
+    // CRI names the sandbox's namespaces by host paths: the pause process's
+    // /proc/<pid>/ns/..., a CNI netns file. They mean the sandbox's in the VM.
+    let member = [
+        "--annotation",
+        "io.kubernetes.cri.container-type=container",
+        "--annotation",
+        "io.kubernetes.cri.sandbox-id=pod1",
+        "--with-ns",
+        "network:/proc/4242/ns/net",
+        "--with-ns",
+        "uts:/proc/4242/ns/uts",
+        "--with-ns",
+        "ipc:/proc/4242/ns/ipc",
+        "-d",
+    ];
+    c.ok(&run(&member, &[&image, "app1", "sleep", "1000"]));
+    assert_eq!(task_status(&c, "app1").as_deref(), Some("RUNNING"));
+    assert_eq!(c.shim_processes().len(), 1, "one shim per pod");
+    let vms = b.json(&["ls", "--json"]);
+    assert_eq!(
+        vms.as_array().map(Vec::len),
+        Some(1),
+        "one VM per pod: {vms}"
+    );
+
+    let pod = namespaces(&c, "pod1", "n1");
+    let app = namespaces(&c, "app1", "n2");
+    assert_eq!(pod.len(), 5, "{pod:?}");
+    assert_eq!(pod[..3], app[..3], "net, uts and ipc are the sandbox's");
+    assert_ne!(pod[3], app[3], "its own pid namespace");
+    assert_ne!(pod[4], app[4], "its own mount namespace");
+
+    // The member goes; the pod stays.
+    c.ok(&["task", "kill", "-s", "KILL", "app1"]);
+    wait_until("app1 to stop", LONG, || {
+        task_status(&c, "app1").as_deref() == Some("STOPPED")
+    });
+    c.ok(&["task", "delete", "app1"]);
+    c.ok(&["container", "rm", "app1"]);
+    assert_eq!(task_status(&c, "pod1").as_deref(), Some("RUNNING"));
+    assert_eq!(namespaces(&c, "pod1", "n3"), pod);
+
+    // A member of a pod that is not there.
+    let orphan = [
+        "--annotation",
+        "io.kubernetes.cri.container-type=container",
+        "--annotation",
+        "io.kubernetes.cri.sandbox-id=nopod",
+    ];
+    let (_, err) = c.fails(&run(&orphan, &["--rm", &image, "app2", "true"]));
+    assert!(err.contains("nopod") && err.contains("sandbox"), "{err}");
+
+    c.ok(&["task", "kill", "-s", "KILL", "pod1"]);
+    wait_until("pod1 to stop", LONG, || {
+        task_status(&c, "pod1").as_deref() == Some("STOPPED")
+    });
+    c.ok(&["task", "delete", "pod1"]);
+    c.ok(&["container", "rm", "pod1"]);
+    b.wait_no_vms(LONG);
+    no_shims_left(&c);
+}

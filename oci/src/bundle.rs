@@ -46,6 +46,13 @@ impl Bundle {
         Bundle::check(dir, spec)
     }
 
+    /// Checks `spec` as the config.json of bundle `dir` (a caller that adjusted
+    /// what it read, e.g. namespace paths that name another container's).
+    pub fn from_spec(dir: &Path, spec: Value) -> Result<Bundle> {
+        let dir = std::path::absolute(dir).map_err(Error::io(dir))?;
+        Bundle::check(dir, spec)
+    }
+
     fn check(dir: PathBuf, spec: Value) -> Result<Bundle> {
         if !spec.is_object() {
             return Err(Error::invalid("config.json", "must be a JSON object"));

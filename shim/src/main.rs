@@ -15,10 +15,7 @@ use containerd_shim::asynchronous::{run, spawn, ExitSignal, Shim};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{api, Config, Error, Flags, StartOpts};
 
-use crate::task::RUNTIME_ID;
-
-/// The annotation CRI puts on every container of a pod: its sandbox's id.
-const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+use crate::task::{RUNTIME_ID, SANDBOX_ID};
 
 struct Burrow {
     namespace: String,

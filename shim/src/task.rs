@@ -198,6 +198,9 @@ struct Container {
     bundle: PathBuf,
     /// burrowd's name for the container's VM.
     vm: String,
+    /// A pod's member: a container added to its sandbox's VM (deleting it
+    /// leaves the VM to the sandbox).
+    member: bool,
     /// Whether the shim mounted the task's rootfs (containerd's mounts) itself.
     mounted_rootfs: bool,
     init: Arc<Proc>,
@@ -403,6 +406,30 @@ impl Service {
         made
     }
 
+    /// The sandbox whose VM a CRI container of `spec` joins, when it is one.
+    fn sandbox_for(&self, spec: &Value) -> TtrpcResult<Option<Arc<Container>>> {
+        let annotation = |k: &str| {
+            spec.pointer(&format!("/annotations/{}", k.replace('/', "~1")))
+                .and_then(Value::as_str)
+        };
+        if annotation(CONTAINER_TYPE) != Some("container") {
+            return Ok(None);
+        }
+        let Some(sandbox) = annotation(SANDBOX_ID) else {
+            return Ok(None);
+        };
+        let c = lock(&self.inner.tasks).get(sandbox).cloned();
+        match c {
+            Some(c) if c.init.phase() == Phase::Running => Ok(Some(c)),
+            _ => Err(status(
+                Code::FAILED_PRECONDITION,
+                format!(
+                    "annotations.{SANDBOX_ID}: sandbox {sandbox:?} is not running in this shim"
+                ),
+            )),
+        }
+    }
+
     async fn make(
         &self,
         id: &str,
@@ -410,7 +437,36 @@ impl Service {
         mounted: bool,
         req: &api::CreateTaskRequest,
     ) -> TtrpcResult<u32> {
-        let b = Bundle::load(bundle).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let invalid = |e: burrow_oci::error::Error| status(Code::INVALID_ARGUMENT, e.to_string());
+        let path = bundle.join("config.json");
+        let raw: Value = std::fs::read(&path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("not valid JSON: {e}")))
+            .map_err(|e| status(Code::INVALID_ARGUMENT, format!("config.json: {e}")))?;
+        let sandbox = self.sandbox_for(&raw)?;
+        // A pod's member names the sandbox's namespaces by host paths
+        // (/proc/<pid>/ns/<kind>, a CNI netns file): inside the VM they are the
+        // sandbox container's.
+        let (b, spec) = match &sandbox {
+            Some(s) => {
+                let spec = join_namespaces(&raw, s.init.pid());
+                let mut checked = spec.clone();
+                if let Some(list) = checked
+                    .pointer_mut("/linux/namespaces")
+                    .and_then(Value::as_array_mut)
+                {
+                    for n in list.iter_mut().filter_map(Value::as_object_mut) {
+                        n.remove("path");
+                    }
+                }
+                (Bundle::from_spec(bundle, checked).map_err(invalid)?, spec)
+            }
+            None => {
+                let b = Bundle::load(bundle).map_err(invalid)?;
+                let spec = b.spec.clone();
+                (b, spec)
+            }
+        };
         if !b.hooks.is_empty() {
             return Err(status(
                 Code::INVALID_ARGUMENT,
@@ -423,12 +479,24 @@ impl Service {
             id: id.to_string(),
             root: self.inner.root.clone(),
             bundle: b.dir.clone(),
-            spec: b.spec.clone(),
+            spec,
         };
-        let info = client
-            .container_vm_create(&vm_req)
-            .await
-            .map_err(client_error)?;
+        let vm = match &sandbox {
+            Some(s) => {
+                client
+                    .container_share(&s.vm, &vm_req)
+                    .await
+                    .map_err(client_error)?;
+                s.vm.clone()
+            }
+            None => {
+                client
+                    .container_vm_create(&vm_req)
+                    .await
+                    .map_err(client_error)?
+                    .id
+            }
+        };
         let stdio = Stdio {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -438,7 +506,8 @@ impl Service {
         let c = Arc::new(Container {
             id: id.to_string(),
             bundle: bundle.to_path_buf(),
-            vm: info.id.clone(),
+            vm: vm.clone(),
+            member: sandbox.is_some(),
             mounted_rootfs: mounted,
             init: Proc::new("", stdio, None),
             execs: Mutex::new(HashMap::new()),
@@ -457,7 +526,7 @@ impl Service {
         let pid = match launched {
             Ok(pid) => pid,
             Err(e) => {
-                let _ = client.destroy(&info.id).await;
+                self.remove(&c).await;
                 return Err(e);
             }
         };
@@ -486,6 +555,20 @@ impl Service {
     /// Destroys a task's VM and unmounts its rootfs.
     async fn remove(&self, c: &Container) {
         match self.client().await {
+            Ok(client) if c.member => {
+                let op = ContainerOp::Delete {
+                    id: c.id.clone(),
+                    force: true,
+                };
+                match client.container_op(&c.vm, &op).await {
+                    Ok(_) | Err(ClientError::Api { status: 404, .. }) => {}
+                    Err(e) => log::error!("task {}: delete in VM {}: {e}", c.id, c.vm),
+                }
+                match client.container_unshare(&c.vm, &c.id).await {
+                    Ok(_) | Err(ClientError::Api { status: 404, .. }) => {}
+                    Err(e) => log::error!("task {}: unshare from VM {}: {e}", c.id, c.vm),
+                }
+            }
             Ok(client) => match client.destroy(&c.vm).await {
                 Ok(_) | Err(ClientError::Api { status: 404, .. }) => {}
                 Err(e) => log::error!("task {}: destroy VM {}: {e}", c.id, c.vm),
@@ -496,6 +579,38 @@ impl Service {
             rootfs::unmount(&c.bundle).await;
         }
     }
+}
+
+/// The annotation CRI puts on every container of a pod: its sandbox's id.
+pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+/// CRI's annotation saying whether a container is a pod's sandbox or a member.
+const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+
+/// `spec` with every namespace it names by path made the one of guest process
+/// `pid` (the sandbox container's) of the same kind.
+fn join_namespaces(spec: &Value, pid: u32) -> Value {
+    let mut spec = spec.clone();
+    if let Some(list) = spec
+        .pointer_mut("/linux/namespaces")
+        .and_then(Value::as_array_mut)
+    {
+        for n in list.iter_mut() {
+            let named = n
+                .get("path")
+                .and_then(Value::as_str)
+                .is_some_and(|p| !p.is_empty());
+            let file = match n.get("type").and_then(Value::as_str) {
+                Some("network") => "net",
+                Some("mount") => "mnt",
+                Some(k @ ("ipc" | "uts" | "pid" | "cgroup" | "user" | "time")) => k,
+                _ => continue,
+            };
+            if named {
+                n["path"] = Value::from(format!("/proc/{pid}/ns/{file}"));
+            }
+        }
+    }
+    spec
 }
 
 fn exit_fields(p: &Proc) -> (u32, MessageField<Timestamp>) {
@@ -944,5 +1059,46 @@ impl Task for Service {
             self.inner.exit.signal();
         }
         Ok(api::Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_member_joins_the_sandboxs_namespaces_it_names() {
+        let spec = json!({"linux": {"namespaces": [
+            {"type": "network", "path": "/var/run/netns/cni-1234"},
+            {"type": "ipc", "path": "/proc/4242/ns/ipc"},
+            {"type": "uts", "path": "/proc/4242/ns/uts"},
+            {"type": "pid"},
+            {"type": "mount", "path": ""},
+        ]}});
+        let joined = join_namespaces(&spec, 98);
+        assert_eq!(
+            joined["linux"]["namespaces"],
+            json!([
+                {"type": "network", "path": "/proc/98/ns/net"},
+                {"type": "ipc", "path": "/proc/98/ns/ipc"},
+                {"type": "uts", "path": "/proc/98/ns/uts"},
+                {"type": "pid"},
+                {"type": "mount", "path": ""},
+            ])
+        );
+    }
+
+    #[test]
+    fn roots_scope_ids_by_containerd_and_namespace() {
+        assert_eq!(
+            root_of("/run/containerd/containerd.sock", "k8s.io"),
+            "/run/containerd/containerd.sock/k8s.io"
+        );
+        assert_eq!(
+            root_of("unix:///tmp/c.sock", "default"),
+            "/tmp/c.sock/default"
+        );
+        assert_ne!(root_of("/a.sock", "x"), root_of("/b.sock", "x"));
     }
 }

@@ -263,6 +263,21 @@ impl Client {
         self.post("/v1/containers", r).await
     }
 
+    /// Shares a container's files with running container VM `ws` (a pod's member).
+    pub async fn container_share(
+        &self,
+        ws: &str,
+        r: &ContainerVmRequest,
+    ) -> Result<ContainerShared> {
+        self.post(&ws_path(ws, "/containers/share"), r).await
+    }
+
+    /// Takes a container added with [`Client::container_share`] out of VM `ws`.
+    pub async fn container_unshare(&self, ws: &str, id: &str) -> Result<Deleted> {
+        self.delete(&ws_path(ws, &format!("/containers/share/{}", seg(id))))
+            .await
+    }
+
     /// A request on a container inside VM `ws`.
     pub async fn container_op(&self, ws: &str, op: &ContainerOp) -> Result<ContainerAnswer> {
         self.post(&ws_path(ws, "/containers"), op).await

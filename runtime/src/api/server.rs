@@ -45,6 +45,14 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/containers", post(container_vm_create))
         .route("/v1/workspaces/{ws}/containers", post(container_op))
+        .route(
+            "/v1/workspaces/{ws}/containers/share",
+            post(container_share),
+        )
+        .route(
+            "/v1/workspaces/{ws}/containers/share/{id}",
+            axum::routing::delete(container_unshare),
+        )
         .route("/v1/teams", axum::routing::post(team_create))
         .route("/v1/teams/{name}", get(team_status).delete(team_destroy))
         .route("/v1/workspaces/{ws}", get(info).delete(destroy))
@@ -301,6 +309,22 @@ async fn container_op(
     ApiJson(op): ApiJson<ContainerOp>,
 ) -> ApiResult<ContainerAnswer> {
     ok(s.engine.container_op(&ws, op).await?)
+}
+
+async fn container_share(
+    State(s): State<AppState>,
+    Path(ws): Path<String>,
+    ApiJson(r): ApiJson<ContainerVmRequest>,
+) -> ApiResult<ContainerShared> {
+    ok(s.engine.container_share(&ws, r).await?)
+}
+
+async fn container_unshare(
+    State(s): State<AppState>,
+    Path((ws, id)): Path<(String, String)>,
+) -> ApiResult<Deleted> {
+    s.engine.container_unshare(&ws, &id).await?;
+    ok(Deleted { deleted: id })
 }
 
 async fn info(State(s): State<AppState>, Path(ws): Path<String>) -> ApiResult<WorkspaceInfo> {

@@ -314,6 +314,13 @@ pub struct ContainerVmRequest {
     pub spec: serde_json::Value,
 }
 
+/// `POST /v1/workspaces/{ws}/containers/share`: a container shared with VM `vm`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ContainerShared {
+    pub id: String,
+    pub vm: String,
+}
+
 /// `POST /v1/workspaces/{ws}/containers`: what a [`ContainerOp`] answers.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(untagged)]

@@ -196,6 +196,60 @@ pub fn plan(req: &ContainerVmRequest, host_cpus: u32, host_mib: u32) -> Result<P
     })
 }
 
+/// Checks the request of a container added to a running container VM of
+/// `vm_vcpus` CPUs (a pod's member, sharing the VM with the VM's container). Its
+/// namespace paths name namespaces inside the VM, another container's
+/// (`/proc/<guest pid>/ns/<kind>`): they are kept for the guest, never looked up
+/// on the host. Touches nothing.
+pub fn member_plan(req: &ContainerVmRequest, vm_vcpus: u32) -> Result<Plan> {
+    let mut host_view = req.clone();
+    let mut paths = Vec::new();
+    if let Some(list) = host_view
+        .spec
+        .pointer_mut("/linux/namespaces")
+        .and_then(Value::as_array_mut)
+    {
+        for (i, n) in list.iter_mut().enumerate() {
+            let Some(o) = n.as_object_mut() else { continue };
+            let Some(p) = o.remove("path") else { continue };
+            match p.as_str() {
+                _ if p.is_null() || p == "" => {}
+                Some(s) if is_guest_namespace(s) => paths.push((i, s.to_string())),
+                _ => {
+                    return Err(Error::invalid(
+                        "spec.linux.namespaces",
+                        format!(
+                            "[{i}].path: {p} is not a namespace inside the VM (/proc/<guest pid>/ns/<kind>)"
+                        ),
+                    ))
+                }
+            }
+        }
+    }
+    let mut plan = plan(&host_view, vm_vcpus, u32::MAX)?;
+    for (i, path) in paths {
+        plan.guest_spec["linux"]["namespaces"][i]["path"] = Value::from(path);
+    }
+    Ok(plan)
+}
+
+/// `/proc/<pid>/ns/<kind>`: a namespace of a process of the guest.
+fn is_guest_namespace(p: &str) -> bool {
+    let Some(rest) = p.strip_prefix("/proc/") else {
+        return false;
+    };
+    let Some((pid, kind)) = rest.split_once("/ns/") else {
+        return false;
+    };
+    !pid.is_empty()
+        && pid.len() <= 10
+        && pid.bytes().all(|b| b.is_ascii_digit())
+        && matches!(
+            kind,
+            "net" | "ipc" | "uts" | "pid" | "mnt" | "cgroup" | "user" | "time"
+        )
+}
+
 /// The path of the spec's network namespace, when it names an existing one.
 fn network_namespace(spec: &serde_json::Map<String, Value>) -> Result<Option<PathBuf>> {
     let list = match spec.get("linux").and_then(|l| l.get("namespaces")) {
@@ -520,6 +574,85 @@ impl Engine {
         }
     }
 
+    /// `POST /v1/workspaces/{ws}/containers/share`: shares a container's files
+    /// (its rootfs and bind sources, its config.json for the guest) with running
+    /// container VM `reference`, for the guest to make it there: a pod's member
+    /// beside the VM's own container. Everything shared lives under the VM's
+    /// directory, so the VM's destroy removes it even if no unshare comes.
+    pub async fn container_share(
+        &self,
+        reference: &str,
+        req: ContainerVmRequest,
+    ) -> Result<crate::api::types::ContainerShared> {
+        let (rec, _) = self.running(reference)?;
+        if rec.kind != Kind::Container {
+            return Err(Error::invalid(
+                "workspace",
+                format!("{} is a workspace, not a container VM", rec.name),
+            ));
+        }
+        let plan = member_plan(&req, rec.vcpus)?;
+        let lock = self.lock_for(&rec.id);
+        let _held = lock.lock().await;
+        let shared = self.state.container_dir(&rec.id).join("shared");
+        let taken = rec.container.as_ref().is_some_and(|c| c.id == req.id)
+            || std::fs::symlink_metadata(shared.join(&req.id)).is_ok();
+        if taken {
+            return Err(Error::ContainerExists {
+                id: req.id.clone(),
+                root: req.root.clone(),
+                vm: rec.name.clone(),
+            });
+        }
+        let id = req.id.clone();
+        let shared2 = shared.clone();
+        let made = tokio::task::spawn_blocking(move || share_container(&shared2, &id, &plan))
+            .await
+            .map_err(|e| Error::Vmm(format!("share task: {e}")))?;
+        if let Err(e) = made {
+            let dir = shared.join(&req.id);
+            let undone = tokio::task::spawn_blocking(move || unshare(&dir)).await;
+            if let Ok(Err(e2)) = undone {
+                tracing::error!("undoing a failed share: {e2}");
+            }
+            return Err(e);
+        }
+        Ok(crate::api::types::ContainerShared {
+            id: req.id,
+            vm: rec.id,
+        })
+    }
+
+    /// `DELETE /v1/workspaces/{ws}/containers/share/{id}`: unmounts and removes
+    /// what [`Engine::container_share`] shared (the guest deleted the container
+    /// first). The VM's own container goes with the VM only.
+    pub async fn container_unshare(&self, reference: &str, oci_id: &str) -> Result<()> {
+        burrow_proto::validate_container_id(oci_id).map_err(|e| Error::invalid_line("id", e))?;
+        let rec = self.db.resolve(reference)?;
+        if rec.kind != Kind::Container || rec.container.as_ref().is_some_and(|c| c.id == oci_id) {
+            return Err(Error::invalid(
+                "id",
+                format!("{oci_id:?} is not a container added to {}", rec.name),
+            ));
+        }
+        let lock = self.lock_for(&rec.id);
+        let _held = lock.lock().await;
+        let dir = self
+            .state
+            .container_dir(&rec.id)
+            .join("shared")
+            .join(oci_id);
+        if std::fs::symlink_metadata(&dir).is_err() {
+            return Err(Error::invalid(
+                "id",
+                format!("{oci_id:?} is not shared with {}", rec.name),
+            ));
+        }
+        tokio::task::spawn_blocking(move || unshare(&dir))
+            .await
+            .map_err(|e| Error::Vmm(format!("unshare task: {e}")))?
+    }
+
     /// Unmounts and removes what a container VM shared (its VM must be down).
     pub(super) async fn unshare_container(&self, id: &str) -> Result<()> {
         let dir = self.state.container_dir(id);
@@ -593,7 +726,14 @@ fn share(root: &Path, dir: &Path, oci_id: &str, plan: &Plan) -> Result<()> {
     // virtiofsd's namespace (a slave copy), and nowhere else.
     mount(None, &shared, None, libc::MS_PRIVATE, None)?;
     mount(None, &shared, None, libc::MS_SHARED, None)?;
+    share_container(&shared, oci_id, plan)
+}
 
+/// Shares one container's files with its VM: `<shared>/<oci id>/` (see the
+/// module's doc). The container VM's own container, or one added to the VM later
+/// (a pod's member): the guest reads it through the same virtio-fs device.
+fn share_container(shared: &Path, oci_id: &str, plan: &Plan) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
     let cdir = shared.join(oci_id);
     let mkdir = |p: &Path| {
         std::fs::DirBuilder::new()
@@ -1016,6 +1156,49 @@ mod tests {
             let e = plan(&r, 2, 4096).expect_err(want).to_string();
             assert!(e.contains(want), "{want:?} not in {e:?}");
             assert_eq!(e.lines().count(), 1, "{e}");
+        }
+    }
+
+    /// A pod's member names its sandbox's namespaces inside the VM: those paths
+    /// go to the guest as they are; a host path (which would mean nothing in the
+    /// guest) is refused; its CPUs are the VM's.
+    #[test]
+    fn a_members_namespaces_are_the_guests() {
+        let (_t, dir) = bundle();
+        let spec = json!({
+            "ociVersion": "1.0.2",
+            "root": {"path": "rootfs"},
+            "process": {"args": ["true"], "cwd": "/"},
+            "linux": {
+                "namespaces": [
+                    {"type": "network", "path": "/proc/97/ns/net"},
+                    {"type": "uts", "path": "/proc/97/ns/uts"},
+                    {"type": "pid"},
+                ],
+                "resources": {"cpu": {"cpus": "0-7"}},
+            },
+        });
+        let plan = member_plan(&req(&dir, spec.clone()), 2).expect("member plan");
+        assert_eq!(plan.netns, None);
+        assert_eq!(
+            plan.guest_spec["linux"]["namespaces"],
+            spec["linux"]["namespaces"]
+        );
+        assert_eq!(plan.guest_spec["linux"]["resources"]["cpu"]["cpus"], "0-1");
+
+        for bad in [
+            "/var/run/netns/cni-1",
+            "/proc/97/ns/../../etc",
+            "/proc/x/ns/net",
+            "/proc/1/ns/nope",
+        ] {
+            let mut s = spec.clone();
+            s["linux"]["namespaces"][0]["path"] = Value::from(bad);
+            let e = member_plan(&req(&dir, s), 2).expect_err(bad).to_string();
+            assert!(
+                e.contains("spec.linux.namespaces") && e.contains("[0].path"),
+                "{e}"
+            );
         }
     }
 
