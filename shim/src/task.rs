@@ -662,7 +662,13 @@ impl Task for Service {
         }
         if req.exec_id.is_empty() {
             self.op(&c, ContainerOp::Start { id: c.id.clone() }).await?;
-            p.lock().phase = Phase::Running;
+            {
+                // Its exit may have come first (a quick `true`): it stays stopped.
+                let mut st = p.lock();
+                if st.phase == Phase::Created {
+                    st.phase = Phase::Running;
+                }
+            }
             let pid = p.pid();
             self.publish(
                 topics::TASK_START_EVENT_TOPIC,
