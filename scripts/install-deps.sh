@@ -30,6 +30,9 @@ pkgs=(busybox-static cpio socat debootstrap libseccomp-dev libcap-ng-dev pkg-con
 # dockerd, containerd and the docker client that BuildKit builds need); the agent's
 # container tests take their bundles' config.json from `runc spec`.
 pkgs+=(docker.io containerd runc)
+# The containerd shim's CRI tests speak CRI's gRPC API (k8s-cri, whose build
+# script compiles the CRI protos with protoc).
+pkgs+=(protobuf-compiler)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -251,8 +251,30 @@ async fn container_vm_shares_the_bundle_and_leaves_nothing() {
             .unwrap_or_else(|| panic!("{} is not a mount point", p.display()))
             .to_string()
     };
+    // The read-only root is an overlay: the bundle's rootfs, bound read-only,
+    // under a small writable layer of the VM's own (the guest's container runtime
+    // makes its mount points there, then makes the root read-only).
+    let rootfs_line = info_text
+        .lines()
+        .find(|l| l.split(' ').nth(4) == shared.join("c1/rootfs").to_str())
+        .expect("c1/rootfs is a mount point");
+    assert!(rootfs_line.contains(" - overlay "), "{rootfs_line}");
+    let lower = shared.parent().expect("vm dir").join("rw/c1/lower");
+    let lower_line = info_text
+        .lines()
+        .find(|l| l.split(' ').nth(4) == lower.to_str())
+        .unwrap_or_else(|| panic!("{} is not a mount point", lower.display()));
+    let lower_opts: Vec<&str> = lower_line
+        .split(' ')
+        .nth(5)
+        .unwrap_or_default()
+        .split(',')
+        .collect();
+    assert!(
+        lower_opts.contains(&"ro") && lower_opts.contains(&"nosuid"),
+        "{lower_line}"
+    );
     for (rel, ro) in [
-        ("c1/rootfs", true),
         ("c1/mounts/1", true),
         ("c1/mounts/2", false),
         ("c1/mounts/3", true),
@@ -309,7 +331,8 @@ async fn container_vm_shares_the_bundle_and_leaves_nothing() {
     assert!(err.to_lowercase().contains("read-only"), "{err}");
     assert!(!h.ro_dir.join("planted").exists());
     b.fails(&["file", "write", &vm, &format!("{c}/mounts/3")]);
-    b.fails(&["file", "write", &vm, &format!("{c}/rootfs/etc/planted")]);
+    // A write into the read-only root lands in the VM's layer, never the bundle.
+    let _ = b.run(&["file", "write", &vm, &format!("{c}/rootfs/etc/planted")]);
     assert!(!h.bundle.join("rootfs/etc/planted").exists());
     assert_eq!(
         std::fs::read_to_string(&h.file).expect("r"),

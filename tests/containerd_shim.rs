@@ -98,6 +98,20 @@ fn ctr_runs_tasks_in_microvms() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "through-stdin\n");
 
+    // A read-only root: the container cannot write it (the guest's runtime made
+    // its mount points first, in a layer of the VM's own).
+    let out = c.ok(&run(
+        &["--rm", "--read-only"],
+        &[
+            &image,
+            "c4",
+            "sh",
+            "-c",
+            "echo x > /planted || echo refused",
+        ],
+    ));
+    assert_eq!(out.trim(), "refused");
+
     // A program that cannot run: the error names it; nothing stays.
     let (code, err) = c.fails(&run(&["--rm"], &[&image, "c3", "no-such-program"]));
     assert_ne!(code, 0);

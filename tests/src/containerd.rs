@@ -250,6 +250,12 @@ impl Containerd {
         self.import_image(NAMESPACE, name, applets, &["sh"])
     }
 
+    /// [`Containerd::import_busybox`] into namespace `ns` ([`CRI_NAMESPACE`]
+    /// for CRI's containers).
+    pub fn import_busybox_in(&self, ns: &str, name: &str, applets: &[&str]) -> String {
+        self.import_image(ns, name, applets, &["sh"])
+    }
+
     /// Imports [`SANDBOX_IMAGE`] for CRI: busybox sleeping for ever, as
     /// Kubernetes' pause image does.
     pub fn import_sandbox_image(&self) {

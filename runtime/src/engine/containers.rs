@@ -610,8 +610,9 @@ impl Engine {
             .await
             .map_err(|e| Error::Vmm(format!("share task: {e}")))?;
         if let Err(e) = made {
-            let dir = shared.join(&req.id);
-            let undone = tokio::task::spawn_blocking(move || unshare(&dir)).await;
+            let vm_dir = self.state.container_dir(&rec.id);
+            let oci = req.id.clone();
+            let undone = tokio::task::spawn_blocking(move || unshare_member(&vm_dir, &oci)).await;
             if let Ok(Err(e2)) = undone {
                 tracing::error!("undoing a failed share: {e2}");
             }
@@ -637,18 +638,15 @@ impl Engine {
         }
         let lock = self.lock_for(&rec.id);
         let _held = lock.lock().await;
-        let dir = self
-            .state
-            .container_dir(&rec.id)
-            .join("shared")
-            .join(oci_id);
-        if std::fs::symlink_metadata(&dir).is_err() {
+        let vm_dir = self.state.container_dir(&rec.id);
+        if std::fs::symlink_metadata(vm_dir.join("shared").join(oci_id)).is_err() {
             return Err(Error::invalid(
                 "id",
                 format!("{oci_id:?} is not shared with {}", rec.name),
             ));
         }
-        tokio::task::spawn_blocking(move || unshare(&dir))
+        let oci = oci_id.to_string();
+        tokio::task::spawn_blocking(move || unshare_member(&vm_dir, &oci))
             .await
             .map_err(|e| Error::Vmm(format!("unshare task: {e}")))?
     }
@@ -744,7 +742,12 @@ fn share_container(shared: &Path, oci_id: &str, plan: &Plan) -> Result<()> {
     mkdir(&cdir)?;
     let rootfs = cdir.join("rootfs");
     mkdir(&rootfs)?;
-    bind(&plan.rootfs, &rootfs, plan.rootfs_readonly, true)?;
+    if plan.rootfs_readonly {
+        let vm_dir = shared.parent().unwrap_or(shared);
+        readonly_root(&plan.rootfs, &vm_dir.join("rw").join(oci_id), &rootfs)?;
+    } else {
+        bind(&plan.rootfs, &rootfs, false, true)?;
+    }
     let mounts = cdir.join("mounts");
     mkdir(&mounts)?;
     for b in &plan.binds {
@@ -764,6 +767,69 @@ fn share_container(shared: &Path, oci_id: &str, plan: &Plan) -> Result<()> {
         .map_err(|e| Error::Vmm(format!("encode config.json: {e}")))?;
     let path = cdir.join("config.json");
     std::fs::write(&path, config).map_err(io(format!("write {}", path.display())))
+}
+
+/// Size of the writable layer over a read-only root: the mount points the
+/// guest's container runtime makes in it (`/etc/resolv.conf`, `/run`), no more.
+const ROOT_LAYER_TMPFS: &str = "size=16m,nr_inodes=4096,mode=0700";
+
+/// A read-only root, as the guest needs it: the container's runtime in the guest
+/// (as runc does) first makes the spec's mount points in the root, then makes the
+/// root read-only for the container. So the guest gets an overlay whose lower
+/// layer is the bundle's rootfs (read-only, never written) and whose upper layer
+/// is a small tmpfs of its own in `layer` (the VM's directory, not the shared
+/// one): the bundle on the host is never written, whatever the guest does.
+fn readonly_root(rootfs: &Path, layer: &Path, target: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mkdir = |p: &Path| {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(p)
+            .map_err(io(format!("create {}", p.display())))
+    };
+    // overlay's options are split on ',' and ':'; ours are made of validated ids.
+    if layer
+        .as_os_str()
+        .as_bytes()
+        .iter()
+        .any(|b| matches!(b, b',' | b':' | b'\\'))
+    {
+        return bind(rootfs, target, true, true);
+    }
+    mkdir(layer)?;
+    mount(
+        Some("tmpfs".as_ref()),
+        layer,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some(ROOT_LAYER_TMPFS),
+    )?;
+    let (lower, upper, work) = (layer.join("lower"), layer.join("upper"), layer.join("work"));
+    for d in [&lower, &upper, &work] {
+        mkdir(d)?;
+    }
+    bind(rootfs, &lower, true, true)?;
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    mount(
+        Some("overlay".as_ref()),
+        target,
+        Some("overlay"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some(&options),
+    )
+}
+
+/// Unmounts and removes what was shared for container `oci_id` of the VM whose
+/// directory is `vm_dir`: its files and its root's writable layer, if any.
+fn unshare_member(vm_dir: &Path, oci_id: &str) -> Result<()> {
+    unshare(&vm_dir.join("shared").join(oci_id))?;
+    unshare(&vm_dir.join("rw").join(oci_id))
 }
 
 /// Bind-mounts `source` on `target`, then makes the new mount nosuid,nodev (and
