@@ -122,12 +122,12 @@ fn ctr_runs_tasks_in_microvms() {
     no_shims_left(&c);
 }
 
-/// A detached task: exec (with and without a terminal), ps, pause and resume,
-/// kill, delete; then nothing of it stays.
+/// A detached task: exec (with and without a terminal), ps, metrics, pause and
+/// resume, a containerd restart, kill, delete; then nothing of it stays.
 #[test]
 fn ctr_drives_a_detached_task() {
     let b = Burrow::new();
-    let Some(c) = Containerd::start(&b) else {
+    let Some(mut c) = Containerd::start(&b) else {
         return;
     };
     let image = c.import_busybox("burrow-test", &["ps", "stty"]);
@@ -187,6 +187,23 @@ fn ctr_drives_a_detached_task() {
     tmux.wait_for("t", "exec-exit-4", LONG);
     drop(tmux);
 
+    // containerd restarted: the shim and its task keep running; containerd
+    // finds them again (the shim's address in the bundle) and drives them.
+    let shim = c.shim_processes();
+    c.restart(&b);
+    assert_eq!(c.shim_processes(), shim, "the same shim serves the task");
+    assert_eq!(task_status(&c, "d1").as_deref(), Some("RUNNING"));
+    let out = c.ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e2",
+        "d1",
+        "echo",
+        "after-restart",
+    ]);
+    assert_eq!(out, "after-restart\n");
+
     // sleep is PID 1 of its namespace: TERM has no handler there and is ignored
     // (as under runc); KILL ends it.
     c.ok(&["task", "kill", "-s", "KILL", "d1"]);
@@ -218,6 +235,8 @@ fn a_killed_shim_leaves_nothing_behind() {
     c.ok(&run(&["-d"], &[&image, "k1", "sleep", "1000"]));
     let shims = c.shim_processes();
     assert_eq!(shims.len(), 1, "{shims:?}");
+    let socket = c.shim_socket("k1");
+    assert!(socket.exists(), "{}", socket.display());
     assert!(!b.vm_processes().is_empty(), "the task's VM runs");
     kill9(shims[0]);
     wait_until("containerd to see the shim go", LONG, || {
@@ -226,6 +245,8 @@ fn a_killed_shim_leaves_nothing_behind() {
     let _ = c.ctr(&["task", "delete", "-f", "k1"]);
     c.ok(&["container", "rm", "k1"]);
     b.wait_no_vms(LONG);
+    // The shim's delete action removes the dead shim's socket after the VM.
+    wait_until("the dead shim's socket to go", LONG, || !socket.exists());
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     let dir = c.dir.path().to_string_lossy().into_owned();
     assert!(

@@ -63,6 +63,17 @@ impl Shim for Burrow {
             Err(e) => log::error!("delete {}: burrowd: {e}", self.id),
         }
         rootfs::unmount(&bundle).await;
+        // The dead shim's socket, unless a shim still serves it (a pod's).
+        let grouping = sandbox_of(&bundle.join("config.json").to_string_lossy())
+            .unwrap_or_else(|| self.id.clone());
+        let socket = containerd_shim::socket_address(&self.address, &self.namespace, &grouping);
+        let socket = socket
+            .strip_prefix("unix://")
+            .unwrap_or(&socket)
+            .to_string();
+        if std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            let _ = std::fs::remove_file(&socket);
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();

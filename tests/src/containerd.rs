@@ -87,45 +87,7 @@ impl Containerd {
         let config = d.join("config.toml");
         std::fs::write(&config, config_toml(&d, &address, &ttrpc_address)).expect("config.toml");
         let log = d.join("containerd.log");
-        let out = std::fs::File::create(&log).expect("containerd.log");
-
-        let path = format!(
-            "{}:{}",
-            burrow.bin().display(),
-            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
-        );
-        let mut cmd = Command::new(binary);
-        cmd.arg("--config")
-            .arg(&config)
-            .arg("--log-level")
-            .arg(std::env::var("BURROW_CONTAINERD_LOG_LEVEL").unwrap_or_else(|_| "info".into()))
-            .env("PATH", path)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log fd"))
-            .stderr(out);
-        for (k, v) in burrow.daemon_env() {
-            cmd.env(k, v);
-        }
-        // Into the test's network namespace (CRI's streaming server listens on
-        // TCP) by setns, as the Dockerd harness does and for its reason: `ip
-        // netns exec` also mounts a fresh /sys, hiding the cgroup hierarchies.
-        let mut netns_file = None;
-        if let Some(ns) = &burrow.netns {
-            let f = std::fs::File::open(format!("/run/netns/{}", ns.0)).expect("netns file");
-            let fd = f.as_raw_fd();
-            // SAFETY: setns is async-signal-safe; the fd is open in the child.
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-            netns_file = Some(f);
-        }
-        let child = cmd.spawn().expect("start containerd");
-        drop(netns_file);
+        let child = spawn(&binary, burrow, &config, &log);
         let containerd = Containerd {
             pid: child.id() as i32,
             child,
@@ -137,6 +99,19 @@ impl Containerd {
         };
         containerd.wait_ready();
         Some(containerd)
+    }
+
+    /// Stops containerd (SIGTERM, as a service manager does) and starts it again
+    /// on the same configuration: its shims, and so its tasks, keep running.
+    pub fn restart(&mut self, burrow: &Burrow) {
+        // SAFETY: kill has no memory effects; the pid is our child's.
+        unsafe { libc::kill(self.pid, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let binary = find_program("containerd").expect("containerd");
+        let config = self.dir.path().join("config.toml");
+        self.child = spawn(&binary, burrow, &config, &self.log);
+        self.pid = self.child.id() as i32;
+        self.wait_ready();
     }
 
     /// containerd answers on its socket once it has loaded its plugins (CRI's
@@ -815,4 +790,52 @@ mod tests {
         assert_eq!(stored, sum);
         assert_eq!(&out[512..517], b"hello");
     }
+}
+
+/// Starts containerd on `config`, its output appended to `log`, in the
+/// [`Burrow`]'s network namespace, with the shim first on its PATH.
+fn spawn(binary: &Path, burrow: &Burrow, config: &Path, log: &Path) -> Child {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("containerd.log");
+    let path = format!(
+        "{}:{}",
+        burrow.bin().display(),
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
+    );
+    let mut cmd = Command::new(binary);
+    cmd.arg("--config")
+        .arg(&config)
+        .arg("--log-level")
+        .arg(std::env::var("BURROW_CONTAINERD_LOG_LEVEL").unwrap_or_else(|_| "info".into()))
+        .env("PATH", path)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("log fd"))
+        .stderr(out);
+    for (k, v) in burrow.daemon_env() {
+        cmd.env(k, v);
+    }
+    // Into the test's network namespace (CRI's streaming server listens on
+    // TCP) by setns, as the Dockerd harness does and for its reason: `ip
+    // netns exec` also mounts a fresh /sys, hiding the cgroup hierarchies.
+    let mut netns_file = None;
+    if let Some(ns) = &burrow.netns {
+        let f = std::fs::File::open(format!("/run/netns/{}", ns.0)).expect("netns file");
+        let fd = f.as_raw_fd();
+        // SAFETY: setns is async-signal-safe; the fd is open in the child.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        netns_file = Some(f);
+    }
+    let child = cmd.spawn().expect("start containerd");
+    drop(netns_file);
+    child
 }
