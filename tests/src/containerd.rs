@@ -807,7 +807,7 @@ fn spawn(binary: &Path, burrow: &Burrow, config: &Path, log: &Path) -> Child {
     );
     let mut cmd = Command::new(binary);
     cmd.arg("--config")
-        .arg(&config)
+        .arg(config)
         .arg("--log-level")
         .arg(std::env::var("BURROW_CONTAINERD_LOG_LEVEL").unwrap_or_else(|_| "info".into()))
         .env("PATH", path)
