@@ -749,49 +749,6 @@ fn octal(field: &mut [u8], value: u64) {
     field.copy_from_slice(s.as_bytes());
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn image_names_are_completed_as_containerd_stores_them() {
-        assert_eq!(full_image_name("bb"), "docker.io/library/bb:latest");
-        assert_eq!(full_image_name("bb:1"), "docker.io/library/bb:1");
-        assert_eq!(
-            full_image_name("docker.io/library/burrow-test:latest"),
-            "docker.io/library/burrow-test:latest"
-        );
-        assert_eq!(
-            full_image_name("localhost:5000/x"),
-            "localhost:5000/x:latest"
-        );
-    }
-
-    #[test]
-    fn tar_headers_are_ustar_with_a_valid_checksum() {
-        let mut t = Tar::default();
-        t.file("a", 0o644, b"hello");
-        let out = t.finish();
-        assert_eq!(out.len(), 512 + 512 + 1024);
-        let h = &out[..512];
-        assert_eq!(&h[257..263], b"ustar\0");
-        let stored = u32::from_str_radix(text(&h[148..154]).trim(), 8).expect("octal");
-        let sum: u32 = h
-            .iter()
-            .enumerate()
-            .map(|(i, &b)| {
-                if (148..156).contains(&i) {
-                    32
-                } else {
-                    u32::from(b)
-                }
-            })
-            .sum();
-        assert_eq!(stored, sum);
-        assert_eq!(&out[512..517], b"hello");
-    }
-}
-
 /// Starts containerd on `config`, its output appended to `log`, in the
 /// [`Burrow`]'s network namespace, with the shim first on its PATH.
 fn spawn(binary: &Path, burrow: &Burrow, config: &Path, log: &Path) -> Child {
@@ -838,4 +795,47 @@ fn spawn(binary: &Path, burrow: &Burrow, config: &Path, log: &Path) -> Child {
     let child = cmd.spawn().expect("start containerd");
     drop(netns_file);
     child
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_names_are_completed_as_containerd_stores_them() {
+        assert_eq!(full_image_name("bb"), "docker.io/library/bb:latest");
+        assert_eq!(full_image_name("bb:1"), "docker.io/library/bb:1");
+        assert_eq!(
+            full_image_name("docker.io/library/burrow-test:latest"),
+            "docker.io/library/burrow-test:latest"
+        );
+        assert_eq!(
+            full_image_name("localhost:5000/x"),
+            "localhost:5000/x:latest"
+        );
+    }
+
+    #[test]
+    fn tar_headers_are_ustar_with_a_valid_checksum() {
+        let mut t = Tar::default();
+        t.file("a", 0o644, b"hello");
+        let out = t.finish();
+        assert_eq!(out.len(), 512 + 512 + 1024);
+        let h = &out[..512];
+        assert_eq!(&h[257..263], b"ustar\0");
+        let stored = u32::from_str_radix(text(&h[148..154]).trim(), 8).expect("octal");
+        let sum: u32 = h
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| {
+                if (148..156).contains(&i) {
+                    32
+                } else {
+                    u32::from(b)
+                }
+            })
+            .sum();
+        assert_eq!(stored, sum);
+        assert_eq!(&out[512..517], b"hello");
+    }
 }
