@@ -28,7 +28,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use burrow::api::client::Client;
-use burrow::api::stream::{ClientStream, ServerEvent, StreamMessage, StreamSender};
+use burrow::api::stream::{ClientStream, ServerEvent, StreamMessage, Up};
 use burrow::db::ProcId;
 use burrow_proto::{
     ContainerCreate, ContainerExec, ContainerOp, ExitInfo, StreamControl, StreamOpen,
@@ -401,13 +401,6 @@ pub enum Ended {
     Lost(String),
 }
 
-/// What goes to the stream's sending half.
-enum Up {
-    Data(Vec<u8>),
-    Eof,
-    Control(StreamControl),
-}
-
 /// Relays `io` and the stream until the process's exit.
 pub async fn relay(stream: ClientStream, io: Io, kill: Kill) -> Ended {
     let ClientStream {
@@ -416,7 +409,7 @@ pub async fn relay(stream: ClientStream, io: Io, kill: Kill) -> Ended {
         ..
     } = stream;
     let (up_tx, up_rx) = mpsc::channel::<Up>(16);
-    let send_task = tokio::spawn(send_loop(sender, up_rx));
+    let send_task = tokio::spawn(sender.pump(up_rx));
     let _abort = AbortOnDrop(send_task);
     let input_is_tty = term::is_terminal(io.input_fd());
     if let Err(e) = read_input(io.input_fd(), input_is_tty, up_tx.clone()) {
@@ -517,19 +510,6 @@ fn read_input(fd: RawFd, is_tty: bool, tx: mpsc::Sender<Up>) -> std::io::Result<
         }
     });
     Ok(())
-}
-
-async fn send_loop(mut sender: StreamSender, mut rx: mpsc::Receiver<Up>) {
-    while let Some(up) = rx.recv().await {
-        let sent = match up {
-            Up::Data(d) => sender.stdin(d).await,
-            Up::Eof => sender.control(&StreamControl::CloseStdin).await,
-            Up::Control(c) => sender.control(&c).await,
-        };
-        if sent.is_err() {
-            return;
-        }
-    }
 }
 
 /// An output fd. Once a write fails (the reader went away) later output is

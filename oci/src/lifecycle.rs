@@ -164,17 +164,7 @@ async fn vm_of(ctx: &Ctx, client: &Client, r: &Record) -> Option<String> {
         return Some(vm.clone());
     }
     let root = ctx.root.path().to_string_lossy();
-    client
-        .list(&burrow::api::ListQuery::default())
-        .await
-        .ok()?
-        .into_iter()
-        .find(|w| {
-            w.container
-                .as_ref()
-                .is_some_and(|c| c.id == r.id && c.root == root)
-        })
-        .map(|w| w.id)
+    client.container_vm(&root, &r.id).await.ok().flatten()
 }
 
 pub fn check_id(id: &str) -> Result<()> {

@@ -4,8 +4,9 @@
 
 use std::path::PathBuf;
 
-use burrow::api::stream::{ClientStream, ServerEvent, StreamMessage, StreamSender};
-use burrow_proto::{ExitInfo, StreamControl};
+pub use burrow::api::stream::Up;
+use burrow::api::stream::{ClientStream, ServerEvent, StreamMessage};
+use burrow_proto::ExitInfo;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
@@ -17,14 +18,6 @@ pub struct Stdio {
     pub stdout: String,
     pub stderr: String,
     pub terminal: bool,
-}
-
-/// What goes up the stream besides input: end of input, a window size, a signal.
-#[derive(Debug)]
-pub enum Up {
-    Data(Vec<u8>),
-    Eof,
-    Control(StreamControl),
 }
 
 /// How a relay ended.
@@ -141,7 +134,7 @@ pub async fn relay(
         mut stdout,
         mut stderr,
     } = io;
-    let sending = AbortOnDrop(tokio::spawn(send_loop(sender, up)));
+    let sending = AbortOnDrop(tokio::spawn(sender.pump(up)));
     let reading = stdin.map(|path| Input::start(path, up_tx));
     let ended = loop {
         match receiver.next().await {
@@ -238,19 +231,6 @@ impl Drop for Input {
                 .write(true)
                 .custom_flags(libc::O_NONBLOCK)
                 .open(&self.path);
-        }
-    }
-}
-
-async fn send_loop(mut sender: StreamSender, mut rx: mpsc::Receiver<Up>) {
-    while let Some(up) = rx.recv().await {
-        let sent = match up {
-            Up::Data(d) => sender.stdin(d).await,
-            Up::Eof => sender.control(&StreamControl::CloseStdin).await,
-            Up::Control(c) => sender.control(&c).await,
-        };
-        if sent.is_err() {
-            return;
         }
     }
 }

@@ -54,7 +54,7 @@ impl Shim for Burrow {
         };
         match task::connect().await {
             Ok(client) => {
-                if let Some(vm) = task::vm_of(&client, &root, &self.id).await {
+                if let Ok(Some(vm)) = client.container_vm(&root, &self.id).await {
                     if let Err(e) = client.destroy(&vm).await {
                         log::error!("delete {}: destroy VM {vm}: {e}", self.id);
                     }

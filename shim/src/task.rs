@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use burrow::api::client::{Client, ClientError};
-use burrow::api::{ContainerAnswer, ContainerVmRequest, ListQuery};
+use burrow::api::{ContainerAnswer, ContainerVmRequest};
 use burrow::paths::{StateDir, DEFAULT_CACHE_DIR, DEFAULT_STATE_DIR};
 use burrow_oci::bundle::{check_process, Bundle};
 use burrow_proto::{
@@ -98,21 +98,6 @@ pub async fn connect() -> Result<Client, String> {
         .await
         .map(|(c, _)| c)
         .map_err(|e| e.to_string())
-}
-
-/// The VM burrowd made for (root, id), if any.
-pub async fn vm_of(client: &Client, root: &str, id: &str) -> Option<String> {
-    client
-        .list(&ListQuery::default())
-        .await
-        .ok()?
-        .into_iter()
-        .find(|w| {
-            w.container
-                .as_ref()
-                .is_some_and(|c| c.id == id && c.root == root)
-        })
-        .map(|w| w.id)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,7 +7,6 @@
 //! `BURROW_CONTAINERD_LOG_LEVEL=debug` makes containerd log every call and
 //! start its shims with `-debug`.
 
-use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -17,7 +16,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::oci::busybox_rootfs;
-use crate::{cmdline_mentions, exits_within, tail_of, text, Burrow};
+use crate::{cmdline_mentions, exits_within, mounts_under, tail_of, text, Burrow};
 
 /// The namespace [`Containerd::ctr`] works in.
 pub const NAMESPACE: &str = "burrow-test";
@@ -539,20 +538,6 @@ fn find_program(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Mount points under `dir`, deepest first.
-fn mounts_under(dir: &Path) -> Vec<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let prefix = format!("{}/", dir.display());
-    let mut mounts: Vec<String> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|m| m.starts_with(&prefix))
-        .map(str::to_string)
-        .collect();
-    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-    mounts
-}
-
 /// Directory `name` at the top of every cgroup hierarchy (the v2 one and each
 /// v1 controller's).
 fn cgroup_dirs(name: &str) -> Vec<PathBuf> {
@@ -777,21 +762,7 @@ fn spawn(binary: &Path, burrow: &Burrow, config: &Path, log: &Path) -> Child {
     // Into the test's network namespace (CRI's streaming server listens on
     // TCP) by setns, as the Dockerd harness does and for its reason: `ip
     // netns exec` also mounts a fresh /sys, hiding the cgroup hierarchies.
-    let mut netns_file = None;
-    if let Some(ns) = &burrow.netns {
-        let f = std::fs::File::open(format!("/run/netns/{}", ns.0)).expect("netns file");
-        let fd = f.as_raw_fd();
-        // SAFETY: setns is async-signal-safe; the fd is open in the child.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        netns_file = Some(f);
-    }
+    let netns_file = burrow.netns.as_ref().map(|ns| ns.enter_on_spawn(&mut cmd));
     let child = cmd.spawn().expect("start containerd");
     drop(netns_file);
     child

@@ -432,6 +432,25 @@ impl Netns {
         Some(ns)
     }
 
+    /// Makes `cmd` start inside the namespace: setns before exec, not `ip netns
+    /// exec`, which also mounts a fresh /sys and hides the cgroup hierarchies a
+    /// daemon needs. Keep the returned file open until `cmd` has been spawned.
+    pub fn enter_on_spawn(&self, cmd: &mut Command) -> std::fs::File {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(format!("/run/netns/{}", self.0)).expect("netns file");
+        let fd = f.as_raw_fd();
+        // SAFETY: setns is async-signal-safe; the fd is open in the child.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        f
+    }
+
     /// Runs a command inside the namespace.
     pub fn exec(&self, args: &[&str]) -> std::process::Output {
         Command::new("ip")
@@ -446,6 +465,20 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
+}
+
+/// Mount points under `dir`, deepest first.
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let prefix = format!("{}/", dir.display());
+    let mut mounts: Vec<String> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&prefix))
+        .map(str::to_string)
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    mounts
 }
 
 /// Whether `path` is a mount point (field 5 of /proc/self/mountinfo).

@@ -334,24 +334,9 @@ impl Dockerd {
         let notify_path = d.join("notify");
         let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
         let socket = d.join("docker.sock");
-        let mut netns_file = None;
         let mut cmd = Command::new("dockerd");
-        // Into the test's network namespace by setns, not `ip netns exec`: that
-        // one also mounts a fresh /sys, hiding the cgroup hierarchies dockerd needs.
-        if let Some(ns) = &b.netns {
-            let f = std::fs::File::open(format!("/run/netns/{}", ns.0)).expect("netns file");
-            let fd = f.as_raw_fd();
-            // SAFETY: setns is async-signal-safe; the fd is open in the child.
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-            netns_file = Some(f);
-        }
+        // Into the test's network namespace.
+        let netns_file = b.netns.as_ref().map(|ns| ns.enter_on_spawn(&mut cmd));
         cmd.arg("--data-root")
             .arg(d.join("data"))
             .arg("--exec-root")
@@ -525,16 +510,7 @@ impl Drop for Dockerd {
             }
         }
         // Mounts under the data and exec roots (overlays, netns files), deepest first.
-        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let prefix = d.to_string_lossy().into_owned();
-        let mut mounts: Vec<String> = info
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|m| m.starts_with(&prefix))
-            .map(str::to_string)
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mounts {
+        for m in crate::mounts_under(&d) {
             if let Ok(c) = std::ffi::CString::new(m) {
                 // SAFETY: umount2 with a NUL-terminated path.
                 unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };

@@ -263,6 +263,21 @@ impl Client {
         self.post("/v1/containers", r).await
     }
 
+    /// The container VM burrowd made for OCI id `id` under `root`, if any (a
+    /// caller that died before it recorded burrowd's answer finds it here).
+    pub async fn container_vm(&self, root: &str, id: &str) -> Result<Option<String>> {
+        Ok(self
+            .list(&ListQuery::default())
+            .await?
+            .into_iter()
+            .find(|w| {
+                w.container
+                    .as_ref()
+                    .is_some_and(|c| c.id == id && c.root == root)
+            })
+            .map(|w| w.id))
+    }
+
     /// Shares a container's files with running container VM `ws` (a pod's member).
     pub async fn container_share(
         &self,

@@ -341,6 +341,30 @@ impl StreamSender {
     pub async fn close(&mut self) {
         let _ = self.sink.close().await;
     }
+
+    /// Sends what `rx` carries up the stream, in order, until `rx` closes or
+    /// the stream breaks: a relay's input and controls from several tasks.
+    pub async fn pump(mut self, mut rx: tokio::sync::mpsc::Receiver<Up>) {
+        while let Some(up) = rx.recv().await {
+            let sent = match up {
+                Up::Data(d) => self.stdin(d).await,
+                Up::Eof => self.control(&StreamControl::CloseStdin).await,
+                Up::Control(c) => self.control(&c).await,
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// What a relay sends up a process's stream: input, its end, a control (a
+/// window size, a signal).
+#[derive(Debug)]
+pub enum Up {
+    Data(Vec<u8>),
+    Eof,
+    Control(StreamControl),
 }
 
 impl StreamReceiver {
