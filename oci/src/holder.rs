@@ -87,12 +87,14 @@ impl Orders {
                 id: self.id.clone(),
                 stdin: true,
                 size,
+                durable: false,
             }),
             Some(p) => StreamOpen::ContainerExec(ContainerExec {
                 id: self.id.clone(),
                 process: p.clone(),
                 stdin: true,
                 size,
+                exec_id: None,
             }),
         }
     }

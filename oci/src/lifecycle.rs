@@ -393,6 +393,7 @@ pub async fn run(ctx: &Ctx, a: &liboci_cli::Run) -> Result<()> {
         id: id.clone(),
         stdin: true,
         size: io.window_size(),
+        durable: false,
     });
     let stream = match made.client.open_stream(&vm, &open).await {
         Ok(s) => s,
@@ -505,6 +506,7 @@ pub async fn exec(ctx: &Ctx, a: &liboci_cli::Exec) -> Result<()> {
         process,
         stdin: true,
         size: io.window_size(),
+        exec_id: None,
     });
     // This process is the exec's holder: recorded while it relays.
     let me = ProcId::of(std::process::id() as i32)

@@ -116,48 +116,88 @@ pub async fn open(stdio: &Stdio) -> Result<Opened, String> {
     })
 }
 
-/// Relays `io` and the stream until the process's exit; `up` carries what the
-/// task service sends the process (end of input, window sizes, signals).
-pub async fn relay(
+/// Relays `io` and the process's stream until its exit; `up` carries what the
+/// task service sends the process (end of input, window sizes, signals). When
+/// the stream breaks before the exit, `reattach` opens it again (the process's
+/// stream is durable: after a burrowd restart it waits in the guest, with what
+/// the process wrote meanwhile); the relay ends `Lost` only when that fails.
+pub async fn relay<F, Fut>(
     stream: ClientStream,
     io: Opened,
-    up: mpsc::Receiver<Up>,
+    mut up: mpsc::Receiver<Up>,
     up_tx: mpsc::Sender<Up>,
-) -> Ended {
-    let ClientStream {
-        sender,
-        mut receiver,
-        ..
-    } = stream;
+    mut reattach: F,
+) -> Ended
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<ClientStream, String>>,
+{
     let Opened {
         stdin,
         mut stdout,
         mut stderr,
     } = io;
-    let sending = AbortOnDrop(tokio::spawn(sender.pump(up)));
     let reading = stdin.map(|path| Input::start(path, up_tx));
+    // What the broken stream did not send goes up the next one first.
+    let mut pending = None;
+    let mut stream = stream;
     let ended = loop {
-        match receiver.next().await {
-            Ok(Some(StreamMessage::Stdout(d)))
-            | Ok(Some(StreamMessage::Record { data: d, .. })) => write(&mut stdout, &d).await,
-            Ok(Some(StreamMessage::Stderr(d))) => write(&mut stderr, &d).await,
-            Ok(Some(StreamMessage::Event(e))) => match e {
-                ServerEvent::Exit(x) => break Ended::Exit(x),
-                ServerEvent::Dropped { reason } => break Ended::Lost(reason),
-                ServerEvent::Error { message, .. } => break Ended::Lost(message),
-                _ => {}
-            },
-            Ok(None) => {
-                break Ended::Lost("burrowd closed the stream before the process exited".into())
-            }
-            Err(e) => break Ended::Lost(format!("lost the stream: {e}")),
+        let why = match carry(stream, &mut stdout, &mut stderr, &mut up, &mut pending).await {
+            Ok(exit) => break Ended::Exit(exit),
+            Err(why) => why,
+        };
+        match reattach(why).await {
+            Ok(s) => stream = s,
+            Err(why) => break Ended::Lost(why),
         }
     };
     for s in [&mut stdout, &mut stderr].into_iter().flatten() {
         let _ = s.flush().await;
     }
-    drop((sending, reading));
+    drop(reading);
     ended
+}
+
+/// Carries one stream of the process: its exit, or why it broke first.
+async fn carry(
+    stream: ClientStream,
+    stdout: &mut Option<Sink>,
+    stderr: &mut Option<Sink>,
+    up: &mut mpsc::Receiver<Up>,
+    pending: &mut Option<Up>,
+) -> Result<ExitInfo, String> {
+    let ClientStream {
+        mut sender,
+        mut receiver,
+        ..
+    } = stream;
+    let pump = sender.pump_kept(up, pending);
+    tokio::pin!(pump);
+    let mut pumping = true;
+    loop {
+        let msg = tokio::select! {
+            // Ends when `up` closes or the stream breaks (then so does the
+            // receiving side).
+            _ = &mut pump, if pumping => {
+                pumping = false;
+                continue;
+            }
+            m = receiver.next() => m,
+        };
+        match msg {
+            Ok(Some(StreamMessage::Stdout(d)))
+            | Ok(Some(StreamMessage::Record { data: d, .. })) => write(stdout, &d).await,
+            Ok(Some(StreamMessage::Stderr(d))) => write(stderr, &d).await,
+            Ok(Some(StreamMessage::Event(e))) => match e {
+                ServerEvent::Exit(x) => return Ok(x),
+                ServerEvent::Dropped { reason } => return Err(reason),
+                ServerEvent::Error { message, .. } => return Err(message),
+                _ => {}
+            },
+            Ok(None) => return Err("burrowd closed the stream before the process exited".into()),
+            Err(e) => return Err(format!("lost the stream: {e}")),
+        }
+    }
 }
 
 /// Writes to an output; once a write fails (a file system full, a reader that
@@ -232,14 +272,6 @@ impl Drop for Input {
                 .custom_flags(libc::O_NONBLOCK)
                 .open(&self.path);
         }
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

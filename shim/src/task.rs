@@ -5,15 +5,17 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use burrow::api::client::{Client, ClientError};
+use burrow::api::stream::ClientStream;
 use burrow::api::{ContainerAnswer, ContainerVmRequest};
 use burrow::paths::{StateDir, DEFAULT_CACHE_DIR, DEFAULT_STATE_DIR};
 use burrow_oci::bundle::{check_process, Bundle};
 use burrow_proto::{
-    ContainerCreate, ContainerExec, ContainerOp, StreamControl, StreamOpen, WinSize,
+    ContainerAttach, ContainerCreate, ContainerExec, ContainerOp, StreamControl, StreamOpen,
+    WinSize,
 };
 use containerd_shim::api;
 use containerd_shim::asynchronous::ExitSignal;
@@ -36,6 +38,9 @@ use crate::rootfs;
 
 /// The runtime id containerd knows burrow by.
 pub const RUNTIME_ID: &str = "io.containerd.burrow.v2";
+
+/// How long a process whose stream broke waits for burrowd to answer again.
+const REATTACH_FOR: Duration = Duration::from_secs(60);
 
 fn status(code: Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
@@ -62,6 +67,16 @@ fn client_error(e: ClientError) -> ttrpc::Error {
         ClientError::Api { message, .. } => status(Code::UNKNOWN, message),
         e => status(Code::UNAVAILABLE, e.to_string()),
     }
+}
+
+/// Whether burrowd did not answer (not running, restarting) rather than refuse.
+fn unanswered(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::NotRunning { .. }
+            | ClientError::Transport(_)
+            | ClientError::Api { status: 503, .. }
+    )
 }
 
 fn timestamp(t: SystemTime) -> MessageField<Timestamp> {
@@ -312,11 +327,47 @@ impl Service {
             }
         }
         let (svc, c, p) = (self.clone(), c.clone(), p.clone());
+        let attach = StreamOpen::ContainerAttach(ContainerAttach {
+            id: c.id.clone(),
+            exec: p.exec_id.clone(),
+        });
+        let reattach = {
+            let (svc, vm) = (svc.clone(), c.vm.clone());
+            move |why: String| {
+                let (svc, vm, attach) = (svc.clone(), vm.clone(), attach.clone());
+                async move { svc.reattach(&vm, &attach, why).await }
+            }
+        };
         tokio::spawn(async move {
-            let ended = io::relay(stream, opened, up_rx, up_tx).await;
+            let ended = io::relay(stream, opened, up_rx, up_tx, reattach).await;
             svc.exited(&c, &p, ended).await;
         });
         Ok(pid)
+    }
+
+    /// Opens a process's stream again after it broke. burrowd may be restarting:
+    /// while nothing answers, it tries again for [`REATTACH_FOR`]; an answer (the
+    /// VM or the process is gone) ends it.
+    async fn reattach(
+        &self,
+        vm: &str,
+        attach: &StreamOpen,
+        why: String,
+    ) -> Result<ClientStream, String> {
+        log::warn!("{vm}: {why}; attaching to the process again");
+        let client = self.client().await.map_err(|e| format!("{why}; {e}"))?;
+        let deadline = tokio::time::Instant::now() + REATTACH_FOR;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match client.open_stream(vm, attach).await {
+                Ok(s) => return Ok(s),
+                Err(e) if unanswered(&e) && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(format!("{why}; attaching again: {e}")),
+            }
+        }
     }
 
     /// A process ended: its exit is kept for Wait, State and Delete, and told
@@ -505,6 +556,7 @@ impl Service {
                     id: cid,
                     stdin,
                     size,
+                    durable: true,
                 })
             })
             .await;
@@ -676,6 +728,7 @@ impl Task for Service {
             ));
         }
         let (cid, spec) = (c.id.clone(), p.spec.clone().unwrap_or(Value::Null));
+        let exec_id = p.exec_id.clone();
         let pid = self
             .launch(&c, &p, move |stdin, size| {
                 StreamOpen::ContainerExec(ContainerExec {
@@ -683,6 +736,7 @@ impl Task for Service {
                     process: spec,
                     stdin,
                     size,
+                    exec_id: Some(exec_id),
                 })
             })
             .await?;

@@ -162,6 +162,7 @@ impl Agent {
                     .exec(&self.processes, &self.inputs, req)
                     .await
             }
+            StreamOpen::ContainerAttach(req) => self.containers.attach(&self.inputs, req),
         }
     }
 

@@ -58,6 +58,8 @@ pub enum Opened {
         proc: ExecProc,
         on_end: Box<dyn FnOnce() + Send>,
     },
+    /// A connection to a durable container stream.
+    Durable(crate::containers::Attachment),
 }
 
 /// The reading half of an input connection.
@@ -72,7 +74,7 @@ pub struct Inputs {
 }
 
 impl Inputs {
-    fn register(self: &Arc<Self>) -> InputSlot {
+    pub(crate) fn register(self: &Arc<Self>) -> InputSlot {
         // Tokens need not be secret: only the host reaches the agent's port, and
         // root in the guest can touch any process anyway. They must not repeat.
         let token = self.next.fetch_add(1, Ordering::Relaxed) + 1;
@@ -100,10 +102,21 @@ impl Inputs {
 }
 
 /// An exec's claim on its input connection; given up when dropped.
-struct InputSlot {
+pub(crate) struct InputSlot {
     token: u64,
     rx: tokio::sync::oneshot::Receiver<InputReader>,
     inputs: Arc<Inputs>,
+}
+
+impl InputSlot {
+    pub(crate) fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// The input connection, once the host opened it.
+    pub(crate) async fn connection(mut self) -> Option<InputReader> {
+        (&mut self.rx).await.ok()
+    }
 }
 
 impl Drop for InputSlot {
@@ -117,6 +130,7 @@ impl Opened {
     pub fn pid(&self) -> Option<i32> {
         match self {
             Opened::Exec(p) | Opened::Adopted { proc: p, .. } => Some(p.pid),
+            Opened::Durable(a) => a.pid(),
             _ => None,
         }
     }
@@ -141,12 +155,13 @@ impl Opened {
                     },
                 ..
             } => Some(slot.token),
+            Opened::Durable(a) => a.input_token(),
             _ => None,
         }
     }
 
     /// Ends a stream that never ran: an exec's process group is killed, as when
-    /// its host goes away.
+    /// its host goes away (a durable stream's process goes on).
     pub fn abandon(self) {
         match self {
             Opened::Exec(p) => signal_group(p.pid, libc::SIGKILL),
@@ -170,6 +185,7 @@ impl Opened {
                 run_exec(proc, rd, &mut wr).await;
                 on_end();
             }
+            Opened::Durable(a) => a.run(rd, &mut wr).await,
             Opened::NotStarted(n) => {
                 let _ = GuestFrame::Stderr(n.stderr.into_bytes())
                     .write(&mut wr)

@@ -14,10 +14,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use burrow_proto::{
-    read_message, write_message, AgentError, ContainerCreate, ContainerExec, ContainerOp,
-    ContainerStatus, ContainerStatusKind, ErrorKind, ExitInfo, GuestFrame, Hello, HelloReply,
-    HostFrame, Op, Reply, Request, Response, StreamControl, StreamEvent, StreamOpen, WinSize,
-    PROTOCOL_VERSION,
+    read_message, write_message, AgentError, ContainerAttach, ContainerCreate, ContainerExec,
+    ContainerOp, ContainerStatus, ContainerStatusKind, ErrorKind, ExitInfo, GuestFrame, Hello,
+    HelloReply, HostFrame, Op, Reply, Request, Response, StreamControl, StreamEvent, StreamOpen,
+    WinSize, PROTOCOL_VERSION,
 };
 use serde_json::{json, Value};
 use tokio::net::UnixStream;
@@ -190,6 +190,7 @@ impl AgentProcess {
                 id: id.into(),
                 stdin,
                 size: Some(WinSize { rows: 24, cols: 80 }),
+                durable: false,
             }))
             .await
             .unwrap_or_else(|e| panic!("create {id}: {e}\nagent log:\n{}", self.log()));
@@ -478,6 +479,7 @@ async fn containers_from_create_to_delete() {
             process: process(&["true"], false),
             stdin: false,
             size: None,
+            exec_id: None,
         }))
         .await
         .expect_err("exec into a stopped container");
@@ -544,6 +546,7 @@ async fn containers_from_create_to_delete() {
             id: "c3".into(),
             stdin: true,
             size: None,
+            durable: false,
         }))
         .await
         .expect("create c3");
@@ -641,6 +644,7 @@ async fn containers_from_create_to_delete() {
             ),
             stdin: false,
             size: None,
+            exec_id: None,
         }))
         .await
         .unwrap_or_else(|e| panic!("exec: {e}\n{}", agent.log()));
@@ -655,6 +659,7 @@ async fn containers_from_create_to_delete() {
             process: process(&["tty"], true),
             stdin: false,
             size: Some(WinSize { rows: 24, cols: 80 }),
+            exec_id: None,
         }))
         .await
         .unwrap_or_else(|e| panic!("tty exec: {e}\n{}", agent.log()));
@@ -671,6 +676,7 @@ async fn containers_from_create_to_delete() {
             process: json!({"args": 5}),
             stdin: false,
             size: None,
+            exec_id: None,
         }))
         .await
         .expect_err("malformed process");
@@ -805,6 +811,7 @@ async fn containers_from_create_to_delete() {
             id: "c9".into(),
             stdin: false,
             size: None,
+            durable: false,
         }))
         .await
         .expect_err("create of an existing id");
@@ -823,6 +830,7 @@ async fn containers_from_create_to_delete() {
                 id: bad.into(),
                 stdin: false,
                 size: None,
+                durable: false,
             }))
             .await
             .expect_err("bad id");
@@ -841,6 +849,7 @@ async fn containers_from_create_to_delete() {
             id: "c10".into(),
             stdin: false,
             size: None,
+            durable: false,
         }))
         .await
         .expect_err("malformed config.json");
@@ -851,6 +860,7 @@ async fn containers_from_create_to_delete() {
             id: "c11".into(),
             stdin: false,
             size: None,
+            durable: false,
         }))
         .await
         .expect_err("no bundle");
@@ -863,6 +873,7 @@ async fn containers_from_create_to_delete() {
             id: "c12".into(),
             stdin: false,
             size: None,
+            durable: false,
         }))
         .await
         .expect_err("missing program");
@@ -910,4 +921,158 @@ async fn containers_from_create_to_delete() {
     wait_gone(pid13).await;
     assert!(!cgroup13.exists(), "cgroup left after shutdown");
     assert!(!state13.exists(), "state dir left after shutdown");
+}
+
+/// Opens the durable stream `(id, exec)` again: the connection, the pid and a
+/// new input token.
+async fn attach(
+    agent: &AgentProcess,
+    id: &str,
+    exec: &str,
+) -> Result<(UnixStream, Option<i32>, Option<u64>), AgentError> {
+    agent
+        .stream_with_input(StreamOpen::ContainerAttach(ContainerAttach {
+            id: id.into(),
+            exec: exec.into(),
+        }))
+        .await
+}
+
+async fn input(agent: &AgentProcess, token: Option<u64>) -> UnixStream {
+    let token = token.expect("an input token");
+    let (s, _, _) = agent
+        .stream_with_input(StreamOpen::Input { token })
+        .await
+        .expect("input connection");
+    s
+}
+
+/// A durable stream's connections break (as when burrowd restarts): the
+/// process goes on, what it wrote meanwhile and its exit come on the next
+/// attachment, input keeps flowing, and only `close_stdin` ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_streams_outlive_their_connections() {
+    if !is_root() {
+        eprintln!("skipped: containers need root (namespaces, mounts, cgroups)");
+        return;
+    }
+    let agent = AgentProcess::start();
+    agent.bundle("d1", |sp| args(sp, &["cat"]));
+    let (s, pid, token) = agent
+        .stream_with_input(StreamOpen::ContainerCreate(ContainerCreate {
+            id: "d1".into(),
+            stdin: true,
+            size: None,
+            durable: true,
+        }))
+        .await
+        .unwrap_or_else(|e| panic!("create d1: {e}\n{}", agent.log()));
+    let pid = pid.expect("a pid");
+    let mut s = s;
+    let mut inp = input(&agent, token).await;
+    agent.ok(ContainerOp::Start { id: "d1".into() }).await;
+    send(&mut inp, HostFrame::Stdin(b"one\n".to_vec())).await;
+    assert_eq!(read_until(&mut s, b"one\n").await, b"one\n");
+
+    // Both connections break without a word; input sent on the old input
+    // connection after the stream connection broke is still the process's, and
+    // its echo waits for the next attachment.
+    drop(s);
+    send(&mut inp, HostFrame::Stdin(b"two\n".to_vec())).await;
+    drop(inp);
+    let (mut s, again, token) = attach(&agent, "d1", "")
+        .await
+        .unwrap_or_else(|e| panic!("attach d1: {e}\n{}", agent.log()));
+    assert_eq!(again, Some(pid), "the same process");
+    assert_eq!(read_until(&mut s, b"two\n").await, b"two\n");
+    let mut inp = input(&agent, token).await;
+    send(&mut inp, HostFrame::Stdin(b"three\n".to_vec())).await;
+    assert_eq!(read_until(&mut s, b"three\n").await, b"three\n");
+
+    // A newer attachment takes the stream from an older one that still reads.
+    let (mut newer, _, token) = attach(&agent, "d1", "").await.expect("attach again");
+    let mut inp2 = input(&agent, token).await;
+    send(&mut inp2, HostFrame::Stdin(b"four\n".to_vec())).await;
+    assert_eq!(read_until(&mut newer, b"four\n").await, b"four\n");
+    drop((s, inp));
+
+    // The end of input is said, not a connection's end: cat exits 0.
+    send(&mut inp2, HostFrame::Control(StreamControl::CloseStdin)).await;
+    let c = collect(&mut newer).await;
+    assert_eq!(c.stdout, b"");
+    assert_eq!(c.exit, exit(0, None));
+    // An attach after the exit was delivered hears the exit again.
+    let (mut late, pid_late, token) = attach(&agent, "d1", "").await.expect("late attach");
+    assert_eq!((pid_late, token), (None, None));
+    assert_eq!(collect(&mut late).await.exit, exit(0, None));
+
+    // A named exec is durable too; its name is taken while it runs.
+    agent.bundle("d2", |sp| args(sp, &["sleep", "1000"]));
+    let (_d2, _) = agent
+        .stream(StreamOpen::ContainerCreate(ContainerCreate {
+            id: "d2".into(),
+            stdin: false,
+            size: None,
+            durable: true,
+        }))
+        .await
+        .expect("create d2");
+    agent.ok(ContainerOp::Start { id: "d2".into() }).await;
+    let exec = |stdin: bool| {
+        StreamOpen::ContainerExec(ContainerExec {
+            id: "d2".into(),
+            process: process(&["sh", "-c", "echo start; read x; echo got-$x"], false),
+            stdin,
+            size: None,
+            exec_id: Some("e1".into()),
+        })
+    };
+    let (mut e, epid, _) = agent.stream_with_input(exec(true)).await.expect("exec e1");
+    assert_eq!(read_until(&mut e, b"start\n").await, b"start\n");
+    let dup = agent.stream(exec(false)).await.expect_err("a second e1");
+    assert_eq!(dup.kind, ErrorKind::AlreadyExists, "{dup}");
+    drop(e);
+    let (mut e, again, token) = attach(&agent, "d2", "e1").await.expect("attach e1");
+    assert_eq!(again, epid);
+    let mut inp = input(&agent, token).await;
+    send(&mut inp, HostFrame::Stdin(b"x\n".to_vec())).await;
+    let c = collect(&mut e).await;
+    assert_eq!(c.stdout, b"got-x\n");
+    assert_eq!(c.exit, exit(0, None));
+
+    // A detached exec dies with its container's forced delete.
+    let (e, epid, _) = agent
+        .stream_with_input(StreamOpen::ContainerExec(ContainerExec {
+            id: "d2".into(),
+            process: process(&["sleep", "1000"], false),
+            stdin: false,
+            size: None,
+            exec_id: Some("e2".into()),
+        }))
+        .await
+        .expect("exec e2");
+    drop(e);
+    agent
+        .ok(ContainerOp::Delete {
+            id: "d2".into(),
+            force: true,
+        })
+        .await;
+    wait_gone(epid.expect("exec pid")).await;
+    let gone = attach(&agent, "d2", "e2")
+        .await
+        .expect_err("attach after delete");
+    assert_eq!(gone.kind, ErrorKind::NotFound, "{gone}");
+    let bad = attach(&agent, "d2", "../x")
+        .await
+        .expect_err("a bad exec id");
+    assert!(bad.message.starts_with("exec: "), "{bad}");
+    agent
+        .ok(ContainerOp::Delete {
+            id: "d1".into(),
+            force: false,
+        })
+        .await;
+    agent.assert_gone("d1");
+    agent.assert_gone("d2");
 }

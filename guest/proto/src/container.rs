@@ -20,8 +20,12 @@
 //! creates its process, which waits; [`ContainerOp::Start`] runs the spec's program;
 //! the create stream carries the process's standard I/O and ends with its `exit`
 //! event. When that stream's connection drops before the exit, the container is
-//! killed, as an exec's process group is. [`ContainerOp::Delete`] forgets a stopped
-//! container (with `force`, kills a live one first).
+//! killed, as an exec's process group is, unless the stream is *durable*: then
+//! the process goes on, its output waits for a reader (the process blocks once
+//! the buffers between are full), and a [`ContainerAttach`] stream takes it up
+//! where it was left, the exit included (a shim whose burrowd restarted).
+//! [`ContainerOp::Delete`] forgets a stopped container (with `force`, kills a
+//! live one first) and its durable streams.
 
 use serde::{Deserialize, Serialize};
 
@@ -75,6 +79,9 @@ pub struct ContainerCreate {
     pub stdin: bool,
     #[serde(default)]
     pub size: Option<WinSize>,
+    /// The process outlives a dropped connection, for a [`ContainerAttach`].
+    #[serde(default)]
+    pub durable: bool,
 }
 
 /// Opens a stream running another process in a running container (`runc exec`):
@@ -90,6 +97,26 @@ pub struct ContainerExec {
     pub stdin: bool,
     #[serde(default)]
     pub size: Option<WinSize>,
+    /// Names the exec (as a container id is named) and makes it durable: it
+    /// outlives a dropped connection, for a [`ContainerAttach`] of this name.
+    #[serde(default)]
+    pub exec_id: Option<String>,
+}
+
+/// Takes up a durable stream again ([`ContainerCreate`] with `durable`, or a
+/// [`ContainerExec`] with an `exec_id`): what the process wrote since the last
+/// connection dropped, then live output, then its `exit` event; with
+/// `stream_started` a new input token when the process still takes input. A
+/// newer attach takes the stream from an older one. An attach after the exit was
+/// delivered gets the exit again (until the container is deleted).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ContainerAttach {
+    /// On the wire `container`, as in [`ContainerCreate`].
+    #[serde(rename = "container")]
+    pub id: String,
+    /// The exec's id; empty for the container's own process.
+    #[serde(default)]
+    pub exec: String,
 }
 
 /// Requests on an existing container. The container's id is `container` on the
@@ -220,12 +247,18 @@ mod tests {
                 id: "c1".into(),
                 stdin: true,
                 size: None,
+                durable: false,
             })),
             Op::Stream(StreamOpen::ContainerExec(ContainerExec {
                 id: "c1".into(),
                 process: serde_json::json!({"args": ["sh"]}),
                 stdin: false,
                 size: None,
+                exec_id: None,
+            })),
+            Op::Stream(StreamOpen::ContainerAttach(ContainerAttach {
+                id: "c1".into(),
+                exec: "e1".into(),
             })),
         ];
         for op in ops {

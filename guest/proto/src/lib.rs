@@ -16,8 +16,8 @@ mod messages;
 pub mod stream;
 
 pub use container::{
-    validate_container_id, ContainerCreate, ContainerExec, ContainerOp, ContainerStatus,
-    ContainerStatusKind, CONTAINERS_DIR, CONTAINERS_TAG,
+    validate_container_id, ContainerAttach, ContainerCreate, ContainerExec, ContainerOp,
+    ContainerStatus, ContainerStatusKind, CONTAINERS_DIR, CONTAINERS_TAG,
 };
 pub use frame::{read_frame, read_message, write_message, FrameError, MAX_FRAME};
 pub use messages::*;

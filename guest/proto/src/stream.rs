@@ -101,6 +101,8 @@ pub enum StreamOpen {
     ContainerCreate(crate::container::ContainerCreate),
     /// Runs another process in a running container (`runc exec`).
     ContainerExec(crate::container::ContainerExec),
+    /// Takes up a durable container stream again.
+    ContainerAttach(crate::container::ContainerAttach),
 }
 
 /// A process to run with live I/O.

@@ -202,9 +202,12 @@ async fn relay(engine: Arc<Engine>, ws: String, socket: WebSocket) {
             let sent = match (&frame, &mut input) {
                 // Input takes its own connection when the exec has one.
                 (HostFrame::Stdin(_), Some(w)) => w.send(&frame).await,
-                (HostFrame::Control(StreamControl::CloseStdin), Some(_)) => {
-                    // Its end is the end of input; the stream connection still
-                    // says so too (a terminal's EOF character).
+                (HostFrame::Control(StreamControl::CloseStdin), Some(w)) => {
+                    // The input connection says so before it closes (a durable
+                    // stream's input ends only then: a connection that breaks
+                    // may be burrowd's end); the stream connection says so too
+                    // (a terminal's EOF character).
+                    let _ = w.send(&frame).await;
                     input = None;
                     writer.send(&frame).await
                 }
@@ -345,15 +348,31 @@ impl StreamSender {
     /// Sends what `rx` carries up the stream, in order, until `rx` closes or
     /// the stream breaks: a relay's input and controls from several tasks.
     pub async fn pump(mut self, mut rx: tokio::sync::mpsc::Receiver<Up>) {
-        while let Some(up) = rx.recv().await {
-            let sent = match up {
-                Up::Data(d) => self.stdin(d).await,
-                Up::Eof => self.control(&StreamControl::CloseStdin).await,
-                Up::Control(c) => self.control(&c).await,
+        self.pump_kept(&mut rx, &mut None).await
+    }
+
+    /// As [`StreamSender::pump`], keeping in `pending` what is being sent until
+    /// it is sent: what a stream that broke (or a pump that was dropped) did not
+    /// send is there for the next stream of the same process.
+    pub async fn pump_kept(
+        &mut self,
+        rx: &mut tokio::sync::mpsc::Receiver<Up>,
+        pending: &mut Option<Up>,
+    ) {
+        loop {
+            if pending.is_none() {
+                *pending = rx.recv().await;
+            }
+            let sent = match &*pending {
+                None => return,
+                Some(Up::Data(d)) => self.stdin(d.clone()).await,
+                Some(Up::Eof) => self.control(&StreamControl::CloseStdin).await,
+                Some(Up::Control(c)) => self.control(c).await,
             };
             if sent.is_err() {
                 return;
             }
+            *pending = None;
         }
     }
 }

@@ -192,7 +192,19 @@ pub fn validate_open(open: &StreamOpen) -> Result<()> {
             if !c.process.is_object() {
                 return Err(Error::invalid("process", "must be a JSON object"));
             }
+            if let Some(exec) = &c.exec_id {
+                burrow_proto::validate_container_id(exec)
+                    .map_err(|e| Error::invalid_line("exec_id", e))?;
+            }
             validate_size(c.size.as_ref())
+        }
+        StreamOpen::ContainerAttach(c) => {
+            burrow_proto::validate_container_id(&c.id).map_err(|e| Error::invalid_line("id", e))?;
+            if !c.exec.is_empty() {
+                burrow_proto::validate_container_id(&c.exec)
+                    .map_err(|e| Error::invalid_line("exec", e))?;
+            }
+            Ok(())
         }
     }
 }

@@ -4,6 +4,7 @@
 //! standard I/O as exec streams.
 
 mod console;
+mod durable;
 mod helper;
 
 use std::collections::HashMap;
@@ -14,15 +15,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use burrow_proto::{
-    validate_container_id, AgentError, ContainerCreate, ContainerExec, ContainerOp,
-    ContainerStatus, ContainerStatusKind, ErrorKind, ExitInfo, Reply, WinSize, CONTAINERS_TAG,
+    validate_container_id, AgentError, ContainerAttach, ContainerCreate, ContainerExec,
+    ContainerOp, ContainerStatus, ContainerStatusKind, ErrorKind, ExitInfo, Reply, WinSize,
+    CONTAINERS_TAG,
 };
 use libcontainer::oci_spec::runtime::{Process, Spec};
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
+pub use self::durable::Attachment;
+
 use self::console::receive_master;
+use self::durable::Durables;
 use self::helper::{helper_garbled, next_report, spawn_helper, stdio_pipes, Report};
 use crate::jobs::valid_signal;
 use crate::process::{lock, ExitStatus, ExitWaiter, ProcessTable};
@@ -141,6 +146,7 @@ pub struct Containers {
     shared_ready: std::sync::atomic::AtomicBool,
     table: Mutex<HashMap<String, Arc<Entry>>>,
     next: AtomicU64,
+    durables: Arc<Durables>,
 }
 
 impl Containers {
@@ -150,6 +156,7 @@ impl Containers {
             shared_ready: std::sync::atomic::AtomicBool::new(false),
             table: Mutex::default(),
             next: AtomicU64::new(0),
+            durables: Arc::default(),
         }
     }
 
@@ -281,6 +288,7 @@ impl Containers {
                 let mut stopped = entry.stopped.subscribe();
                 let _ = tokio::time::timeout(DELETE_WAIT, stopped.wait_for(|s| *s)).await;
                 lock(&self.table).remove(id);
+                self.durables.forget(id);
             }
         }
         Ok(Reply::Container(entry.status()))
@@ -389,7 +397,24 @@ impl Containers {
                 });
             }
         });
-        Ok(Opened::Adopted { proc, on_end })
+        let opened = Opened::Adopted { proc, on_end };
+        if !req.durable {
+            return Ok(opened);
+        }
+        let key = (req.id, String::new());
+        Ok(Opened::Durable(self.durables.adopt(key, opened, inputs)?))
+    }
+
+    /// A new connection to a durable stream of a container.
+    pub fn attach(&self, inputs: &Arc<Inputs>, req: ContainerAttach) -> Result<Opened, AgentError> {
+        validate_container_id(&req.id)
+            .map_err(|m| AgentError::new(ErrorKind::InvalidArgument, m))?;
+        if !req.exec.is_empty() {
+            validate_container_id(&req.exec)
+                .map_err(|m| AgentError::new(ErrorKind::InvalidArgument, format!("exec: {m}")))?;
+        }
+        let key = (req.id, req.exec);
+        Ok(Opened::Durable(self.durables.attach(&key, inputs)?))
     }
 
     /// Mounts the shared directory if the agent is to and nothing is there yet.
@@ -425,6 +450,25 @@ impl Containers {
         if entry.phase() != Phase::Running {
             return Err(entry.refuse("exec"));
         }
+        let durable = match &req.exec_id {
+            Some(exec) => {
+                validate_container_id(exec).map_err(|m| {
+                    AgentError::new(ErrorKind::InvalidArgument, format!("exec_id: {m}"))
+                })?;
+                let key = (req.id.clone(), exec.clone());
+                if self.durables.is_live(&key) {
+                    return Err(AgentError::new(
+                        ErrorKind::AlreadyExists,
+                        format!(
+                            "exec_id: exec {exec:?} of container {:?} runs already",
+                            req.id
+                        ),
+                    ));
+                }
+                Some(key)
+            }
+            None => None,
+        };
         let terminal = process.terminal().unwrap_or(false);
         let file = self.private_path(".exec", &req.id, "json")?;
         let body = serde_json::to_vec(&req.process).map_err(helper_garbled)?;
@@ -437,10 +481,14 @@ impl Containers {
         let proc = self
             .start_process(table, inputs, &entry, args, terminal, req.stdin, req.size)
             .await?;
-        Ok(Opened::Adopted {
+        let opened = Opened::Adopted {
             proc,
             on_end: Box::new(|| {}),
-        })
+        };
+        match durable {
+            Some(key) => Ok(Opened::Durable(self.durables.adopt(key, opened, inputs)?)),
+            None => Ok(opened),
+        }
     }
 
     /// Spawns a `create` or `exec` helper with the process's standard I/O, reads
