@@ -345,9 +345,10 @@ impl Service {
         Ok(pid)
     }
 
-    /// Opens a process's stream again after it broke. burrowd may be restarting:
-    /// while nothing answers, it tries again for [`REATTACH_FOR`]; an answer (the
-    /// VM or the process is gone) ends it.
+    /// Opens a process's stream again after it broke. burrowd may be gone or
+    /// restarting: for [`REATTACH_FOR`] it is started if nothing serves its
+    /// socket and asked again while it does not answer; an answer (the VM or
+    /// the process is gone) ends it.
     async fn reattach(
         &self,
         vm: &str,
@@ -361,6 +362,15 @@ impl Service {
         loop {
             match client.open_stream(vm, attach).await {
                 Ok(s) => return Ok(s),
+                // Nothing serves burrowd's socket: start burrowd, as every door
+                // does; it adopts the running VMs again. (Another process may be
+                // starting it too: then this start fails and the next try finds it.)
+                Err(ClientError::NotRunning { .. }) if tokio::time::Instant::now() < deadline => {
+                    if let Err(e) = connect().await {
+                        log::warn!("starting burrowd: {e}");
+                        tokio::time::sleep(pause).await;
+                    }
+                }
                 Err(e) if unanswered(&e) && tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(1));

@@ -161,6 +161,16 @@ impl Containerd {
             .expect("run ctr")
     }
 
+    /// `ctr ARGS` (namespace [`NAMESPACE`]) started with its stdin and stdout
+    /// piped to the test.
+    pub fn spawn(&self, args: &[&str]) -> std::process::Child {
+        self.command(NAMESPACE, args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start ctr")
+    }
+
     fn command(&self, ns: &str, args: &[&str]) -> Command {
         let mut c = Command::new("ctr");
         c.arg("--address")
