@@ -47,7 +47,7 @@ fn ctr_runs_tasks_in_microvms() {
     let Some(c) = Containerd::start(&b) else {
         return;
     };
-    let image = c.import_busybox("burrow-test", &["id", "uname", "pwd"]);
+    let image = c.import_busybox("burrow-test", &["id", "uname", "pwd", "head", "tail"]);
 
     // The guest's kernel; the spec's environment, user and directory; both
     // outputs; the exit status.
@@ -114,6 +114,29 @@ fn ctr_runs_tasks_in_microvms() {
         ],
     ));
     assert_eq!(out.trim(), "refused");
+
+    // The OOM killer strikes in the task's cgroup (tail keeps a line that never
+    // ends): containerd hears TaskOOM, then the exit.
+    let mut events = c.spawn(&["events"]);
+    let event_lines = LineReader::new(events.stdout.take().expect("events' stdout"));
+    let out = c.ok(&run(
+        &["--rm", "--memory-limit", "33554432"],
+        &[
+            &image,
+            "o1",
+            "sh",
+            "-c",
+            "head -c 200m /dev/zero | tail; echo tail-$?",
+        ],
+    ));
+    assert_eq!(out.trim(), "tail-137");
+    let oom = event_lines.until("/tasks/oom", LONG);
+    assert!(oom.contains("\"o1\""), "{oom}");
+    let exit = event_lines.until("/tasks/exit", LONG);
+    assert!(exit.contains("\"o1\""), "{exit}");
+    // SAFETY: kill has no memory effects; the pid is our child's.
+    unsafe { libc::kill(events.id() as i32, libc::SIGKILL) };
+    let _ = events.wait();
 
     // A program that cannot run: the error names it; nothing stays.
     let (code, err) = c.fails(&run(&["--rm"], &[&image, "c3", "no-such-program"]));

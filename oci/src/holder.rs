@@ -640,6 +640,7 @@ mod tests {
             exit_code: code,
             signal,
             timed_out: false,
+            oom_killed: false,
         }
     }
 

@@ -20,7 +20,7 @@ use burrow_proto::{
 use containerd_shim::api;
 use containerd_shim::asynchronous::ExitSignal;
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
     TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
@@ -383,6 +383,17 @@ impl Service {
     /// A process ended: its exit is kept for Wait, State and Delete, and told
     /// to containerd.
     async fn exited(&self, c: &Container, p: &Proc, ended: Ended) {
+        if matches!(&ended, Ended::Exit(x) if x.oom_killed) {
+            // Before the exit, as runc's shim's cgroup watch tells it.
+            self.publish(
+                topics::TASK_OOM_EVENT_TOPIC,
+                Box::new(TaskOOM {
+                    container_id: c.id.clone(),
+                    ..Default::default()
+                }),
+            )
+            .await;
+        }
         let code = match ended {
             Ended::Exit(x) => match x.signal {
                 Some(s) if (1..=64).contains(&s) => 128 + s as u32,

@@ -80,6 +80,7 @@ fn exit_info(status: ExitStatus) -> ExitInfo {
         exit_code: status.code(),
         signal: status.signal(),
         timed_out: false,
+        oom_killed: false,
     }
 }
 

@@ -381,6 +381,10 @@ fn exec(
 /// ended. libcontainer clones it with CLONE_PARENT and no exit signal, which makes
 /// it a "clone child" that only `__WALL` waits see.
 fn wait_and_report(pid: i32) {
+    // Its cgroup, read while it runs: an OOM kill in it meanwhile is told with
+    // the exit (containerd's TaskOOM, Kubernetes' OOMKilled).
+    let events = memory_events(pid);
+    let oom_before = events.as_deref().and_then(oom_kills).unwrap_or(0);
     let mut status: libc::c_int = 0;
     loop {
         // SAFETY: waitpid only writes the status, which we own.
@@ -395,13 +399,37 @@ fn wait_and_report(pid: i32) {
         report(&json!({"exit": {"exit_code": 137, "signal": libc::SIGKILL}}));
         return;
     }
+    let oom_killed = events
+        .as_deref()
+        .and_then(oom_kills)
+        .is_some_and(|n| n > oom_before);
     let exit = if libc::WIFSIGNALED(status) {
         let s = libc::WTERMSIG(status);
-        json!({"exit_code": 128 + s, "signal": s})
+        json!({"exit_code": 128 + s, "signal": s, "oom_killed": oom_killed})
     } else {
-        json!({"exit_code": libc::WEXITSTATUS(status), "signal": null})
+        json!({"exit_code": libc::WEXITSTATUS(status), "signal": null, "oom_killed": oom_killed})
     };
     report(&json!({ "exit": exit }));
+}
+
+/// The `memory.events` file of the cgroup (v2) that `pid` is in.
+fn memory_events(pid: i32) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    Some(
+        Path::new("/sys/fs/cgroup")
+            .join(path.trim_start_matches('/'))
+            .join("memory.events"),
+    )
+}
+
+/// How many processes the OOM killer killed in that cgroup so far.
+fn oom_kills(events: &Path) -> Option<u64> {
+    std::fs::read_to_string(events)
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Maps a libcontainer error to a protocol kind and one line.

@@ -346,6 +346,7 @@ impl Output {
                     exit_code: 128 + libc::SIGKILL,
                     signal: Some(libc::SIGKILL),
                     timed_out: false,
+                    oom_killed: false,
                 });
             }
         }
@@ -364,6 +365,7 @@ impl Output {
                     exit_code: 128 + libc::SIGKILL,
                     signal: Some(libc::SIGKILL),
                     timed_out: false,
+                    oom_killed: false,
                 };
             }
         }

@@ -194,6 +194,7 @@ impl Opened {
                     exit_code: n.exit_code,
                     signal: None,
                     timed_out: false,
+                    oom_killed: false,
                 };
                 let _ = GuestFrame::Event(StreamEvent::Exit(exit))
                     .write(&mut wr)
@@ -240,6 +241,9 @@ pub struct ExecProc {
     stdin: Option<(InputSlot, StdinSink)>,
     output: ExecOutput,
     timeout: Option<Duration>,
+    /// A container process's: set (before its exit is sent) when the OOM killer
+    /// killed a process of its cgroup while it ran.
+    oom_killed: Option<Arc<AtomicBool>>,
 }
 
 enum ExecOutput {
@@ -261,15 +265,18 @@ pub enum AdoptedIo {
 }
 
 impl ExecProc {
-    /// An exec stream's process for `pid`, whose exit `exit` delivers. With a
-    /// terminal, `stdin` says whether the host's input goes to it.
+    /// An exec stream's process for `pid`, whose exit `exit` delivers (and
+    /// `oom_killed` whether the OOM killer struck). With a terminal, `stdin`
+    /// says whether the host's input goes to it.
     pub fn adopt(
         inputs: &Arc<Inputs>,
         pid: i32,
         exit: ExitWaiter,
         io: AdoptedIo,
         stdin: bool,
+        oom_killed: Arc<AtomicBool>,
     ) -> ExecProc {
+        let oom_killed = Some(oom_killed);
         match io {
             AdoptedIo::Pipes {
                 stdin: input,
@@ -282,6 +289,7 @@ impl ExecProc {
                 stdin: input.map(|fd| (inputs.register(), StdinSink::Pipe(fd))),
                 output: ExecOutput::Pipes(Some(stdout), Some(stderr)),
                 timeout: None,
+                oom_killed,
             },
             AdoptedIo::Pty(master) => ExecProc {
                 pid,
@@ -290,6 +298,7 @@ impl ExecProc {
                 stdin: stdin.then(|| (inputs.register(), StdinSink::Pty(Arc::clone(&master)))),
                 output: ExecOutput::Pty(master),
                 timeout: None,
+                oom_killed,
             },
         }
     }
@@ -338,6 +347,7 @@ pub fn start_exec(
             stdin,
             output: ExecOutput::Pty(master),
             timeout,
+            oom_killed: None,
         }));
     }
     cmd.env_clear()
@@ -368,6 +378,7 @@ pub fn start_exec(
             child.stderr.take().map(OwnedFd::from),
         ),
         timeout,
+        oom_killed: None,
     }))
 }
 
@@ -386,6 +397,7 @@ where
         stdin,
         output,
         timeout,
+        oom_killed,
     } = p;
     let alive = Arc::new(AtomicBool::new(true));
     // In-band input (small: keys) and input from the input connection meet in
@@ -462,6 +474,7 @@ where
         exit_code: status.code(),
         signal: status.signal(),
         timed_out,
+        oom_killed: oom_killed.is_some_and(|f| f.load(Ordering::SeqCst)),
     };
     let _ = GuestFrame::Event(StreamEvent::Exit(exit))
         .write(&mut wr)

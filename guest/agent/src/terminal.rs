@@ -301,6 +301,7 @@ async fn pump(session: Arc<Session>, mut exit: crate::process::ExitWaiter) {
         exit_code: status.code(),
         signal: status.signal(),
         timed_out: false,
+        oom_killed: false,
     });
 }
 

@@ -347,6 +347,7 @@ fn exit(code: i32, signal: Option<i32>) -> Option<ExitInfo> {
         exit_code: code,
         signal,
         timed_out: false,
+        oom_killed: false,
     })
 }
 

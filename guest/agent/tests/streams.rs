@@ -269,7 +269,8 @@ async fn exec_streams_on_pipes() {
         ExitInfo {
             exit_code: 0,
             signal: None,
-            timed_out: false
+            timed_out: false,
+            oom_killed: false,
         }
     );
 
@@ -358,7 +359,8 @@ async fn exec_streams_on_pipes() {
         ExitInfo {
             exit_code: 137,
             signal: Some(9),
-            timed_out: true
+            timed_out: true,
+            oom_killed: false,
         }
     );
 

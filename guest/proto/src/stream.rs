@@ -168,6 +168,10 @@ pub struct ExitInfo {
     pub signal: Option<i32>,
     #[serde(default)]
     pub timed_out: bool,
+    /// A container's process: the kernel's OOM killer killed a process of its
+    /// cgroup while it ran (told only when true).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub oom_killed: bool,
 }
 
 /// Guest-to-host events of a stream.
@@ -422,6 +426,7 @@ mod tests {
                 exit_code: 130,
                 signal: Some(2),
                 timed_out: false,
+                oom_killed: false,
             })),
         ];
         for f in &frames {
@@ -495,7 +500,8 @@ mod tests {
             serde_json::to_string(&StreamEvent::Exit(ExitInfo {
                 exit_code: 3,
                 signal: None,
-                timed_out: false
+                timed_out: false,
+                oom_killed: false,
             }))
             .unwrap(),
             r#"{"type":"exit","exit_code":3,"signal":null,"timed_out":false}"#

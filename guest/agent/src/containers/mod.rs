@@ -562,6 +562,8 @@ impl Containers {
         }
         let (tx, exit) = ExitWaiter::channel();
         let entry = create.then(|| Arc::clone(entry));
+        let oom_killed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let oom_flag = Arc::clone(&oom_killed);
         tokio::spawn(async move {
             let exit = match next_report(&mut helper.lines).await {
                 Ok(Report::Exit(e)) => e,
@@ -570,6 +572,7 @@ impl Containers {
                     exit_code: 128 + libc::SIGKILL,
                     signal: Some(libc::SIGKILL),
                     timed_out: false,
+                    oom_killed: false,
                 },
             };
             let _ = helper.exit.wait().await;
@@ -578,13 +581,14 @@ impl Containers {
             if let Some(entry) = entry {
                 entry.stop(exit);
             }
+            oom_flag.store(exit.oom_killed, Ordering::SeqCst);
             let status = match exit.signal {
                 Some(s) => ExitStatus::Signaled(s),
                 None => ExitStatus::Exited(exit.exit_code),
             };
             let _ = tx.send(status);
         });
-        Ok(ExecProc::adopt(inputs, pid, exit, io, stdin))
+        Ok(ExecProc::adopt(inputs, pid, exit, io, stdin, oom_killed))
     }
 
     /// Kills every container still alive and forgets it (dev-mode shutdown), so
