@@ -138,6 +138,33 @@ fn ctr_runs_tasks_in_microvms() {
     unsafe { libc::kill(events.id() as i32, libc::SIGKILL) };
     let _ = events.wait();
 
+    // A logging program (binary://), started by the shim as containerd's own
+    // shims start it: stdout on fd 3, stderr on fd 4, ready when fd 5 closes.
+    let logs = tempfile::tempdir().expect("tempdir");
+    let logger = logs.path().join("logger.sh");
+    std::fs::write(
+        &logger,
+        "#!/bin/sh\nd=$(dirname \"$0\")\necho \"$CONTAINER_ID $CONTAINER_NAMESPACE $*\" > \"$d/env\"\n\
+         exec 5>&-\ncat <&3 > \"$d/out\" &\ncat <&4 > \"$d/err\" &\nwait\ntouch \"$d/done\"\n",
+    )
+    .expect("write the logger");
+    std::fs::set_permissions(&logger, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod the logger");
+    let uri = format!("binary://{}?tag=a+b", logger.display());
+    c.ok(&run(
+        &["--rm", "--log-uri", &uri],
+        &[&image, "l1", "sh", "-c", "echo to-out; echo to-err >&2"],
+    ));
+    let done = logs.path().join("done");
+    wait_until("the logging program to end", LONG, || done.exists());
+    let read = |name: &str| std::fs::read_to_string(logs.path().join(name)).unwrap_or_default();
+    assert_eq!(read("out"), "to-out\n");
+    assert_eq!(read("err"), "to-err\n");
+    assert_eq!(
+        read("env").trim(),
+        format!("l1 {} tag a b", burrow_tests::containerd::NAMESPACE)
+    );
+
     // A program that cannot run: the error names it; nothing stays.
     let (code, err) = c.fails(&run(&["--rm"], &[&image, "c3", "no-such-program"]));
     assert_ne!(code, 0);

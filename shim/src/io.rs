@@ -1,8 +1,10 @@
 //! A task process's standard I/O: what containerd hands the shim (FIFOs it
-//! reads and writes, or `file://` paths), relayed to and from the process's
-//! stream on burrowd.
+//! reads and writes, `file://` paths, or a `binary://` logging program the shim
+//! starts), relayed to and from the process's stream on burrowd.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::time::Duration;
 
 pub use burrow::api::stream::Up;
 use burrow::api::stream::{ClientStream, ServerEvent, StreamMessage};
@@ -37,6 +39,7 @@ pub struct Opened {
     stdin: Option<PathBuf>,
     stdout: Option<Sink>,
     stderr: Option<Sink>,
+    logger: Option<Logger>,
 }
 
 impl Opened {
@@ -45,17 +48,15 @@ impl Opened {
     }
 }
 
-/// Where a stdio string points: a FIFO or file path, or a `file://` URI.
-/// `binary://` (a logging program containerd would have the shim start) is
-/// refused by name.
+/// How long a logging program may take to say it is ready, and to exit once
+/// the process's output ended.
+const LOGGER_GRACE: Duration = Duration::from_secs(10);
+
+/// Where a stdio string points: a FIFO or file path, or a `file://` URI
+/// (`binary://` is handled by [`Logger::start`]).
 fn target(field: &str, uri: &str) -> Result<PathBuf, String> {
     if let Some(rest) = uri.strip_prefix("file://") {
         return Ok(PathBuf::from(rest));
-    }
-    if uri.starts_with("binary://") {
-        return Err(format!(
-            "{field}: {uri:?}: logging binaries (binary://) are not supported by burrow's shim"
-        ));
     }
     if uri.contains("://") {
         return Err(format!("{field}: {uri:?}: unknown URI scheme"));
@@ -91,8 +92,9 @@ async fn open_sink(field: &str, uri: &str) -> Result<Option<Sink>, String> {
     Ok(Some(Box::new(f)))
 }
 
-/// Opens what `stdio` names.
-pub async fn open(stdio: &Stdio) -> Result<Opened, String> {
+/// Opens what `stdio` names for the process of container `who.0` in
+/// containerd namespace `who.1`.
+pub async fn open(stdio: &Stdio, who: (&str, &str)) -> Result<Opened, String> {
     let stdin = if stdio.stdin.is_empty() {
         None
     } else {
@@ -102,6 +104,15 @@ pub async fn open(stdio: &Stdio) -> Result<Opened, String> {
             .map_err(|e| format!("stdin: {}: {e}", path.display()))?;
         Some(path)
     };
+    if stdio.stdout.starts_with("binary://") {
+        let (logger, out, err) = Logger::start(&stdio.stdout, who).await?;
+        return Ok(Opened {
+            stdin,
+            stdout: Some(out),
+            stderr: (!stdio.terminal).then_some(err),
+            logger: Some(logger),
+        });
+    }
     let stdout = open_sink("stdout", &stdio.stdout).await?;
     // On a terminal there is one output, the terminal's.
     let stderr = if stdio.terminal {
@@ -113,7 +124,162 @@ pub async fn open(stdio: &Stdio) -> Result<Opened, String> {
         stdin,
         stdout,
         stderr,
+        logger: None,
     })
+}
+
+/// A logging program containerd names as `binary:///path?key=value&...`,
+/// started as containerd's own shims start it: the process's stdout on its fd 3,
+/// stderr on fd 4, and fd 5 to write to or close once it is ready (the shim
+/// waits for that); `CONTAINER_ID` and `CONTAINER_NAMESPACE` in its environment;
+/// each query pair becomes two arguments. It reads to the end of both and exits;
+/// one that has not exited [`LOGGER_GRACE`] after the output ended is killed.
+struct Logger {
+    child: Option<tokio::process::Child>,
+}
+
+impl Logger {
+    async fn start(uri: &str, who: (&str, &str)) -> Result<(Logger, Sink, Sink), String> {
+        let (path, args) = parse_binary(uri)?;
+        let (out_r, out_w) = pipe_fds().map_err(|e| format!("stdout: pipe: {e}"))?;
+        let (err_r, err_w) = pipe_fds().map_err(|e| format!("stdout: pipe: {e}"))?;
+        let (ready_r, ready_w) = pipe_fds().map_err(|e| format!("stdout: pipe: {e}"))?;
+        let fds = [out_r.as_raw_fd(), err_r.as_raw_fd(), ready_w.as_raw_fd()];
+        let mut cmd = tokio::process::Command::new(&path);
+        cmd.args(&args)
+            .env("CONTAINER_ID", who.0)
+            .env("CONTAINER_NAMESPACE", who.1)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        // SAFETY: between fork and exec only fcntl and dup2 run (async-signal
+        // safe), on fds this process owns until the exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Above 10 first, so that no target number clobbers a source.
+                let mut high = [0; 3];
+                for (h, fd) in high.iter_mut().zip(fds) {
+                    *h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
+                    if *h < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (target, fd) in (3..).zip(high) {
+                    if libc::dup2(fd, target) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("stdout: {uri:?}: start {}: {e}", path.display()))?;
+        let mut logger = Logger { child: Some(child) };
+        drop((out_r, err_r, ready_w));
+        // Ready once it writes a byte or closes fd 5 (or exits).
+        let ready = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut b = [0u8; 1];
+            std::fs::File::from(ready_r).read(&mut b)
+        });
+        match tokio::time::timeout(LOGGER_GRACE, ready).await {
+            Ok(Ok(Ok(_))) => {}
+            _ => {
+                if let Some(mut c) = logger.child.take() {
+                    let _ = c.kill().await;
+                }
+                return Err(format!(
+                    "stdout: {uri:?}: the logging program did not get ready within {} s",
+                    LOGGER_GRACE.as_secs()
+                ));
+            }
+        }
+        let sink = |fd: OwnedFd| -> Result<Sink, String> {
+            pipe::Sender::from_owned_fd(fd)
+                .map(|s| Box::new(s) as Sink)
+                .map_err(|e| format!("stdout: pipe: {e}"))
+        };
+        Ok((logger, sink(out_w)?, sink(err_w)?))
+    }
+}
+
+impl Drop for Logger {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            tokio::spawn(async move {
+                if tokio::time::timeout(LOGGER_GRACE, child.wait())
+                    .await
+                    .is_err()
+                {
+                    let _ = child.kill().await;
+                }
+            });
+        }
+    }
+}
+
+/// A pipe whose ends are closed on exec (the logger gets its copies by dup2).
+fn pipe_fds() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into the array we own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both fds are fresh and owned by nothing else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// The program and arguments of `binary:///path?k=v&k2=v2`: an absolute path,
+/// then `k v k2 v2` (percent-decoded; a key without a value stands alone).
+fn parse_binary(uri: &str) -> Result<(PathBuf, Vec<String>), String> {
+    let bad = |why: &str| format!("stdout: {uri:?}: {why}");
+    let rest = uri
+        .strip_prefix("binary://")
+        .ok_or_else(|| bad("not binary://"))?;
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let path = percent_decode(path).ok_or_else(|| bad("bad percent-encoding"))?;
+    if !path.starts_with('/') {
+        return Err(bad("the logging program must be an absolute path"));
+    }
+    let mut args = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        args.push(percent_decode(k).ok_or_else(|| bad("bad percent-encoding"))?);
+        if !v.is_empty() {
+            args.push(percent_decode(v).ok_or_else(|| bad("bad percent-encoding"))?);
+        }
+    }
+    Ok((PathBuf::from(path), args))
+}
+
+/// `%XX` escapes and `+` (a query's space) decoded; `None` when malformed or
+/// not UTF-8, or when it decodes to a NUL.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    if out.contains(&0) {
+        return None;
+    }
+    String::from_utf8(out).ok()
 }
 
 /// Relays `io` and the process's stream until its exit; `up` carries what the
@@ -136,6 +302,7 @@ where
         stdin,
         mut stdout,
         mut stderr,
+        logger,
     } = io;
     let reading = stdin.map(|path| Input::start(path, up_tx));
     // What the broken stream did not send goes up the next one first.
@@ -154,7 +321,8 @@ where
     for s in [&mut stdout, &mut stderr].into_iter().flatten() {
         let _ = s.flush().await;
     }
-    drop(reading);
+    // The logging program reads the end of its pipes, then has its grace.
+    drop((reading, stdout, stderr, logger));
     ended
 }
 
@@ -289,8 +457,13 @@ mod tests {
             target("stdout", "file:///var/log/c.log"),
             Ok(PathBuf::from("/var/log/c.log"))
         );
-        let e = target("stderr", "binary:///usr/bin/logger?x=1").unwrap_err();
-        assert!(e.starts_with("stderr: ") && e.contains("binary://"), "{e}");
+        let (path, args) = parse_binary("binary:///usr/bin/log%20ger?x=1&flag&y=a+b%2Fc").unwrap();
+        assert_eq!(path, PathBuf::from("/usr/bin/log ger"));
+        assert_eq!(args, ["x", "1", "flag", "y", "a b/c"]);
+        for bad in ["binary://rel/logger", "binary:///x?%zz=1", "binary:///x%00"] {
+            let e = parse_binary(bad).unwrap_err();
+            assert!(e.starts_with("stdout: "), "{e}");
+        }
         let e = target("stdin", "http://x").unwrap_err();
         assert!(e.contains("unknown URI scheme"), "{e}");
     }

@@ -306,7 +306,7 @@ impl Service {
         p: &Arc<Proc>,
         open: impl FnOnce(bool, Option<WinSize>) -> StreamOpen,
     ) -> TtrpcResult<u32> {
-        let opened = io::open(&p.stdio)
+        let opened = io::open(&p.stdio, (&c.id, &self.inner.namespace))
             .await
             .map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
         let size = p.stdio.terminal.then_some(WinSize { rows: 24, cols: 80 });
