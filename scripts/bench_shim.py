@@ -15,6 +15,10 @@ built here (no registry).
       targets: shim <= 8 MiB, the whole <= 40 MiB
   (d) 10 burrow tasks started at once (`ctr run -d` x 10, each back once RUNNING):
       the wall time against 10 x the median single `ctr run -d`
+  (e) CRI pod start, as the kubelet starts a pod: RunPodSandbox, CreateContainer and
+      StartContainer of one container (burrow-cri-bench, on a second private
+      containerd with its CRI plugin on), runtime handler runc against burrow; no
+      target: burrow - (floor + runc) is what a pod pays for its VM beyond the boot
 
 Usage: bench_shim.py BIN_DIR [--runs N] [--parallel N] [--smoke]
   --smoke: one iteration of each, 2 tasks in parallel, no target judged
@@ -40,23 +44,37 @@ from bench_oci import med, rss_kib, rss_without_guest_ram, smaps_split, stop_dae
 
 NAMESPACE = "burrow-bench"
 IMAGE = "docker.io/library/burrow-bench-shim:latest"
+# The namespace CRI keeps its pods, containers and images in.
+CRI_NAMESPACE = "k8s.io"
+# The image CRI makes pod sandboxes of (its `sandbox_image`): busybox sleeping for
+# ever, as Kubernetes' pause image does; imported, never pulled.
+SANDBOX_IMAGE = "docker.io/library/burrow-pause:latest"
 RUNTIME = "io.containerd.burrow.v2"
 SHIM = "containerd-shim-burrow-v2"
 RUNC_SHIM = "containerd-shim-runc-v2"
 # containerd 1.6 has its shims' ttrpc sockets here, whatever its state dir.
 SHIM_SOCKET_DIR = "/run/containerd/s"
+# linux/capability.h
+CAP_SYS_RESOURCE = 24
 # Every ctr call is bounded: a wedged shim must not hang the benchmark.
 CTR_TIMEOUT = 300
 
 
-def config_toml(d, address, ttrpc):
-    """Only what the benchmark uses: no CRI, no snapshotter that probes the host,
-    no opt plugin (which would make /opt/containerd): nothing outside `d`."""
+def config_toml(d, address, ttrpc, cri=False):
+    """Only what the benchmark uses: no snapshotter that probes the host, no opt
+    plugin (which would make /opt/containerd): nothing outside `d`. CRI only when
+    `cri`, configured as tests/src/containerd.rs does: runtime handler `burrow` is
+    io.containerd.burrow.v2, runc's state under `d`, no CNI, the streaming server on
+    127.0.0.1 of containerd's network namespace."""
+    disabled = "" if cri else '\n  "io.containerd.grpc.v1.cri",'
     return f"""version = 2
 root = "{d}/root"
 state = "{d}/state"
-disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
+# CRI unless asked for; snapshotters that probe the host or want a dedicated device;
+# opt, which would make /opt/containerd and put it on the shims' PATH. (Not the
+# legacy runtime io.containerd.runtime.v1.linux: 1.6's tasks service, and so CRI,
+# fail to load without it.)
+disabled_plugins = [{disabled}
   "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.devmapper",
@@ -70,15 +88,53 @@ disabled_plugins = [
 
 [ttrpc]
   address = "{ttrpc}"
+""" + (cri_toml(d) if cri else "")
+
+
+def cri_toml(d):
+    # CRI gives a pod's sandbox oom_score_adj -998, which runc cannot set without
+    # CAP_SYS_RESOURCE (runc's pods then fail to start): lacking it, CRI's own knob
+    # keeps every score at containerd's, for both handlers alike.
+    restrict_oom = "" if has_capability(CAP_SYS_RESOURCE) else "\n  restrict_oom_score_adj = true"
+    return f"""
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{SANDBOX_IMAGE}"{restrict_oom}
+  # Pods' network namespace files under state (unmounted with it), not /var/run/netns.
+  netns_mounts_under_state_dir = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        Root = "{d}/runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.burrow]
+      runtime_type = "{RUNTIME}"
+  # Empty: no CNI (not the host's /etc/cni), so pods get no network from CRI.
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{d}/cni/bin"
+    conf_dir = "{d}/cni/net.d"
+  # No mirrors or credentials of the host's.
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{d}/certs.d"
 """
+
+
+def has_capability(bit):
+    """Whether this process has capability number `bit` in its effective set."""
+    with open("/proc/self/status") as f:
+        eff = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    return bool(eff >> bit & 1)
 
 
 class Containerd:
     """A private containerd in network namespace `netns`, its shims finding
     containerd-shim-burrow-v2 first on their PATH (BIN_DIR) and pointed at the
-    benchmark's burrowd by `env_extra`."""
+    benchmark's burrowd by `env_extra`; its CRI plugin on when `cri`."""
 
-    def __init__(self, bin_dir, netns, env_extra):
+    def __init__(self, bin_dir, netns, env_extra, cri=False):
         # Short: Unix socket paths are limited to 108 bytes.
         self.dir = tempfile.mkdtemp(prefix="bsc", dir="/tmp")
         self.address = os.path.join(self.dir, "containerd.sock")
@@ -87,7 +143,7 @@ class Containerd:
         self.proc = None
         config = os.path.join(self.dir, "config.toml")
         with open(config, "w") as f:
-            f.write(config_toml(self.dir, self.address, os.path.join(self.dir, "containerd.ttrpc.sock")))
+            f.write(config_toml(self.dir, self.address, os.path.join(self.dir, "containerd.ttrpc.sock"), cri))
         env = dict(os.environ, **env_extra)
         env["PATH"] = bin_dir + ":" + env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         self.log = os.path.join(self.dir, "containerd.log")
@@ -103,6 +159,11 @@ class Containerd:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"private containerd did not start:\n{self.log_tail()}")
             time.sleep(0.1)
+        # containerd serves even when a plugin failed to load (a config key it
+        # refused).
+        if cri and not any(f[1:2] == ["cri"] and f[-1] == "ok" for f in
+                           map(str.split, self.ctr("plugins", "ls").stdout.splitlines())):
+            raise SystemExit(f"containerd's CRI plugin did not load:\n{self.log_tail()}")
 
     def log_tail(self, n=20):
         with contextlib.suppress(OSError):
@@ -110,14 +171,14 @@ class Containerd:
                 return "".join(f.readlines()[-n:])
         return ""
 
-    def argv(self, *args):
-        return ["ctr", "--address", self.address, "--connect-timeout", "10s", "--namespace", NAMESPACE, *args]
+    def argv(self, *args, ns=NAMESPACE):
+        return ["ctr", "--address", self.address, "--connect-timeout", "10s", "--namespace", ns, *args]
 
-    def ctr(self, *args, check=True, timeout=CTR_TIMEOUT):
-        p = subprocess.run(self.argv(*args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    def ctr(self, *args, check=True, timeout=CTR_TIMEOUT, ns=NAMESPACE):
+        p = subprocess.run(self.argv(*args, ns=ns), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, timeout=timeout)
         if check and p.returncode != 0:
-            raise SystemExit(f"ctr {' '.join(args)} failed ({p.returncode}): {p.stderr.strip()}\n"
+            raise SystemExit(f"ctr -n {ns} {' '.join(args)} failed ({p.returncode}): {p.stderr.strip()}\n"
                              f"containerd's log:\n{self.log_tail()}")
         return p
 
@@ -165,17 +226,18 @@ class Containerd:
         self.ctr("container", "rm", cid, check=False)
 
     def close(self):
-        """Everything of this containerd goes: its tasks and containers (through it,
-        so that each shim cleans up after itself), containerd itself, what still
-        names our dir (shims it could not make exit), runc state, shim sockets,
-        mounts, cgroups, the dir."""
+        """Everything of this containerd goes: its tasks and containers of every
+        namespace (through it, so that each shim cleans up after itself), containerd
+        itself, what still names our dir (shims it could not make exit), runc state,
+        shim sockets, mounts, cgroups, the dir."""
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                ids = self.ctr("container", "ls", "-q", check=False, timeout=60).stdout.split()
-                for cid in ids:
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        self.ctr("task", "delete", "-f", cid, check=False, timeout=60)
-                        self.ctr("container", "rm", cid, check=False, timeout=60)
+                for ns in self.ctr("namespaces", "ls", "-q", check=False, timeout=60).stdout.split():
+                    ids = self.ctr("container", "ls", "-q", check=False, timeout=60, ns=ns).stdout.split()
+                    for cid in ids:
+                        with contextlib.suppress(subprocess.TimeoutExpired):
+                            self.ctr("task", "delete", "-f", cid, check=False, timeout=60, ns=ns)
+                            self.ctr("container", "rm", cid, check=False, timeout=60, ns=ns)
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=30)
@@ -323,11 +385,11 @@ def oci_archive(name, layer, cmd):
     return _tar(entries)
 
 
-def import_image(c):
+def import_image(c, name=IMAGE, cmd=("sh",), ns=NAMESPACE):
     archive = os.path.join(c.dir, "image.tar")
     with open(archive, "wb") as f:
-        f.write(oci_archive(IMAGE, busybox_layer(), ["sh"]))
-    c.ctr("image", "import", archive)
+        f.write(oci_archive(name, busybox_layer(), list(cmd)))
+    c.ctr("image", "import", archive, ns=ns)
     os.remove(archive)
 
 
@@ -376,6 +438,58 @@ def vm_of_task(burrow, env, c, cid):
         if ctn.get("id") == cid and ctn.get("root") == root and w.get("state") == "running":
             return w
     raise SystemExit(f"no running burrow VM for task {cid}")
+
+
+def wait_no_shims(c, timeout=60):
+    """Until no shim of `c` is left: a pod's shim (and a burrow pod's VM) goes away
+    after RemovePodSandbox returns, and must not weigh on the next pod's start."""
+    deadline = time.monotonic() + timeout
+    while c.shim_pids(SHIM) or c.shim_pids(RUNC_SHIM):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"shims of removed pods still run after {timeout} s: "
+                             f"{c.shim_pids(SHIM) + c.shim_pids(RUNC_SHIM)}")
+        time.sleep(0.1)
+
+
+def cri_pod_starts(bin_dir, netns, burrow_env, runs):
+    """(e): pods started through CRI by burrow-cri-bench, on a containerd of their
+    own with CRI on; runc and burrow alternating, after one warm-up pod of each.
+    Returns the ms of each handler's runs, {"runc": [...], "burrow": [...]}."""
+    bench = os.path.join(bin_dir, "burrow-cri-bench")
+    if not os.path.exists(bench):
+        raise SystemExit(f"{bench} missing: build the binaries first (cargo build --workspace --bins)")
+    c = Containerd(bin_dir, netns, burrow_env, cri=True)
+    try:
+        import_image(c, SANDBOX_IMAGE, ("sleep", "infinity"), CRI_NAMESPACE)
+        import_image(c, IMAGE, ("sh",), CRI_NAMESPACE)
+        logs = os.path.join(c.dir, "pod-logs")
+        os.mkdir(logs)
+        # The kubelet always gives a cgroup parent: ours keeps runc's pods apart from
+        # other containerds' (CRI's default is /k8s.io/ID).
+        argv = [bench, "--address", c.address, "--image", IMAGE, "--logs", logs,
+                "--cgroup-parent", f"/{c.cgroup}", "--runs", "1"]
+
+        def pod_start(handler):
+            p = subprocess.run([*argv, "--handler", handler], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, timeout=CTR_TIMEOUT)
+            if p.returncode != 0:
+                raise SystemExit(f"burrow-cri-bench --handler {handler} failed ({p.returncode}): "
+                                 f"{p.stderr.strip()}\ncontainerd's log:\n{c.log_tail()}")
+            wait_no_shims(c)
+            return json.loads(p.stdout)["runs_ms"]
+
+        # Warm-up: CRI's first pod of each handler pages in the pause image's
+        # snapshot and the runtimes' binaries.
+        pod_start("runc")
+        pod_start("burrow")
+        out = {"runc": [], "burrow": []}
+        for _ in range(runs):
+            # Alternating, so that drift on the host hits both.
+            for handler in ("runc", "burrow"):
+                out[handler] += pod_start(handler)
+        return out
+    finally:
+        c.close()
 
 
 def main():
@@ -467,6 +581,10 @@ def main():
 
         floors = floor_boot(qemu_argv, args.runs)
 
+        pods = cri_pod_starts(bin_dir, netns, burrow_env, args.runs)
+        pod_runc, pod_burrow = med(pods["runc"]), med(pods["burrow"])
+        pod_excess = pod_burrow - (med(floors) + pod_runc)
+
         target_run = med(floors) + med(runc_runs) + 300
         serial_ms = args.parallel * med(starts)
         results = {
@@ -486,6 +604,10 @@ def main():
             "serial_start_ms": serial_ms,
             "parallel_ratio": parallel_ms / serial_ms,
             "parallel_teardown_ms": teardown_ms,
+            "cri_pod_start_runc_ms": pod_runc,
+            "cri_pod_start_burrow_ms": pod_burrow,
+            "cri_pod_start_burrow_over_runc": pod_burrow / pod_runc,
+            "cri_pod_start_excess_ms": pod_excess,
         }
         print(f"burrow containerd shim benchmark ({os.cpu_count()} host CPUs, medians of {args.runs})")
         print(f"  (a) floor: qemu boot to /init                  {med(floors):8.0f} ms")
@@ -502,6 +624,13 @@ def main():
         print(f"  (d) {args.parallel} x ctr run -d at once (burrow)         {parallel_ms:8.0f} ms   "
               f"= {parallel_ms / serial_ms:.2f} x {args.parallel} x one ctr run -d ({med(starts):.0f} ms); "
               f"all killed and deleted in {teardown_ms:.0f} ms")
+        print("  (e) CRI pod start, RunPodSandbox to StartContainer of one container")
+        print(f"        runtime handler runc                     {pod_runc:8.0f} ms   "
+              f"(runs: {', '.join(f'{x:.0f}' for x in pods['runc'])})")
+        print(f"        runtime handler burrow                   {pod_burrow:8.0f} ms   "
+              f"(runs: {', '.join(f'{x:.0f}' for x in pods['burrow'])})")
+        print(f"        burrow = {pod_burrow / pod_runc:.1f} x runc; burrow - (floor + runc) = {pod_excess:+.0f} ms "
+              f"(floor {med(floors):.0f} ms)")
         print("JSON " + json.dumps(results))
         if args.smoke:
             print("targets not judged (smoke run)")

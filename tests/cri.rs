@@ -3,24 +3,20 @@
 //! microVM, exec, stats, stop and removal, over CRI's gRPC API on containerd's
 //! socket.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use burrow_tests::containerd::{Containerd, CRI_NAMESPACE};
+use burrow_tests::cri::{self, container_config, pod_config};
 use burrow_tests::{text, wait_until, wait_until_explained, Burrow};
-use hyper_util::rt::TokioIo;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatsRequest,
-    ContainerStatusRequest, CreateContainerRequest, ExecSyncRequest, ExecSyncResponse, ImageSpec,
-    ImageStatusRequest, LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, ListContainersRequest, ListPodSandboxRequest, NamespaceMode,
-    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, RemoveContainerRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
-    StopPodSandboxRequest,
+    ContainerState, ContainerStatsRequest, ContainerStatusRequest, CreateContainerRequest,
+    ExecSyncRequest, ExecSyncResponse, ImageSpec, ImageStatusRequest, ListContainersRequest,
+    ListPodSandboxRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
 };
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 /// CRI's runtime handler for burrow (`io.containerd.burrow.v2` in the
 /// harness's containerd config).
@@ -42,22 +38,8 @@ impl Cri {
             .enable_all()
             .build()
             .expect("tokio runtime");
-        let socket: PathBuf = c.address.clone();
         let channel = rt
-            .block_on(async move {
-                // The URI is unused: every connection is to the socket.
-                Endpoint::try_from("http://[::]:0")
-                    .expect("endpoint")
-                    .connect_with_connector(tower::service_fn(move |_: Uri| {
-                        let socket = socket.clone();
-                        async move {
-                            Ok::<_, std::io::Error>(TokioIo::new(
-                                tokio::net::UnixStream::connect(socket).await?,
-                            ))
-                        }
-                    }))
-                    .await
-            })
+            .block_on(cri::connect(&c.address))
             .unwrap_or_else(|e| panic!("connect to CRI on {}: {e}", c.address.display()));
         Cri {
             rt,
@@ -75,63 +57,6 @@ macro_rules! call {
             .block_on(svc.$method($req))
             .map(tonic::Response::into_inner)
     }};
-}
-
-/// The pod's configuration: its [`namespaces`], its logs under `logs`.
-fn pod_config(logs: &std::path::Path) -> PodSandboxConfig {
-    PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: "pod1".into(),
-            uid: "uid-pod1".into(),
-            namespace: "burrow-test".into(),
-            attempt: 0,
-        }),
-        log_directory: logs.display().to_string(),
-        linux: Some(LinuxPodSandboxConfig {
-            security_context: Some(LinuxSandboxSecurityContext {
-                namespace_options: Some(namespaces()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-/// The namespaces of the pod and of each of its containers (the kubelet
-/// gives both the same): host networking (NODE: CRI calls no CNI plugin, and in
-/// a burrow VM the host's network is the VM's own), the pod's IPC, each
-/// container's own pids, as the kubelet asks by default.
-fn namespaces() -> NamespaceOption {
-    NamespaceOption {
-        network: NamespaceMode::Node as i32,
-        pid: NamespaceMode::Container as i32,
-        ipc: NamespaceMode::Pod as i32,
-        ..Default::default()
-    }
-}
-
-fn container_config(name: &str, image: &str) -> ContainerConfig {
-    ContainerConfig {
-        metadata: Some(ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(ImageSpec {
-            image: image.into(),
-            ..Default::default()
-        }),
-        command: vec!["sleep".into(), "1000".into()],
-        log_path: format!("{name}.log"),
-        linux: Some(LinuxContainerConfig {
-            security_context: Some(LinuxContainerSecurityContext {
-                namespace_options: Some(namespaces()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
 }
 
 /// `cmd` run in container `id` by ExecSync, which must succeed as a call.
@@ -209,7 +134,7 @@ fn cri_runs_a_pod_in_one_microvm() {
     );
 
     // 1. The pod: its sandbox container makes the VM.
-    let config = pod_config(logs.path());
+    let config = pod_config("pod1", logs.path());
     let pod = call!(
         cri,
         runtime.run_pod_sandbox(RunPodSandboxRequest {
