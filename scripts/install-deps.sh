@@ -33,6 +33,9 @@ pkgs+=(docker.io containerd runc)
 # The containerd shim's CRI tests speak CRI's gRPC API (k8s-cri, whose build
 # script compiles the CRI protos with protoc).
 pkgs+=(protobuf-compiler)
+# CNI's reference plugins (bridge, host-local, loopback in /usr/lib/cni): the CRI
+# test of a pod whose network CNI makes.
+pkgs+=(containernetworking-plugins)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

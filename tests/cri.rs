@@ -5,16 +5,17 @@
 
 use std::time::Duration;
 
-use burrow_tests::containerd::{Containerd, CRI_NAMESPACE};
+use burrow_tests::containerd::{Containerd, CNI_GATEWAY, CRI_NAMESPACE};
 use burrow_tests::cri::{self, container_config, pod_config};
 use burrow_tests::{text, wait_until, wait_until_explained, Burrow};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerState, ContainerStatsRequest, ContainerStatusRequest, CreateContainerRequest,
-    ExecSyncRequest, ExecSyncResponse, ImageSpec, ImageStatusRequest, ListContainersRequest,
-    ListPodSandboxRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    ContainerConfig, ContainerState, ContainerStatsRequest, ContainerStatusRequest,
+    CreateContainerRequest, ExecSyncRequest, ExecSyncResponse, ImageSpec, ImageStatusRequest,
+    ListContainersRequest, ListPodSandboxRequest, NamespaceMode, NamespaceOption, PodSandboxConfig,
+    PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StatusRequest, StopContainerRequest, StopPodSandboxRequest,
 };
 use tonic::transport::Channel;
 
@@ -77,6 +78,124 @@ fn exec(cri: &Cri, c: &Containerd, id: &str, cmd: &[&str]) -> ExecSyncResponse {
     })
 }
 
+/// RunPodSandbox of `config` on burrow; the pod's id.
+fn run_pod(cri: &Cri, c: &Containerd, config: &PodSandboxConfig) -> String {
+    let pod = call!(
+        cri,
+        runtime.run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: HANDLER.into(),
+        })
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "RunPodSandbox failed: {e}\ncontainerd's log:\n{}",
+            c.log_tail(40)
+        )
+    })
+    .pod_sandbox_id;
+    assert!(!pod.is_empty(), "RunPodSandbox gave an empty pod id");
+    pod
+}
+
+/// CreateContainer and StartContainer of `container` in `pod`; its id.
+fn start_container(
+    cri: &Cri,
+    c: &Containerd,
+    pod: &str,
+    config: &PodSandboxConfig,
+    container: ContainerConfig,
+) -> String {
+    let name = container
+        .metadata
+        .as_ref()
+        .map(|m| m.name.clone())
+        .unwrap_or_default();
+    let id = call!(
+        cri,
+        runtime.create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(container),
+            sandbox_config: Some(config.clone()),
+        })
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "CreateContainer {name} failed: {e}\ncontainerd's log:\n{}",
+            c.log_tail(40)
+        )
+    })
+    .container_id;
+    call!(
+        cri,
+        runtime.start_container(StartContainerRequest {
+            container_id: id.clone(),
+        })
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "StartContainer {name} ({id}) failed: {e}\ncontainerd's log:\n{}",
+            c.log_tail(40)
+        )
+    });
+    id
+}
+
+/// StopPodSandbox and RemovePodSandbox of `pod`; then no VM or shim is left.
+fn remove_pod(cri: &Cri, c: &Containerd, b: &Burrow, pod: &str) {
+    call!(
+        cri,
+        runtime.stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: pod.into(),
+        })
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "StopPodSandbox failed: {e}\ncontainerd's log:\n{}",
+            c.log_tail(40)
+        )
+    });
+    call!(
+        cri,
+        runtime.remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: pod.into(),
+        })
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "RemovePodSandbox failed: {e}\ncontainerd's log:\n{}",
+            c.log_tail(40)
+        )
+    });
+    b.wait_no_vms(LONG);
+    wait_until("the burrow shim to exit", LONG, || {
+        c.shim_processes().is_empty()
+    });
+}
+
+/// Waits until CRI knows `image` (it learns of imported images from
+/// containerd's events).
+fn wait_for_image(cri: &Cri, c: &Containerd, image: &str) {
+    wait_until_explained(
+        "CRI to know the imported image",
+        LONG,
+        || {
+            call!(
+                cri,
+                images.image_status(ImageStatusRequest {
+                    image: Some(ImageSpec {
+                        image: image.into(),
+                        ..Default::default()
+                    }),
+                    verbose: false,
+                })
+            )
+            .is_ok_and(|r| r.image.is_some())
+        },
+        || c.log_tail(20),
+    );
+}
+
 /// The lines `cmd` prints in container `id`; it must exit 0.
 fn exec_lines(cri: &Cri, c: &Containerd, id: &str, cmd: &[&str]) -> Vec<String> {
     let r = exec(cri, c, id, cmd);
@@ -112,77 +231,17 @@ fn cri_runs_a_pod_in_one_microvm() {
     let logs = tempfile::tempdir().expect("log dir");
     let cri = Cri::connect(&c);
 
-    // CRI learns of imported images from containerd's events: wait until it
-    // has this one.
-    wait_until_explained(
-        "CRI to know the imported image",
-        LONG,
-        || {
-            call!(
-                cri,
-                images.image_status(ImageStatusRequest {
-                    image: Some(ImageSpec {
-                        image: image.clone(),
-                        ..Default::default()
-                    }),
-                    verbose: false,
-                })
-            )
-            .is_ok_and(|r| r.image.is_some())
-        },
-        || c.log_tail(20),
-    );
+    wait_for_image(&cri, &c, &image);
 
     // 1. The pod: its sandbox container makes the VM.
     let config = pod_config("pod1", logs.path());
-    let pod = call!(
-        cri,
-        runtime.run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: HANDLER.into(),
-        })
-    )
-    .unwrap_or_else(|e| {
-        panic!(
-            "RunPodSandbox failed: {e}\ncontainerd's log:\n{}",
-            c.log_tail(40)
-        )
-    })
-    .pod_sandbox_id;
-    assert!(!pod.is_empty(), "RunPodSandbox gave an empty pod id");
+    let pod = run_pod(&cri, &c, &config);
 
     // 2. Two containers in it.
-    let mut ids = Vec::new();
-    for name in ["app1", "app2"] {
-        let id = call!(
-            cri,
-            runtime.create_container(CreateContainerRequest {
-                pod_sandbox_id: pod.clone(),
-                config: Some(container_config(name, &image)),
-                sandbox_config: Some(config.clone()),
-            })
-        )
-        .unwrap_or_else(|e| {
-            panic!(
-                "CreateContainer {name} failed: {e}\ncontainerd's log:\n{}",
-                c.log_tail(40)
-            )
-        })
-        .container_id;
-        call!(
-            cri,
-            runtime.start_container(StartContainerRequest {
-                container_id: id.clone(),
-            })
-        )
-        .unwrap_or_else(|e| {
-            panic!(
-                "StartContainer {name} ({id}) failed: {e}\ncontainerd's log:\n{}",
-                c.log_tail(40)
-            )
-        });
-        ids.push(id);
-    }
+    let ids: Vec<String> = ["app1", "app2"]
+        .into_iter()
+        .map(|name| start_container(&cri, &c, &pod, &config, container_config(name, &image)))
+        .collect();
     let shims = c.shim_processes();
     assert_eq!(shims.len(), 1, "one shim per pod, saw pids {shims:?}");
     let vms = b.json(&["ls", "--json"]);
@@ -328,34 +387,7 @@ fn cri_runs_a_pod_in_one_microvm() {
 
     // 6. The pod stopped (its other container with it) and removed: nothing
     // of it stays.
-    call!(
-        cri,
-        runtime.stop_pod_sandbox(StopPodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        })
-    )
-    .unwrap_or_else(|e| {
-        panic!(
-            "StopPodSandbox failed: {e}\ncontainerd's log:\n{}",
-            c.log_tail(40)
-        )
-    });
-    call!(
-        cri,
-        runtime.remove_pod_sandbox(RemovePodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        })
-    )
-    .unwrap_or_else(|e| {
-        panic!(
-            "RemovePodSandbox failed: {e}\ncontainerd's log:\n{}",
-            c.log_tail(40)
-        )
-    });
-    b.wait_no_vms(LONG);
-    wait_until("the burrow shim to exit", LONG, || {
-        c.shim_processes().is_empty()
-    });
+    remove_pod(&cri, &c, &b, &pod);
     let pods = call!(
         cri,
         runtime.list_pod_sandbox(ListPodSandboxRequest { filter: None })
@@ -408,4 +440,118 @@ fn cri_runs_a_pod_in_one_microvm() {
         b.vm_processes().is_empty(),
         "refused creations left VM processes"
     );
+}
+
+/// A pod whose network CNI makes (the bridge plugin, in the test's network
+/// namespace): the VM takes the pod's interface over, so the pod has the address
+/// CNI gave it, reaches the bridge's gateway, and serves on that address.
+#[test]
+fn a_cni_pod_is_reached_at_its_address() {
+    let b = Burrow::new();
+    let Some(c) = Containerd::start(&b) else {
+        return;
+    };
+    let Some(netns) = b.netns.as_ref() else {
+        eprintln!("SKIPPED: no network namespace of the test's own");
+        return;
+    };
+    if c.enable_cni().is_none() {
+        return;
+    }
+    c.import_sandbox_image();
+    let image = c.import_busybox_in(
+        CRI_NAMESPACE,
+        "burrow-cri",
+        &["ip", "ping", "httpd", "mkdir"],
+    );
+    let logs = tempfile::tempdir().expect("log dir");
+    let cri = Cri::connect(&c);
+    wait_for_image(&cri, &c, &image);
+    wait_until_explained(
+        "CRI to load the CNI configuration (NetworkReady)",
+        LONG,
+        || {
+            call!(cri, runtime.status(StatusRequest { verbose: false }))
+                .ok()
+                .and_then(|r| r.status)
+                .is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.r#type == "NetworkReady" && c.status)
+                })
+        },
+        || c.log_tail(20),
+    );
+
+    let pod_network = |mut ns: NamespaceOption| {
+        ns.network = NamespaceMode::Pod as i32;
+        Some(ns)
+    };
+    let mut config = pod_config("cni1", logs.path());
+    if let Some(ctx) = config
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+    {
+        ctx.namespace_options = pod_network(cri::namespaces());
+    }
+    let pod = run_pod(&cri, &c, &config);
+    let ip = call!(
+        cri,
+        runtime.pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: pod.clone(),
+            verbose: false,
+        })
+    )
+    .expect("PodSandboxStatus")
+    .status
+    .and_then(|s| s.network)
+    .map(|n| n.ip)
+    .unwrap_or_default();
+    assert!(
+        ip.starts_with("10.77.0."),
+        "the pod's address from CNI: {ip:?}"
+    );
+
+    let mut web = container_config("web", &image);
+    web.command = [
+        "sh",
+        "-c",
+        "mkdir -p /www && echo pod-page > /www/index.html && exec httpd -f -p 8080 -h /www",
+    ]
+    .map(String::from)
+    .to_vec();
+    if let Some(ctx) = web.linux.as_mut().and_then(|l| l.security_context.as_mut()) {
+        ctx.namespace_options = pod_network(cri::namespaces());
+    }
+    let id = start_container(&cri, &c, &pod, &config, web);
+
+    // The VM has the pod's address, and reaches the bridge's gateway.
+    let addrs = exec_lines(&cri, &c, &id, &["ip", "-4", "-o", "addr"]).join("\n");
+    assert!(addrs.contains(&format!("{ip}/")), "{addrs}");
+    exec_lines(&cri, &c, &id, &["ping", "-c", "1", "-W", "10", CNI_GATEWAY]);
+    // The test's namespace (the node) reaches the pod at its address.
+    let url = format!("http://{ip}:8080/");
+    let mut page = String::new();
+    wait_until_explained(
+        "the pod's web server to answer at its CNI address",
+        LONG,
+        || {
+            let out = netns.exec(&["curl", "-s", "--max-time", "5", &url]);
+            page = text(&out.stdout);
+            out.status.success()
+        },
+        || c.log_tail(20),
+    );
+    assert_eq!(page, "pod-page\n");
+
+    remove_pod(&cri, &c, &b, &pod);
+    let leases = std::fs::read_dir(c.dir.path().join("cni/ipam/burrow-test"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("10."))
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(leases, 0, "CNI's address of the removed pod is still held");
 }

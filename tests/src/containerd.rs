@@ -527,9 +527,10 @@ disabled_plugins = [
         Root = "{d}/runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.burrow]
       runtime_type = "io.containerd.burrow.v2"
-  # Empty: no CNI (not the host's /etc/cni), so pods get no network from CRI.
+  # CNI's reference plugins; no network configuration (not the host's
+  # /etc/cni) until a test writes one ([`Containerd::enable_cni`]).
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "{d}/cni/bin"
+    bin_dir = "{CNI_BIN}"
     conf_dir = "{d}/cni/net.d"
   # No mirrors or credentials of the host's.
   [plugins."io.containerd.grpc.v1.cri".registry]
@@ -538,6 +539,48 @@ disabled_plugins = [
         address = address.display(),
         ttrpc = ttrpc.display(),
     )
+}
+
+/// Where Debian's containernetworking-plugins puts CNI's reference plugins.
+pub const CNI_BIN: &str = "/usr/lib/cni";
+
+/// The CNI network [`Containerd::enable_cni`] configures.
+pub const CNI_SUBNET: &str = "10.77.0.0/24";
+pub const CNI_GATEWAY: &str = "10.77.0.1";
+
+impl Containerd {
+    /// Gives pods that do not use the host's network one of their own from CNI:
+    /// the bridge plugin's bridge `cni-burrow` (in this containerd's network
+    /// namespace, the [`Burrow`]'s) with gateway [`CNI_GATEWAY`], addresses from
+    /// [`CNI_SUBNET`] kept under this containerd's dir. `None`, saying why, when
+    /// the plugins are not installed.
+    pub fn enable_cni(&self) -> Option<()> {
+        if !Path::new(CNI_BIN).join("bridge").exists() {
+            eprintln!("SKIPPED: CNI's plugins are not installed (apt-get install containernetworking-plugins)");
+            return None;
+        }
+        let d = self.dir.path();
+        let conf = d.join("cni/net.d");
+        std::fs::create_dir_all(&conf).expect("CNI conf dir");
+        let list = serde_json::json!({
+            "cniVersion": "0.4.0",
+            "name": "burrow-test",
+            "plugins": [{
+                "type": "bridge",
+                "bridge": "cni-burrow",
+                "isGateway": true,
+                "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": CNI_SUBNET, "gateway": CNI_GATEWAY}]],
+                    "dataDir": d.join("cni/ipam"),
+                },
+            }],
+        });
+        std::fs::write(conf.join("10-burrow-test.conflist"), list.to_string())
+            .expect("CNI conflist");
+        Some(())
+    }
 }
 
 /// `program` on this process's PATH.
