@@ -274,9 +274,14 @@ impl Attachment {
             (Some(slot), Some(tx)) => Some(AbortOnDrop(tokio::spawn(feed_input(slot, tx.clone())))),
             _ => None,
         };
+        // This attachment's number, taken and bumped in one step (two attaches
+        // at once get two numbers), then watched for a newer one.
+        let mut mine = 0;
+        durable.generation.send_modify(|g| {
+            *g += 1;
+            mine = *g;
+        });
         let mut newer = durable.generation.subscribe();
-        durable.generation.send_modify(|g| *g += 1);
-        let mine = *newer.borrow_and_update();
         // Waits for the older attachment to let go.
         let mut down = durable.down.lock().await;
         let ctl = durable.ctl.clone();
