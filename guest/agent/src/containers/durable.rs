@@ -74,6 +74,8 @@ struct Down {
 pub enum Attachment {
     Live {
         durable: Arc<Durable>,
+        /// This attachment's number: it lets go once a newer one is made.
+        number: u64,
         /// This attachment's input connection, when the process takes input.
         input: Option<InputSlot>,
         durables: Arc<Durables>,
@@ -199,7 +201,15 @@ impl Durables {
         ))
     }
 
+    /// A new attachment to `durable`. It is numbered now, before the host hears
+    /// of it, so an older attachment delivers nothing the process writes after
+    /// that (two attaches at once get two numbers).
     fn attachment(self: &Arc<Self>, durable: Arc<Durable>, inputs: &Arc<Inputs>) -> Attachment {
+        let mut number = 0;
+        durable.generation.send_modify(|g| {
+            *g += 1;
+            number = *g;
+        });
         let input = durable
             .input
             .as_ref()
@@ -207,6 +217,7 @@ impl Durables {
             .map(|_| inputs.register());
         Attachment::Live {
             durable,
+            number,
             input,
             durables: Arc::clone(self),
         }
@@ -216,8 +227,9 @@ impl Durables {
     fn finish(&self, key: &Key, last: StreamEvent) {
         let mut t = lock(&self.table);
         t.live.remove(key);
-        t.finished.insert(key.clone(), last);
-        t.order.push_back(key.clone());
+        if t.finished.insert(key.clone(), last).is_none() {
+            t.order.push_back(key.clone());
+        }
         while t.order.len() > KEEP_FINISHED {
             if let Some(old) = t.order.pop_front() {
                 t.finished.remove(&old);
@@ -259,28 +271,24 @@ impl Attachment {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send,
     {
-        let (durable, input, durables) = match self {
+        let (durable, mine, input, durables) = match self {
             Attachment::Ended(ev) => {
                 let _ = GuestFrame::Event(ev).write(&mut wr).await;
                 return;
             }
             Attachment::Live {
                 durable,
+                number,
                 input,
                 durables,
-            } => (durable, input, durables),
+            } => (durable, number, input, durables),
         };
-        let _input = match (input, &durable.input) {
-            (Some(slot), Some(tx)) => Some(AbortOnDrop(tokio::spawn(feed_input(slot, tx.clone())))),
-            _ => None,
-        };
-        // This attachment's number, taken and bumped in one step (two attaches
-        // at once get two numbers), then watched for a newer one.
-        let mut mine = 0;
-        durable.generation.send_modify(|g| {
-            *g += 1;
-            mine = *g;
-        });
+        // The input connection lives on its own, to its end: what it carries
+        // is the process's even after this stream connection broke (burrowd's
+        // last writes before it died).
+        if let (Some(slot), Some(tx)) = (input, &durable.input) {
+            tokio::spawn(feed_input(slot, tx.clone()));
+        }
         let mut newer = durable.generation.subscribe();
         // Waits for the older attachment to let go.
         let mut down = durable.down.lock().await;
@@ -299,36 +307,53 @@ impl Attachment {
             }
         };
         // Cancel-safe: a frame stays pending until it is written.
+        let key = &durable.key;
         let deliver = async {
             loop {
                 if down.pending.is_none() {
                     down.pending = down.rx.recv().await;
                 }
                 let Some(frame) = &down.pending else {
-                    return Some(None);
+                    return true;
                 };
+                // The last event is kept before it goes out: an attach that
+                // comes once the host has it, or after this write failed,
+                // finds it there.
+                if let GuestFrame::Event(e) = frame {
+                    if e.is_last() {
+                        durables.finish(key, e.clone());
+                    }
+                }
                 if frame.write(&mut wr).await.is_err() {
-                    return None;
+                    return false;
                 }
                 if let Some(GuestFrame::Event(e)) = down.pending.take() {
                     if e.is_last() {
-                        return Some(Some(e));
+                        return false;
                     }
                 }
             }
         };
-        let ended = tokio::select! {
-            e = deliver => e,
-            _ = up => None,
-            _ = newer.wait_for(|g| *g != mine) => None,
+        let over = tokio::select! {
+            // A newer attachment first: no frame goes out here once it exists.
+            biased;
+            _ = newer.wait_for(|g| *g != mine) => false,
+            over = deliver => over,
+            _ = up => false,
         };
-        match ended {
-            Some(Some(last)) => durables.finish(&durable.key, last),
-            // The exec stream ended without a last event: nothing to replay.
-            Some(None) => {
-                lock(&durables.table).live.remove(&durable.key);
+        if over {
+            // The stream was over before this attachment got to it (an older
+            // one delivered its last event meanwhile, which is kept), or it
+            // ended without one (then there is nothing to replay).
+            let last = lock(&durables.table).finished.get(key).cloned();
+            match last {
+                Some(ev) => {
+                    let _ = GuestFrame::Event(ev).write(&mut wr).await;
+                }
+                None => {
+                    lock(&durables.table).live.remove(key);
+                }
             }
-            None => {}
         }
     }
 }
