@@ -30,6 +30,7 @@ import hashlib
 import io
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -287,9 +288,15 @@ def pids_naming(d):
 
 
 def wait_gone(pid, timeout):
-    deadline = time.monotonic() + timeout
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-        time.sleep(0.05)
+    """Until `pid` has exited (its pidfd turns readable), at most `timeout` s."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        select.select([fd], [], [], max(0.0, timeout))
+    finally:
+        os.close(fd)
 
 
 def mounts_under(d):
@@ -444,11 +451,11 @@ def wait_no_shims(c, timeout=60):
     """Until no shim of `c` is left: a pod's shim (and a burrow pod's VM) goes away
     after RemovePodSandbox returns, and must not weigh on the next pod's start."""
     deadline = time.monotonic() + timeout
-    while c.shim_pids(SHIM) or c.shim_pids(RUNC_SHIM):
-        if time.monotonic() > deadline:
-            raise SystemExit(f"shims of removed pods still run after {timeout} s: "
-                             f"{c.shim_pids(SHIM) + c.shim_pids(RUNC_SHIM)}")
-        time.sleep(0.1)
+    for pid in c.shim_pids(SHIM) + c.shim_pids(RUNC_SHIM):
+        wait_gone(pid, deadline - time.monotonic())
+    left = c.shim_pids(SHIM) + c.shim_pids(RUNC_SHIM)
+    if left:
+        raise SystemExit(f"shims of removed pods still run after {timeout} s: {left}")
 
 
 def cri_pod_starts(bin_dir, netns, burrow_env, runs):
